@@ -1,0 +1,1 @@
+"""lorytrain: the Lory MoE decoder, its baselines, training, evaluation and analysis."""

@@ -1,0 +1,1 @@
+"""Apache Beam pipelines assembled from lorydata blocks (wiring only)."""

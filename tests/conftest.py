@@ -1,0 +1,25 @@
+"""Shared test setup: no network, small thread pools, paths of the bundled assets."""
+
+import os
+
+# Set before anything imports huggingface_hub or tokenizers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "lorydata" / "assets"
+
+
+@pytest.fixture(scope="session")
+def sample_corpus() -> Path:
+    """The bundled 500-document, 5-domain sample corpus (jsonl.zst)."""
+    return ASSETS / "sample" / "sample.jsonl.zst"
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer_path() -> Path:
+    return ASSETS / "tokenizer" / "tokenizer.json"
