@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 
 import click
@@ -15,12 +17,177 @@ def lory() -> None:
     """lory: similarity-batched pre-training of fully differentiable MoE language models."""
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Separate input paths from pass-through Beam flags (`--name=value` or `--name value`)."""
+    inputs, flags = [], []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--"):
+            has_value = "=" not in token and i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            flags.append(f"{token}={tokens[i + 1]}" if has_value else token)
+            i += 2 if has_value else 1
+        else:
+            inputs.append(token)
+            i += 1
+    return inputs, flags
+
+
+# ---- data half -------------------------------------------------------------------------
+@lory.command("build-corpus", context_settings={"ignore_unknown_options": True})
+@click.argument("inputs", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
+@click.option("--domain-field", default=None, help="Field holding a domain label.")
+@click.option("--id-field", default=None, help="Field holding a document id (default: content hash).")
+@click.option("--tokenizer", default=None, help="tokenizer.json or folder (default: the bundled BPE-8192).")
+@click.option("--seq-len", default=4096, show_default=True, type=int, help="Tokens per sequence.")
+@click.option("--tail", default="drop", show_default=True, type=click.Choice(["drop", "pad"]),
+              help="What to do with the last partial sequence.")
+@click.option("--order", default="similarity", show_default=True, type=click.Choice(["similarity", "random"]))
+@click.option("--embedder", default=None, help="sentence-transformers model path/name (default: bundled MiniLM).")
+@click.option("--embed-batch-size", default=64, show_default=True, type=int)
+@click.option("--embed-max-tokens", default=None, type=int, help="Embedder tokens per document.")
+@click.option("--embed-long", default="start", show_default=True, type=click.Choice(["start", "chunk-mean"]),
+              help="Embed long documents from their start or as the mean over chunks.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--index", default=None, help="FAISS factory string (default: chosen by corpus size).")
+@click.option("--k", default=20, show_default=True, type=int, help="Neighbours per document.")
+@click.option("--nprobe", default=None, type=int, help="IVF cells to search.")
+@click.option("--partitions", default=1, show_default=True, type=int,
+              help="k-means cells walked in parallel (1 = one global walk).")
+@click.option("--heldout-fraction", default=0.0, show_default=True, type=float,
+              help="Share of documents (by id hash) written to heldout/.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--rows-per-shard", default=1024, show_default=True, type=int)
+@click.option("--min-chars", default=1, show_default=True, type=int)
+@click.option("--max-chars", default=1_000_000, show_default=True, type=int)
+@click.option("--runner", default=None, help="Beam runner (default: in-process FnApiRunner).")
+@click.option("--overwrite", is_flag=True, help="Replace outputs built with other options.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def build_corpus_cmd(inputs, as_json, runner, **kwargs):
+    """Build similarity-batched (or random) shards from text dumps INPUT... (files, folders,
+    globs). Extra `--flag=value` options are passed to Beam (e.g. --direct_num_workers=2)."""
+    from pipelines.build_corpus import build_corpus
+    from pipelines.options import LOCAL_RUNNER, BuildOptions
+
+    paths, beam_args = _split_beam_args(inputs)
+    options = BuildOptions(inputs=paths, runner=runner or LOCAL_RUNNER, beam_args=beam_args, **kwargs)
+    console = _console()
+    summary = build_corpus(options, log=console.print)
+    _print_build_summary(console, summary)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+
+
+def _print_build_summary(console, summary) -> None:
+    from rich.table import Table
+
+    docs = summary.documents
+    table = Table(title=f"corpus {summary.out}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("records read", f"{docs.get('records_read', 0):,}")
+    for reason, n in docs.get("dropped", {}).items():
+        table.add_row(f"  dropped: {reason}", f"{n:,}")
+    table.add_row("documents kept", f"{docs.get('documents_kept', 0):,}")
+    table.add_row("utf-8 replacements", f"{docs.get('utf8_replacements', 0):,}")
+    for split, info in summary.splits.items():
+        table.add_row(
+            f"{split}", f"{info['documents']:,} docs, {info['sequences']:,} seqs, {info['tokens']:,} tokens, "
+            f"{info['shards']} shards"
+        )
+    console.print(table)
+
+
+@lory.command("inspect")
+@click.argument("folder", type=click.Path())
+@click.option("--show", "show", type=int, default=None, help="Decode sequence i back to text.")
+@click.option("--tokenizer", default=None, help="Tokenizer for --show (default: the one in the manifest).")
+@click.option("--json", "as_json", is_flag=True, help="Print summary and verification as one JSON object.")
+def inspect_cmd(folder, show, tokenizer, as_json):
+    """Summarise a shard folder, verify every shard (sha256, schema, rows), decode a sequence."""
+    from lorydata.verify import inspect_folder
+
+    report = inspect_folder(folder, show=show, tokenizer=tokenizer)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_inspect(report)
+    if not report["verification"]["ok"]:
+        sys.exit(1)
+
+
+def _print_inspect(report: dict) -> None:
+    console = _console()
+    summary = report["summary"]
+    console.print(f"[bold]{report['folder']}[/]: split {summary['split']}, {summary['sequences']:,} sequences × "
+                  f"{summary['seq_len']} tokens in {summary['shards']} shards, order {summary['order']}")
+    tok = summary["tokenizer"]
+    console.print(f"tokenizer sha256 {tok['sha256'][:16]}…, vocab {tok['vocab_size']}, eos {tok['eos_id']}, "
+                  f"pad {tok['pad_id']}")
+    for key, value in summary["counts"].items():
+        console.print(f"  {key}: {value}")
+    verification = report["verification"]
+    for check in verification["shards"]:
+        if not check["ok"]:
+            console.print(f"[red]BAD[/] {check['file']}: {check['error']}")
+    status = "[green]all shards verified[/]" if verification["ok"] else f"[red]{len(verification['failed'])} bad shard(s)[/]"
+    console.print(status)
+    if "sequence" in report:
+        seq = report["sequence"]
+        console.print(f"\n[bold]sequence {seq['index']}[/] (seq_id {seq['seq_id']}, {seq['shard']}), "
+                      f"documents at {seq['doc_starts']}, domains {seq['domains']}")
+        click.echo(seq["text"])
+
+
+@lory.command("train-tokenizer")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for tokenizer.json.")
+@click.option("--vocab-size", default=8192, show_default=True, type=int)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--sample-chars", default=50_000_000, show_default=True, type=int,
+              help="Characters of text sampled for training.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def train_tokenizer_cmd(inputs, out, vocab_size, text_field, sample_chars, seed):
+    """Train a byte-level BPE tokenizer on a sample of INPUT... (any supported format)."""
+    from lorydata.documents import Document
+    from lorydata.readers import ReaderConfig, read_inputs
+    from lorydata.tokenizer import train_tokenizer
+
+    records = read_inputs(list(inputs), ReaderConfig(text_field=text_field))
+    texts = (r.text for r in records if isinstance(r, Document) and r.text.strip())
+    tok = train_tokenizer(texts, out, vocab_size=vocab_size, sample_chars=sample_chars, seed=seed)
+    ident = tok.identity()
+    click.echo(f"wrote {ident.path} (vocab {ident.vocab_size}, eos {ident.eos_id}, pad {ident.pad_id}, "
+               f"sha256 {ident.sha256[:16]}…)")
+
+
+class _QuietImportNoise(logging.Filter):
+    """Drops Beam's import-time warning about optional Google Cloud clients we never use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().addFilter(_QuietImportNoise())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lory` console script.
 
     User errors (`LoryError`) print one line on stderr and exit with code 2; click's own usage
     errors keep click's message and code.
     """
+    _setup_logging()
     try:
         code = lory.main(args=argv, prog_name="lory", standalone_mode=False)
     except click.exceptions.Abort:

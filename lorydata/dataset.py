@@ -1,0 +1,243 @@
+"""`ShardDataset`: a PyTorch IterableDataset over a lory shard folder, for any model.
+
+The sample stream is a pure function of (seed, epoch, rank, world size), so a run can
+stop anywhere and resume at the exact next sample from one integer, `position`.
+
+Order: every epoch permutes the shard order and, inside each shard, the rows (both seeded
+by (seed, epoch)). Reading shard by shard keeps I/O sequential and decompression to one
+shard at a time, and the writer already shuffled sequences globally, so this two-level
+permutation mixes as well as a global one. Rank r of W takes every W-th sample of the
+epoch stream; with `even=True` each rank takes the same number (the remainder is skipped
+that epoch), which DDP needs so that ranks run the same number of steps.
+
+Dataloader workers take the rank's stream in blocks of `batch_size` round-robin, which is
+exactly the order in which a `DataLoader(batch_size=batch_size, num_workers=n)` hands out
+batches, so the loader's output order equals the rank's stream order for any number of
+workers. Every sample carries its `position`; after consuming a batch, the next position
+is `max(batch["position"]) + 1` (`ShardDataset.next_position(batch)`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lorydata.errors import LoryDataError, MismatchError, ShardError
+from lorydata.manifest import Manifest
+from lorydata.shards import read_shard
+
+
+class ShardDataset(IterableDataset):
+    """Deterministic, resumable, rank- and worker-sharded stream of training sequences.
+
+    Args:
+        folder: a shard folder with `manifest.json`.
+        seed: seed of the per-epoch permutations.
+        rank: data-parallel rank; defaults to torch.distributed's when initialised, else 0.
+        world_size: data-parallel size; defaults like `rank`.
+        shuffle: permute per epoch; off streams rows in manifest order.
+        epochs: number of epochs to stream, or None for an endless stream.
+        even: give every rank the same number of samples per epoch (drops < world_size
+            samples per epoch); off gives ranks disjoint parts whose union is every row.
+        batch_size: block size of the split across dataloader workers: pass the
+            DataLoader's batch_size so that its output keeps the stream order.
+        expected_seq_len: raise `MismatchError` unless the shards have this seq_len.
+        expected_tokenizer: raise `MismatchError` unless the shards were made by the
+            tokenizer with this sha256 (a string or any object with a `sha256` attribute).
+        with_metadata: also yield `doc_starts` and `domains` (use `collate` to batch them).
+        check_files: check that every shard exists with the manifest's size before starting
+            (cheap; full sha256 verification is `lory inspect`'s job).
+        cache_shards: decompressed shards each worker keeps in memory.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        epochs: int | None = None,
+        even: bool = True,
+        batch_size: int = 1,
+        expected_seq_len: int | None = None,
+        expected_tokenizer=None,
+        with_metadata: bool = False,
+        check_files: bool = True,
+        cache_shards: int = 2,
+    ):
+        super().__init__()
+        self.folder = Path(folder)
+        self.manifest = Manifest.read(self.folder)
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank = rank if rank is not None else (dist.get_rank() if ready else 0)
+            world_size = world_size if world_size is not None else (dist.get_world_size() if ready else 1)
+        if not 0 <= rank < world_size:
+            raise LoryDataError(f"rank {rank} is outside world size {world_size}")
+        if batch_size < 1:
+            raise LoryDataError(f"batch_size must be positive, got {batch_size}")
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle, self.epochs, self.even, self.batch_size = shuffle, epochs, even, batch_size
+        self.with_metadata, self.cache_shards = with_metadata, cache_shards
+        self.seq_len = self.manifest.seq_len
+        self._check_expectations(expected_seq_len, expected_tokenizer)
+        if check_files:
+            self._check_files()
+        self._rows = np.array([s.rows for s in self.manifest.shards], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self._rows)])
+        self.num_rows = int(self._offsets[-1])
+        if self.num_rows == 0:
+            raise ShardError(f"{self.folder} holds no sequences")
+        self.samples_per_epoch = self._local_count()
+        if self.samples_per_epoch == 0:
+            raise ShardError(f"{self.folder} has {self.num_rows} sequences, fewer than world size {world_size}")
+        self.position = 0
+
+    # ---- checks -------------------------------------------------------------------------
+    def _check_expectations(self, seq_len: int | None, tokenizer) -> None:
+        if seq_len is not None and seq_len != self.seq_len:
+            raise MismatchError(
+                f"{self.folder} holds sequences of {self.seq_len} tokens, but {seq_len} were expected"
+            )
+        if tokenizer is not None:
+            want = tokenizer if isinstance(tokenizer, str) else tokenizer.sha256
+            have = self.manifest.tokenizer.get("sha256")
+            if want != have:
+                raise MismatchError(
+                    f"{self.folder} was tokenized with tokenizer sha256 {str(have)[:12]}… "
+                    f"(vocab {self.manifest.tokenizer.get('vocab_size')}), but the consumer uses {want[:12]}…"
+                )
+
+    def _check_files(self) -> None:
+        for entry in self.manifest.shards:
+            path = self.folder / entry.file
+            if not path.is_file():
+                raise ShardError(f"shard missing: {path}")
+            if path.stat().st_size != entry.bytes:
+                raise ShardError(f"shard {path} has {path.stat().st_size} bytes, manifest says {entry.bytes}")
+
+    # ---- the stream ---------------------------------------------------------------------
+    def _local_count(self) -> int:
+        if self.even:
+            return self.num_rows // self.world_size
+        return len(range(self.rank, self.num_rows, self.world_size))
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Global row ids of one epoch's stream (all ranks), in order."""
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        rng = np.random.default_rng([self.seed, epoch])
+        parts = []
+        for shard in rng.permutation(len(self._rows)):
+            parts.append(self._offsets[shard] + rng.permutation(self._rows[shard]))
+        return np.concatenate(parts)
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """Global row ids this rank reads in `epoch`, in order."""
+        return self.epoch_order(epoch)[self.rank :: self.world_size][: self.samples_per_epoch]
+
+    @property
+    def total_samples(self) -> int | None:
+        """Samples this rank streams in all, or None for an endless stream."""
+        return None if self.epochs is None else self.epochs * self.samples_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start, end = self.position, self.total_samples
+        cache: OrderedDict[int, dict] = OrderedDict()
+        epoch, order = -1, None
+        position = start
+        while end is None or position < end:
+            block = (position - start) // self.batch_size
+            if block % workers != worker:  # another worker's block: jump to our next one
+                position = start + (block + (worker - block) % workers) * self.batch_size
+                continue
+            if position // self.samples_per_epoch != epoch:
+                epoch = position // self.samples_per_epoch
+                order = self.rank_order(epoch)
+            row = int(order[position % self.samples_per_epoch])
+            sample = self._sample(row, cache)
+            sample["position"] = position
+            position += 1
+            if info is None:
+                self.position = position
+            yield sample
+
+    def _sample(self, row: int, cache: OrderedDict) -> dict:
+        shard = int(np.searchsorted(self._offsets, row, side="right") - 1)
+        if shard not in cache:
+            cache[shard] = self._load(shard)
+            while len(cache) > self.cache_shards:
+                cache.popitem(last=False)
+        cache.move_to_end(shard)
+        data, local = cache[shard], row - int(self._offsets[shard])
+        sample = {
+            "input_ids": torch.from_numpy(data["input_ids"][local].astype(np.int64)),
+            "seq_id": int(data["seq_id"][local]),
+        }
+        if self.with_metadata:
+            sample["doc_starts"] = data["doc_starts"][local].as_py()
+            sample["domains"] = data["domains"][local].as_py()
+        return sample
+
+    def _load(self, shard: int) -> dict:
+        entry = self.manifest.shards[shard]
+        table = read_shard(self.folder / entry.file, self.seq_len)
+        if table.num_rows != entry.rows:
+            raise ShardError(f"shard {entry.file} has {table.num_rows} rows, manifest says {entry.rows}")
+        flat = table.column("input_ids").combine_chunks().values.to_numpy()
+        return {
+            "input_ids": flat.reshape(-1, self.seq_len),
+            "seq_id": table.column("seq_id").to_numpy(),
+            "doc_starts": table.column("doc_starts").combine_chunks(),
+            "domains": table.column("domains").combine_chunks(),
+        }
+
+    # ---- resumption ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The data position, with what it depends on. Save it with the checkpoint."""
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_rows": self.num_rows,
+            "shuffle": self.shuffle,
+            "even": self.even,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at `state["position"]`; refuses a state from a different stream."""
+        for key in ("seed", "world_size", "num_rows", "shuffle", "even"):
+            if key in state and state[key] != getattr(self, key):
+                raise MismatchError(
+                    f"cannot resume data position: saved {key}={state[key]!r}, dataset has {getattr(self, key)!r}"
+                )
+        self.position = int(state["position"])
+
+    @staticmethod
+    def next_position(batch: dict) -> int:
+        """The position to resume from after consuming `batch` (DataLoader output)."""
+        return int(torch.as_tensor(batch["position"]).max()) + 1
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Batch samples: stacks tensors, keeps `doc_starts` and `domains` as lists."""
+        batch = {
+            "input_ids": torch.stack([s["input_ids"] for s in samples]),
+            "seq_id": torch.tensor([s["seq_id"] for s in samples]),
+            "position": torch.tensor([s["position"] for s in samples]),
+        }
+        for key in ("doc_starts", "domains"):
+            if key in samples[0]:
+                batch[key] = [s[key] for s in samples]
+        return batch

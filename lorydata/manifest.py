@@ -1,0 +1,127 @@
+"""`manifest.json`: what a shard folder holds and how it was made.
+
+Written last and atomically, so a folder with a manifest is a finished folder. Readers
+trust nothing else: the shard list, row counts and sha256 come from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorydata.errors import ShardError
+
+FORMAT_NAME = "lory-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class ShardInfo:
+    """One shard file: its name inside the folder, rows, bytes and sha256."""
+
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """The manifest of a shard folder (format version 1).
+
+    Args:
+        seq_len: tokens per sequence.
+        tokenizer: the tokenizer identity (path, sha256, vocab_size, eos_id, pad_id).
+        shards: the shard files in order.
+        counts: documents in/out, drops per reason, duplicates, sequences, tokens, padding.
+        order: ordering method, its seed and quality metrics.
+        split: "train" or "heldout".
+        embedder: embedding model identity (similarity order only).
+        index: FAISS index description and kNN recall (similarity order only).
+        options: every option the folder was built with.
+        created_by: the lory version that wrote it.
+    """
+
+    seq_len: int
+    tokenizer: dict
+    shards: list[ShardInfo] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    order: dict = field(default_factory=dict)
+    split: str = "train"
+    embedder: dict | None = None
+    index: dict | None = None
+    options: dict = field(default_factory=dict)
+    created_by: str = ""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, folder: str | Path) -> Path:
+        """Write `folder/manifest.json` atomically (temp file, fsync, rename)."""
+        path = Path(folder) / MANIFEST_NAME
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        """Read and check `folder/manifest.json`.
+
+        Raises:
+            ShardError: the folder or manifest is missing, unparsable, or of another format.
+        """
+        folder = Path(folder)
+        path = folder / MANIFEST_NAME
+        if not folder.is_dir():
+            raise ShardError(f"shard folder not found: {folder}")
+        if not path.is_file():
+            raise ShardError(f"no {MANIFEST_NAME} in {folder}: not a finished lory shard folder")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ShardError(f"unreadable manifest {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ShardError(f"{path} is not a lory shard manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ShardError(
+                f"{path} has format version {data.get('format_version')}; this lory reads version {FORMAT_VERSION}"
+            )
+        try:
+            shards = [ShardInfo(**s) for s in data.pop("shards")]
+            known = cls.__dataclass_fields__
+            return cls(shards=shards, **{k: v for k, v in data.items() if k in known})
+        except (KeyError, TypeError) as exc:
+            raise ShardError(f"malformed manifest {path}: {exc}") from None
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one.
+
+    The bytes go to a hidden temp file in the same folder, are fsynced, and the temp file is
+    renamed over `path`; the folder is fsynced so the rename survives a crash.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

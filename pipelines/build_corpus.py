@@ -1,0 +1,207 @@
+"""`lory build-corpus`: text dumps → similarity-ordered (or random) zstd Arrow shards.
+
+Stages, each resumable (see `pipelines.markers`):
+
+1. documents (Beam): read → clean → dedup → tokenize → `_work/documents/*.parquet`,
+   dead letters → `dead_letters/`.
+2. embeddings (Beam, similarity order only): RunInference with sentence-transformers →
+   `_work/embeddings/*.parquet`.
+3. order, per split: kNN graph + walk (one worker, or per k-means cell on Beam with
+   `--partitions`), or a seeded random permutation → `_work/order/<split>/`.
+4. shards, per split: pack in order, shuffle sequences, write `<split>/` shards + manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorydata.errors import LoryDataError
+from lorydata.readers import expand_inputs
+from lorydata.tokenizer import Tokenizer
+from pipelines.documents_stage import SPLITS, run_documents_stage
+from pipelines.markers import Stage
+from pipelines.options import BuildOptions
+from pipelines.order_stage import compute_order
+from pipelines.shards_stage import write_split_shards
+from pipelines.split_data import load_split
+
+WORK = "_work"
+DEAD_LETTERS = "dead_letters"
+
+
+@dataclass
+class BuildSummary:
+    """What a build produced, for the CLI's summary table and `--json`."""
+
+    out: str
+    documents: dict = field(default_factory=dict)
+    splits: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)  # name → "ran" / "skipped" and seconds
+
+    def to_dict(self) -> dict:
+        return {"out": self.out, "documents": self.documents, "splits": self.splits, "stages": self.stages}
+
+
+def _input_identity(files: list[str]) -> list:
+    """Paths with size and mtime, so edited inputs invalidate the documents stage."""
+    identity = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            identity.append([path, st.st_size, int(st.st_mtime)])
+        except OSError:  # remote URL: the path alone
+            identity.append([path])
+    return identity
+
+
+def _check_out_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LoryDataError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / WORK).is_dir() and not overwrite:
+        raise LoryDataError(f"--out {out} is not empty and is not a lory corpus folder; choose another --out")
+
+
+class _Timer:
+    def __init__(self, summary: BuildSummary, name: str, log):
+        self.summary, self.name, self.log = summary, name, log
+
+    def skipped(self) -> None:
+        self.summary.stages[self.name] = {"status": "skipped (done)", "seconds": 0.0}
+        self.log(f"{self.name}: done earlier with the same options, skipped")
+
+    def __enter__(self):
+        self.log(f"{self.name}: running")
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            seconds = round(time.perf_counter() - self.start, 2)
+            self.summary.stages[self.name] = {"status": "ran", "seconds": seconds}
+            self.log(f"{self.name}: finished in {seconds:.1f} s")
+
+
+def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
+    """Run every stage that is not done yet; returns what was built.
+
+    Args:
+        options: the build options (validated here).
+        log: where progress lines go (the CLI passes a rich console's print).
+
+    Raises:
+        LoryDataError: for bad options, missing inputs, a bad tokenizer, or outputs built
+            with other options (without `overwrite`); all before any stage runs.
+    """
+    options.validate()
+    files = expand_inputs(options.inputs)
+    tokenizer = Tokenizer(options.tokenizer)
+    out = Path(options.out)
+    _check_out_folder(out, options.overwrite)
+    work = out / WORK
+    summary = BuildSummary(str(out))
+    log(f"{len(files)} input file(s), tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}), order {options.order}")
+
+    doc_fp = options.fingerprint("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction")
+    doc_fp = f"{doc_fp}:{hash_json([_input_identity(files), tokenizer.sha256])}"
+    documents = Stage(work / "documents", doc_fp, options.overwrite)
+    counts = documents.result()
+    timer = _Timer(summary, "documents", log)
+    if counts is not None:
+        timer.skipped()
+    else:
+        with timer:
+            tmp = documents.start()
+            counts = run_documents_stage(options, files, str(tokenizer.path), tmp)
+            documents.finish(counts)
+            dead = out / DEAD_LETTERS
+            shutil.rmtree(dead, ignore_errors=True)
+            (documents.folder / DEAD_LETTERS).rename(dead)
+    summary.documents = counts
+
+    embeddings_dir = None
+    if options.order == "similarity":
+        from pipelines.embed_stage import run_embed_stage
+
+        embed_fp = f"{doc_fp}:{options.fingerprint('embedder', 'embed_max_tokens', 'embed_long', 'embed_batch_size')}"
+        embed = Stage(work / "embeddings", embed_fp, options.overwrite)
+        timer = _Timer(summary, "embeddings", log)
+        if embed.result() is not None:
+            timer.skipped()
+        else:
+            with timer:
+                tmp = embed.start()
+                embed.finish(run_embed_stage(options, work / "documents", tmp, counts))
+        embeddings_dir = embed.folder
+        prior_fp = embed_fp
+    else:
+        prior_fp = doc_fp
+
+    for split in SPLITS:
+        if counts["documents_per_split"].get(split, 0) == 0:
+            continue
+        summary.splits[split] = _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log)
+    if not summary.splits:
+        raise LoryDataError("no document survived reading and cleaning; see the dead letters in " + str(out / DEAD_LETTERS))
+    return summary
+
+
+def hash_json(value) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log) -> dict:
+    docs = load_split(work / "documents", split)
+    order_fp = f"{prior_fp}:{options.fingerprint('order', 'index', 'k', 'nprobe', 'partitions', 'seed', 'seq_len')}"
+    order_stage = Stage(work / "order" / split, order_fp, options.overwrite)
+    timer = _Timer(summary, f"order/{split}", log)
+    order_info = order_stage.result()
+    if order_info is not None:
+        timer.skipped()
+    else:
+        with timer:
+            tmp = order_stage.start()
+            order_info = order_stage.finish(compute_order(docs, options, embeddings_dir, split, tmp))
+    order = np.load(order_stage.folder / "order.npy")
+
+    shards_fp = f"{order_fp}:{options.fingerprint('seq_len', 'tail', 'rows_per_shard', 'seed')}:{tokenizer.sha256}"
+    shards_stage = Stage(out / split, shards_fp, options.overwrite)
+    timer = _Timer(summary, f"shards/{split}", log)
+    done = shards_stage.result()
+    if done is not None:
+        timer.skipped()
+        return done
+    with timer:
+        tmp = shards_stage.start()
+        manifest = write_split_shards(
+            docs,
+            order,
+            options,
+            tokenizer,
+            tmp,
+            split,
+            {
+                "counts": {"pipeline": counts},
+                "order": order_info["order"],
+                "embedder": order_info.get("embedder"),
+                "index": order_info.get("index"),
+                "options": options.to_dict(),
+                "created_by": "lory 0.1.0",
+            },
+        )
+        result = {
+            "documents": len(docs),
+            "sequences": manifest.num_rows,
+            "tokens": manifest.counts["tokens"],
+            "shards": len(manifest.shards),
+            "folder": str(out / split),
+        }
+        return shards_stage.finish(result)

@@ -1,0 +1,122 @@
+"""Options of `lory build-corpus`, and the Beam pipeline options they turn into."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from lorydata.errors import LoryDataError
+
+# The in-process runner. Beam's "DirectRunner" first tries the Prism runner, which
+# downloads a binary; FnApiRunner runs in this process (or local subprocesses with
+# --direct_running_mode multi_processing) and never touches the network.
+LOCAL_RUNNER = "FnApiRunner"
+
+
+@dataclass
+class BuildOptions:
+    """Everything `lory build-corpus` can be told.
+
+    Args:
+        inputs: files, folders, globs or fsspec URLs of text dumps.
+        out: output folder (shards under `train/` and `heldout/`).
+        text_field / domain_field / id_field: record fields to read.
+        min_chars / max_chars: document length limits (characters, after cleaning).
+        tokenizer: tokenizer.json file or folder; None = the bundled BPE.
+        seq_len: tokens per packed sequence.
+        tail: "drop" or "pad" the last partial sequence of each split.
+        order: "similarity" (embed, kNN, walk) or "random".
+        embedder: sentence-transformers model path or name; None = bundled MiniLM.
+        embed_batch_size: documents per embedding batch.
+        embed_max_tokens: embedder tokens per document (None = the model's limit).
+        embed_long: "start" (embed the beginning) or "chunk-mean" for long documents.
+        device: "auto", "cpu" or "cuda" for embedding and FAISS.
+        index: FAISS factory string, or None to choose by corpus size.
+        k: neighbours per document in the kNN graph.
+        nprobe: IVF cells searched (None = the index's default rule).
+        partitions: 1 = one global walk; P > 1 = k-means cells walked in parallel.
+        heldout_fraction: share of documents (by id hash) written to `heldout/`.
+        seed: seed of the random order, k-means and the sequence shuffle.
+        rows_per_shard: sequences per shard file.
+        runner: Beam runner name; default the in-process FnApiRunner.
+        beam_args: extra Beam pipeline flags, passed through verbatim.
+        overwrite: allow replacing outputs built with other options.
+    """
+
+    inputs: list[str]
+    out: str
+    text_field: str = "text"
+    domain_field: str | None = None
+    id_field: str | None = None
+    min_chars: int = 1
+    max_chars: int = 1_000_000
+    tokenizer: str | None = None
+    seq_len: int = 4096
+    tail: str = "drop"
+    order: str = "similarity"
+    embedder: str | None = None
+    embed_batch_size: int = 64
+    embed_max_tokens: int | None = None
+    embed_long: str = "start"
+    device: str = "auto"
+    index: str | None = None
+    k: int = 20
+    nprobe: int | None = None
+    partitions: int = 1
+    heldout_fraction: float = 0.0
+    seed: int = 0
+    rows_per_shard: int = 1024
+    runner: str = LOCAL_RUNNER
+    beam_args: list[str] = field(default_factory=list)
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Raise `LoryDataError` for option values that cannot work."""
+        checks = [
+            (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
+            (self.tail in ("drop", "pad"), f"--tail must be drop or pad, got {self.tail!r}"),
+            (self.order in ("similarity", "random"), f"--order must be similarity or random, got {self.order!r}"),
+            (self.embed_long in ("start", "chunk-mean"), f"--embed-long must be start or chunk-mean, got {self.embed_long!r}"),
+            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.k >= 1, f"--k must be positive, got {self.k}"),
+            (self.partitions >= 1, f"--partitions must be positive, got {self.partitions}"),
+            (0.0 <= self.heldout_fraction < 1.0, f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}"),
+            (self.rows_per_shard >= 1, f"--rows-per-shard must be positive, got {self.rows_per_shard}"),
+            (self.embed_batch_size >= 1, f"--embed-batch-size must be positive, got {self.embed_batch_size}"),
+            (0 <= self.min_chars <= self.max_chars, f"need 0 <= --min-chars <= --max-chars, got {self.min_chars}, {self.max_chars}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LoryDataError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self, *names: str) -> str:
+        """A short hash of the named options: a stage reruns only when these change."""
+        chosen = {name: getattr(self, name) for name in sorted(names)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def beam_pipeline_options(options: BuildOptions):
+    """Beam `PipelineOptions` for one stage: the runner plus the pass-through flags."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    flags = list(options.beam_args)
+    if options.runner != LOCAL_RUNNER:
+        flags.append(f"--runner={options.runner}")
+    # Beam would pickle the main session otherwise; our DoFns are importable module code.
+    return PipelineOptions(flags, save_main_session=False)
+
+
+def make_pipeline(options: BuildOptions):
+    """A Beam pipeline on the chosen runner."""
+    import apache_beam as beam
+
+    pipeline_options = beam_pipeline_options(options)
+    if options.runner == LOCAL_RUNNER:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return beam.Pipeline(runner=FnApiRunner(), options=pipeline_options)
+    return beam.Pipeline(options=pipeline_options)
