@@ -137,13 +137,57 @@ def _open_binary(path: str) -> IO[bytes]:
     return open(path.removeprefix("file://"), "rb")
 
 
+class _ZstdStream(io.RawIOBase):
+    """Decompresses a zstd file frame by frame and raises at EOF inside a frame.
+
+    `zstandard`'s stream reader returns a short read for a truncated file without any
+    error; a truncated dump must be reported, so frames are tracked here.
+    """
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # decompressobj of the frame being read, None between frames
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not len(self._out):
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._frame is not None:
+                    raise EOFError("zstd stream is truncated (the last frame is incomplete)")
+                return 0
+            self._out = memoryview(self._decompress(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            parts.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:  # frame complete: what follows starts the next one
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_stream(path: str, fmt: str) -> IO[bytes]:
     raw = _open_binary(path)
     if fmt == "jsonl.gz":
         return gzip.GzipFile(fileobj=raw)
     if fmt == "jsonl.zst":
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
     return raw
 
 

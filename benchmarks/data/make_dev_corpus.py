@@ -15,7 +15,15 @@ ZstdCompressor between the train and held-out stream writers, which interleaves 
 compression state and corrupts both files (train.jsonl.zst fails to decode after ~390 kB,
 heldout.jsonl.zst has no zstd header). Each stream now has its own compressor.
 """
-import glob, gzip, hashlib, html, json, os, re, subprocess, sys
+import glob
+import gzip
+import hashlib
+import html
+import json
+import os
+import re
+import subprocess
+import sys
 
 import zstandard
 
