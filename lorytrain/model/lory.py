@@ -1,0 +1,78 @@
+"""`LoryMoE`: the fully differentiable MoE layer of Lory (and the prefix-routing ablation).
+
+Every token of a segment goes through FFN(·; Σ_i e_i θ_i), the soft merge of all E experts
+with the segment's routing weights e (see `routing.SegmentRouting`). The merge and the
+segment's FFN are batched matmuls over all B·N segments, and merged weights are rebuilt in
+the backward pass instead of being stored (`swiglu.merged_swiglu`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorytrain.model.config import ModelConfig
+from lorytrain.model.experts import ExpertBank, ExpertPool
+from lorytrain.model.routing import FFNContext, RoutingStats, SegmentRouting
+from lorytrain.model.swiglu import glu, merged_swiglu
+
+
+class LoryMoE(nn.Module):
+    """Causal segment routing + soft merging of E SwiGLU experts.
+
+    Args:
+        config: model config; `ffn="prefix"` routes every segment by the first one (SMEAR-style
+            prefix routing), anything else by the previous segment (Lory).
+        pool: SaMoE expert pool, or None.
+    """
+
+    def __init__(self, config: ModelConfig, pool: ExpertPool | None = None):
+        super().__init__()
+        rule = "prefix" if config.ffn == "prefix" else "shift"
+        self.routing = SegmentRouting(config.d_model, config.n_experts, config.segment_len, rule, config.first_segment)
+        self.experts = ExpertBank(config.n_experts, config.d_model, config.ffn_dim, pool)
+        self.merge_chunk = config.merge_chunk
+        self.last_stats: RoutingStats | None = None
+        self.last_aux: dict[str, torch.Tensor] = {}
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.routing.init_weights(std)
+        self.experts.reset_parameters(std, out_std)
+
+    def forward(self, x: torch.Tensor, ctx: FFNContext, state: dict | None = None) -> torch.Tensor:
+        """Args:
+            x: FFN inputs (B, L, d).
+            ctx: routing mode, prompt lengths and positions.
+            state: this layer's decoding state (None without a cache; empty on the prefill).
+        """
+        if state:
+            return self._decode(x, ctx, state)
+        batch, length, d = x.shape
+        weights, seg_len = self.routing(x, ctx)
+        n_seg = weights.shape[1]
+        xs = F.pad(x, (0, 0, 0, n_seg * seg_len - length)) if n_seg * seg_len != length else x
+        coef, w13, w2 = self.experts.merge_sources(weights.reshape(batch * n_seg, -1))
+        y = merged_swiglu(xs.reshape(batch * n_seg, seg_len, d), coef, w13, w2, self.merge_chunk)
+        self.last_stats = RoutingStats(weights.detach())
+        if state is not None:
+            state.update(self.routing.start_decoding(x, weights, ctx))
+            state["w13"], state["w2"] = self.experts.merged(state["current"])
+        return y.view(batch, n_seg * seg_len, d)[:, :length]
+
+    @torch.no_grad()
+    def _decode(self, x: torch.Tensor, ctx: FFNContext, state: dict) -> torch.Tensor:
+        """Token by token with one cached merged FFN per sequence, re-merged when its segment changes."""
+        f = state["w2"].shape[1]
+        outputs = []
+        for i in range(x.shape[1]):
+            changed = self.routing.step(state, x[:, i], ctx.positions[:, i], ctx.routing)
+            if changed is not None and changed.numel():
+                w13, w2 = self.experts.merged(state["current"][changed])
+                state["w13"][changed] = w13.to(state["w13"].dtype)
+                state["w2"][changed] = w2.to(state["w2"].dtype)
+            xi = x[:, i : i + 1]
+            h13 = torch.bmm(xi, state["w13"].to(xi.dtype))
+            outputs.append(torch.bmm(glu(h13, f), state["w2"].to(h13.dtype)))
+        self.last_stats = RoutingStats(state["current"].unsqueeze(1).clone())
+        return torch.cat(outputs, dim=1)
