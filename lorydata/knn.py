@@ -1,0 +1,335 @@
+"""The kNN graph: for every document its k most similar others (cosine = inner product on
+unit vectors), found with FAISS, self excluded, stored as two (N, k) .npy arrays.
+
+Index choice by corpus size N (overridable with any FAISS factory string):
+
+- N <= 50k: "Flat", exact search (N² d flops stay in seconds to tens of seconds on a CPU).
+- N <= 2M: "IVF{nlist},Flat", vectors stored exactly, only the probed cells are scanned.
+- N <= 20M: "IVF{nlist},SQ8", 4x smaller storage, candidates re-scored exactly.
+- above: "IVF{nlist},PQ{m}", m = d/4 bytes per vector, `rerank` x k candidates re-scored exactly.
+
+nlist is the power of two nearest 4·√N, nprobe defaults to nlist/64 (at least 8, at most
+256). Every search goes through the plain `index.search` in query batches; the
+"big batch search" path with residual PQ on inner product, which returned mostly wrong
+neighbours in the In-Context Pretraining setup, is never used, and for lossy encodings
+the returned similarities are always recomputed from the exact vectors, so the graph
+holds true cosines. Measure quality with `knn_recall`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorydata.errors import LoryDataError
+
+FLAT_MAX_DOCS = 50_000
+IVF_FLAT_MAX_DOCS = 2_000_000
+IVF_SQ_MAX_DOCS = 20_000_000
+_EXACT_STORAGE = re.compile(r"(IVF\d+(_HNSW\d+)?,)?Flat|HNSW\d+(,Flat)?")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class KnnConfig:
+    """How to build the kNN graph.
+
+    Args:
+        k: neighbours per document (self excluded).
+        index: FAISS factory string (e.g. "Flat", "IVF4096,Flat", "HNSW32"); None = by size.
+        nprobe: IVF cells probed per query; None = nlist/64 clipped to [8, 256].
+        device: "auto" (FAISS GPU when the installed faiss has it and a GPU is visible),
+            "cpu" or "cuda".
+        query_batch: queries per `search` call (bounds temporary memory).
+        rerank: for lossy encodings (SQ, PQ, PCA...), search rerank·k candidates and keep the
+            k best by exact similarity.
+        train_points_per_list: IVF training sample size per inverted list.
+        normalize: L2-normalise input rows that are not unit length (cosine similarity).
+        seed: seed of the training sample and the k-means of IVF training.
+    """
+
+    k: int = 20
+    index: str | None = None
+    nprobe: int | None = None
+    device: str = "auto"
+    query_batch: int = 65_536
+    rerank: int = 2
+    train_points_per_list: int = 64
+    normalize: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.k >= 1, f"k must be positive, got {self.k}"),
+            (self.nprobe is None or self.nprobe >= 1, f"nprobe must be positive, got {self.nprobe}"),
+            (self.device in _DEVICES, f"kNN device must be one of {_DEVICES}, got {self.device!r}"),
+            (self.query_batch >= 1, f"query_batch must be positive, got {self.query_batch}"),
+            (self.rerank >= 1, f"rerank must be at least 1, got {self.rerank}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LoryDataError(message)
+
+
+@dataclass
+class KnnGraph:
+    """Neighbours of every document, most similar first.
+
+    Args:
+        neighbors: (N, k) int64 document ids; -1 pads rows with fewer than k neighbours.
+        similarities: (N, k) float32 cosine similarities; -inf where the id is -1.
+        index: the FAISS factory string used.
+        nprobe: IVF cells probed (None for non-IVF indexes).
+        device: "cpu" or "cuda", where the search ran.
+    """
+
+    neighbors: np.ndarray
+    similarities: np.ndarray
+    index: str = "Flat"
+    nprobe: int | None = None
+    device: str = "cpu"
+
+    @property
+    def k(self) -> int:
+        return self.neighbors.shape[1]
+
+    def describe(self) -> dict:
+        """Index type, k, nprobe and device, for the manifest."""
+        return {"index": self.index, "k": self.k, "nprobe": self.nprobe, "device": self.device,
+                "metric": "inner_product", "documents": len(self.neighbors)}
+
+    def save(self, folder: str | Path) -> None:
+        """Write `neighbors.npy`, `similarities.npy` and `knn.json` into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "neighbors.npy", self.neighbors)
+        np.save(folder / "similarities.npy", self.similarities)
+        (folder / "knn.json").write_text(json.dumps(self.describe(), indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path, mmap: bool = False) -> KnnGraph:
+        """Read a graph written by `save` (memory-mapped if `mmap`)."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "knn.json").read_text())
+            mode = "r" if mmap else None
+            neighbors = np.load(folder / "neighbors.npy", mmap_mode=mode)
+            similarities = np.load(folder / "similarities.npy", mmap_mode=mode)
+        except (OSError, ValueError) as exc:
+            raise LoryDataError(f"cannot read the kNN graph in {folder}: {exc}") from exc
+        if neighbors.shape != similarities.shape:
+            raise LoryDataError(f"kNN graph in {folder} is inconsistent: {neighbors.shape} vs {similarities.shape}")
+        return cls(neighbors, similarities, meta.get("index", "?"), meta.get("nprobe"), meta.get("device", "cpu"))
+
+
+def choose_index(n: int, d: int) -> str:
+    """The FAISS factory string for `n` vectors of dimension `d` (see the module docstring)."""
+    if n <= FLAT_MAX_DOCS:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    if n <= IVF_FLAT_MAX_DOCS:
+        return f"IVF{nlist},Flat"
+    if n <= IVF_SQ_MAX_DOCS:
+        return f"IVF{nlist},SQ8"
+    # PQ needs m | d; GPU IVF-PQ supports at most 96 bytes per vector.
+    m = max(m for m in range(1, max(1, min(96, d // 4)) + 1) if d % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def default_nprobe(index: str) -> int | None:
+    """nlist/64 clipped to [8, 256] for IVF factory strings, None otherwise."""
+    match = re.search(r"IVF(\d+)", index)
+    if not match:
+        return None
+    nlist = int(match.group(1))
+    return min(nlist, max(8, min(256, nlist // 64)))
+
+
+def as_unit_float32(x: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """`x` as a C-contiguous float32 (N, d) matrix with unit rows (copied only if needed)."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise LoryDataError(f"embeddings must be a 2-D (N, d) matrix, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise LoryDataError(f"embeddings must be floating point, got {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise LoryDataError("embeddings contain NaN or infinite values")
+    if normalize and len(x):
+        norms = np.linalg.norm(x, axis=1)
+        if np.abs(norms[norms > 0] - 1).max(initial=0) > 1e-3:
+            x = x / np.where(norms > 0, norms, 1)[:, None]
+    return x
+
+
+def _use_gpu(device: str) -> bool:
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    if device == "cuda" and gpus == 0:
+        raise LoryDataError("kNN device 'cuda' requested but the installed faiss has no GPU support or sees no GPU")
+    return device != "cpu" and gpus > 0
+
+
+def _make_index(x: np.ndarray, spec: str, config: KnnConfig, gpu: bool):
+    """Build, train and fill the index; returns (index, device actually used)."""
+    import faiss
+
+    d = x.shape[1]
+    try:
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise LoryDataError(f"bad FAISS index string {spec!r}: {str(exc).splitlines()[0]}") from exc
+    with contextlib.suppress(RuntimeError):  # raised for non-IVF indexes
+        faiss.extract_index_ivf(index).cp.seed = config.seed
+    device = "cpu"
+    if gpu:
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True  # PQ lookup tables above 48 bytes need it on GPU
+        try:
+            index = faiss.index_cpu_to_all_gpus(index, co=options)
+            device = "cuda"
+        except RuntimeError:
+            pass  # e.g. HNSW has no GPU version: stay on CPU
+    if not index.is_trained:
+        match = re.search(r"IVF(\d+)", spec)
+        wanted = max(config.train_points_per_list * int(match.group(1)) if match else 0, 65_536)
+        rng = np.random.default_rng(config.seed)
+        sample = np.sort(rng.choice(len(x), min(len(x), wanted), replace=False))
+        try:
+            index.train(x[sample])
+        except RuntimeError as exc:
+            raise LoryDataError(f"cannot train FAISS index {spec!r} on {len(sample)} vectors: "
+                                f"{str(exc).splitlines()[0]}") from exc
+    index.add(x)
+    return index, device
+
+
+def _set_search_params(index, spec: str, nprobe: int | None, k_search: int, device: str) -> None:
+    import faiss
+
+    space = faiss.GpuParameterSpace() if device == "cuda" else faiss.ParameterSpace()
+    if nprobe is not None:
+        space.set_index_parameter(index, "nprobe", nprobe)
+    if "HNSW" in spec and device == "cpu":
+        space.set_index_parameter(index, "efSearch", max(64, 2 * k_search))
+
+
+def _drop_self(ids: np.ndarray, sims: np.ndarray, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own id from its row (or the last column when it is absent)."""
+    is_self = ids == query_ids[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = ~is_self
+    width = ids.shape[1] - 1
+    return ids[keep].reshape(-1, width), sims[keep].reshape(-1, width)
+
+
+def _rescore(x: np.ndarray, query_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact similarities of candidate ids, rows re-sorted best first (-1 ids last)."""
+    sims = np.full(ids.shape, -np.inf, dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, ids.shape[1] * x.shape[1]))  # ~16 MB of gathered vectors per step
+    for start in range(0, len(ids), step):
+        block = ids[start: start + step]
+        valid = block >= 0
+        gathered = x[np.where(valid, block, 0)]
+        exact = np.einsum("qkd,qd->qk", gathered, x[query_ids[start: start + step]])
+        sims[start: start + step] = np.where(valid, exact, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
+
+
+def build_knn_graph(x: np.ndarray, config: KnnConfig | None = None) -> KnnGraph:
+    """The k nearest neighbours (inner product) of every row of `x` among the other rows.
+
+    Args:
+        x: (N, d) embeddings, float16/32; rows are L2-normalised if they are not already.
+        config: index choice, k, nprobe, device.
+
+    Returns:
+        A `KnnGraph` with (N, k) neighbours and similarities, self excluded, best first.
+        Rows of corpora with N <= k are padded with -1 / -inf.
+    """
+    config = config or KnnConfig()
+    x = as_unit_float32(x, config.normalize)
+    n, d = x.shape
+    spec = config.index or choose_index(n, d)
+    k = config.k
+    if n < 2:
+        return KnnGraph(np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32), spec, None, "cpu")
+    index, device = _make_index(x, spec, config, _use_gpu(config.device))
+    exact = _EXACT_STORAGE.fullmatch(spec) is not None
+    k_search = min(n, (k if exact else config.rerank * k) + 1)
+    nprobe = None
+    if "IVF" in spec:
+        nprobe = config.nprobe if config.nprobe is not None else default_nprobe(spec)
+    _set_search_params(index, spec, nprobe, k_search, device)
+    neighbors = np.full((n, k), -1, dtype=np.int64)
+    similarities = np.full((n, k), -np.inf, dtype=np.float32)
+    for start in range(0, n, config.query_batch):
+        query_ids = np.arange(start, min(n, start + config.query_batch))
+        sims, ids = index.search(x[query_ids], k_search)
+        ids, sims = _drop_self(ids.astype(np.int64, copy=False), sims, query_ids)
+        if not exact:
+            ids, sims = _rescore(x, query_ids, ids)
+        width = min(k, ids.shape[1])
+        neighbors[query_ids, :width] = ids[:, :width]
+        similarities[query_ids, :width] = np.where(ids[:, :width] >= 0, sims[:, :width], -np.inf)
+    return KnnGraph(neighbors, similarities, spec, nprobe, device)
+
+
+def exact_neighbors(x: np.ndarray, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k neighbours (self excluded) of the rows `query_ids` among all rows of `x`.
+
+    Args:
+        x: (N, d) float32 unit vectors.
+        query_ids: row ids to search for.
+        k: neighbours wanted (at most N-1 are returned).
+
+    Returns:
+        (ids, sims), each (len(query_ids), min(k, N-1)), best first.
+    """
+    import faiss
+
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    sims, ids = faiss.knn(x[query_ids], x, min(len(x), k + 1), metric=faiss.METRIC_INNER_PRODUCT)
+    ids, sims = _drop_self(ids.astype(np.int64), sims, query_ids)
+    width = min(k, len(x) - 1)
+    return ids[:, :width], sims[:, :width]
+
+
+def knn_recall(x: np.ndarray, neighbors: np.ndarray, sample: int = 1000, seed: int = 0) -> float:
+    """Recall@k of a kNN graph against exact search, on a random sample of queries.
+
+    A returned neighbour counts as correct when its true similarity reaches the exact k-th
+    neighbour's (minus 1e-5), so ties between equally similar documents are not misses.
+
+    Args:
+        x: the (N, d) embeddings the graph was built from.
+        neighbors: (N, k) neighbour ids of the graph (-1 = missing, counted as a miss).
+        sample: number of query documents.
+        seed: seed of the query sample.
+
+    Returns:
+        Mean recall@k over the sampled queries, in [0, 1] (1.0 for N < 2).
+    """
+    x = as_unit_float32(x)
+    neighbors = np.asarray(neighbors)
+    n = len(x)
+    if neighbors.ndim != 2 or len(neighbors) != n:
+        raise LoryDataError(f"neighbours of shape {neighbors.shape} do not match {n} embeddings")
+    width = min(neighbors.shape[1], n - 1)
+    if width <= 0:
+        return 1.0
+    queries = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    _, exact_sims = exact_neighbors(x, queries, width)
+    found = neighbors[queries, :width]
+    valid = (found >= 0) & (found != queries[:, None])
+    true_sims = np.einsum("qkd,qd->qk", x[np.where(valid, found, 0)], x[queries])
+    hits = valid & (true_sims >= exact_sims[:, -1:] - 1e-5)
+    return float(hits.sum(axis=1).mean() / width)
