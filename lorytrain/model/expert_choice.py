@@ -24,6 +24,7 @@ from torch import nn
 from lorytrain.model.config import ModelConfig
 from lorytrain.model.dispatch import dispatch
 from lorytrain.model.experts import ExpertBank
+from lorytrain.model.numerics import wide
 from lorytrain.model.routing import FFNContext, RoutingStats, SegmentRouting, capacity, segment_mean
 
 
@@ -65,7 +66,7 @@ class ExpertChoiceMoE(nn.Module):
         """
         select = self.training and state is None
         if self.level == "token":
-            scores = F.linear(x.float(), self.router.weight.float()).softmax(-1)  # (B, L, E)
+            scores = F.linear(wide(x), wide(self.router.weight)).softmax(-1)  # (B, L, E)
             mask = self._select(scores, dim=1) if select else scores >= self.threshold
             gates = scores * mask
             stats = segment_mean(gates.detach(), self.segment_len)

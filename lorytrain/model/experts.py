@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from lorytrain.model.numerics import wide
+
 
 class ExpertPool(nn.Module):
     """SaMoE's global pool of G SwiGLU FFNs shared by every MoE layer.
@@ -74,13 +76,13 @@ class ExpertBank(nn.Module):
         """
         if self.pool is None:
             return coef, self.w13, self.w2
-        return coef @ self.mix_logits.float().softmax(-1), self.pool.w13, self.pool.w2
+        return coef @ wide(self.mix_logits).softmax(-1).to(coef.dtype), self.pool.w13, self.pool.w2
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's experts as (E, d, 2f) and (E, f, d) tensors."""
         if self.pool is None:
             return self.w13, self.w2
-        mix = self.mix_logits.float().softmax(-1).to(self.pool.w13.dtype)
+        mix = wide(self.mix_logits).softmax(-1).to(self.pool.w13.dtype)
         return torch.einsum("eg,gij->eij", mix, self.pool.w13), torch.einsum("eg,gij->eij", mix, self.pool.w2)
 
     def merged(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

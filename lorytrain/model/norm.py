@@ -1,9 +1,11 @@
-"""RMSNorm (Zhang & Sennrich 2019), computed in float32 whatever the input dtype."""
+"""RMSNorm (Zhang & Sennrich 2019), computed in at least float32 whatever the input dtype."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lorytrain.model.numerics import wide
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +22,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = wide(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * wide(self.weight)).to(x.dtype)

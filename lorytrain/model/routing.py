@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorytrain.model.numerics import wide
+
 
 @dataclass
 class FFNContext:
@@ -65,7 +67,7 @@ def segment_sums(x: torch.Tensor, segment_len: int) -> tuple[torch.Tensor, torch
     """Float32 sums (B, N, d) of every segment and their token counts (N,); last may be partial."""
     batch, length, d = x.shape
     full = length // segment_len
-    x = x.float()
+    x = wide(x)
     sums = x[:, : full * segment_len].reshape(batch, full, segment_len, d).sum(2)
     counts = [segment_len] * full
     if length > full * segment_len:
@@ -84,7 +86,8 @@ def masked_mean(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Te
     """Float32 mean (B, d) of x (B, L, d) over positions lo[b] <= t < hi[b]; also the sum."""
     positions = torch.arange(x.shape[1], device=x.device)
     mask = (positions >= lo.unsqueeze(1)) & (positions < hi.unsqueeze(1))
-    total = torch.einsum("bl,bld->bd", mask.float(), x.float())
+    x = wide(x)
+    total = torch.einsum("bl,bld->bd", mask.to(x.dtype), x)
     return total / mask.sum(1, keepdim=True).clamp(min=1), total
 
 
@@ -110,7 +113,7 @@ class SegmentRouting(nn.Module):
 
     def probs(self, means: torch.Tensor) -> torch.Tensor:
         """softmax(R(means)) in float32: routing is cheap and should not be rounded to bf16."""
-        return F.linear(means.float(), self.router.weight.float()).softmax(-1)
+        return F.linear(wide(means), wide(self.router.weight)).softmax(-1)
 
     def forward(self, x: torch.Tensor, ctx: FFNContext) -> tuple[torch.Tensor, int]:
         """Routing weights (B, N, E) for every segment and the segment length.
@@ -177,7 +180,7 @@ class SegmentRouting(nn.Module):
             state["current"][switch] = self.probs(state["sum"][switch] / T)
             state["sum"][switch] = 0
         keep = torch.ones_like(positions, dtype=torch.bool) if self.rule == "shift" else positions < T
-        state["sum"] += x.float() * keep.unsqueeze(1)
+        state["sum"] += wide(x) * keep.unsqueeze(1)
         return switch
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from lorytrain.model.config import ModelConfig
 from lorytrain.model.dispatch import dispatch
 from lorytrain.model.experts import ExpertBank, ExpertPool
+from lorytrain.model.numerics import wide
 from lorytrain.model.routing import FFNContext, RoutingStats, segment_mean
 
 
@@ -42,7 +43,7 @@ class TopKMoE(nn.Module):
     def forward(self, x: torch.Tensor, ctx: FFNContext | None = None, state: dict | None = None) -> torch.Tensor:
         batch, length, d = x.shape
         flat = x.reshape(-1, d)
-        logits = F.linear(flat.float(), self.router.weight.float())
+        logits = F.linear(wide(flat), wide(self.router.weight))
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:
