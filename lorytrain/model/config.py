@@ -43,8 +43,9 @@ class ModelConfig:
         z_loss_weight: weight of the router z-loss of `topk`.
         samoe_pool: G > 0 draws every layer's experts from a global pool of G expert FFNs
             shared by all layers (SaMoE); lory, prefix and topk only.
-        merge_chunk: segments merged at once by the Lory layer (0: as many as fit in
-            2^25 merged weights), bounding the transient memory of merged FFNs.
+        merge_chunk: segments merged per step by the Lory layer (0: all of them).
+        merge_tile: inner FFN units merged per step (0: sized so the merged tile stays in a
+            CPU's cache, or within 2^28 elements on a GPU); bounds transient merged weights.
         activation_checkpointing: recompute each block's activations in the backward pass.
     """
 
@@ -69,6 +70,7 @@ class ModelConfig:
     z_loss_weight: float = 0.001
     samoe_pool: int = 0
     merge_chunk: int = 0
+    merge_tile: int = 0
     activation_checkpointing: bool = False
 
     @property
@@ -108,8 +110,8 @@ class ModelConfig:
             problems.append(f"capacity_factor must be positive, got {self.capacity_factor}")
         if not 0 <= self.ec_threshold_momentum < 1:
             problems.append(f"ec_threshold_momentum must be in [0, 1), got {self.ec_threshold_momentum}")
-        if self.samoe_pool < 0 or self.merge_chunk < 0:
-            problems.append("samoe_pool and merge_chunk must be >= 0")
+        if self.samoe_pool < 0 or self.merge_chunk < 0 or self.merge_tile < 0:
+            problems.append("samoe_pool, merge_chunk and merge_tile must be >= 0")
         if self.samoe_pool and self.ffn not in SAMOE_KINDS:
             problems.append(f"samoe_pool works with ffn {', '.join(SAMOE_KINDS)}, not {self.ffn!r}")
         if self.ffn == "expert-choice" and self.first_segment == "uniform":

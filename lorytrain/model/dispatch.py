@@ -25,7 +25,6 @@ def dispatch(x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor, experts: 
     """
     expert, token = mask.t().nonzero().unbind(1)  # sorted by expert, then token
     counts = torch.bincount(expert, minlength=mask.shape[1])
-    w13, w2 = experts.weights()
-    y = grouped_swiglu(x[token], w13, w2, counts.tolist())
+    y = grouped_swiglu(x[token], experts.weights(), counts.tolist())
     y = y * gates[token, expert].unsqueeze(1).to(y.dtype)
     return torch.zeros(x.shape[0], y.shape[1], dtype=y.dtype, device=x.device).index_add(0, token, y), counts

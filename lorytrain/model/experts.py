@@ -1,4 +1,7 @@
-"""Expert weights of an MoE layer: owned by the layer, or soft combinations of a SaMoE pool."""
+"""Expert weights of an MoE layer: owned by the layer, or soft combinations of a SaMoE pool.
+
+Every FFN is stored neuron-major as (f, 3, d) (see `swiglu`); a bank of E experts is (E, f, 3, d).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,14 @@ import torch
 from torch import nn
 
 from lorytrain.model.numerics import wide
+from lorytrain.model.swiglu import DOWN
+
+
+def init_ffn_(w: torch.Tensor, std: float, out_std: float) -> None:
+    """Gate and up rows ~ N(0, std), down rows ~ N(0, out_std), for any (..., f, 3, d) tensor."""
+    with torch.no_grad():
+        nn.init.normal_(w, std=std)
+        w[..., DOWN, :].mul_(out_std / std)
 
 
 class ExpertPool(nn.Module):
@@ -21,18 +32,16 @@ class ExpertPool(nn.Module):
 
     def __init__(self, size: int, d_model: int, ffn_dim: int):
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(size, d_model, 2 * ffn_dim))
-        self.w2 = nn.Parameter(torch.empty(size, ffn_dim, d_model))
+        self.w = nn.Parameter(torch.empty(size, ffn_dim, 3, d_model))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         # a layer expert averages ~G pool entries; scale so that it starts with the usual std
-        scale = math.sqrt(self.w13.shape[0])
-        nn.init.normal_(self.w13, std=std * scale)
-        nn.init.normal_(self.w2, std=out_std * scale)
+        scale = math.sqrt(self.w.shape[0])
+        init_ffn_(self.w, std * scale, out_std * scale)
 
 
 class ExpertBank(nn.Module):
-    """The E SwiGLU experts of one layer: `w13` (E, d, 2f) and `w2` (E, f, d).
+    """The E SwiGLU experts of one layer, `w` (E, f, 3, d).
 
     With a pool, expert e of this layer is θ_e = Σ_g α_e,g P_g with α = softmax(mix_logits[e])
     (SaMoE), and the layer owns only the (E, G) logits.
@@ -50,20 +59,18 @@ class ExpertBank(nn.Module):
         # a plain attribute, not a submodule: the pool is registered once, on the model
         object.__setattr__(self, "pool", pool)
         if pool is None:
-            self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * ffn_dim))
-            self.w2 = nn.Parameter(torch.empty(n_experts, ffn_dim, d_model))
+            self.w = nn.Parameter(torch.empty(n_experts, ffn_dim, 3, d_model))
         else:
-            self.mix_logits = nn.Parameter(torch.empty(n_experts, pool.w13.shape[0]))
+            self.mix_logits = nn.Parameter(torch.empty(n_experts, pool.w.shape[0]))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         if self.pool is None:
-            nn.init.normal_(self.w13, std=std)
-            nn.init.normal_(self.w2, std=out_std)
+            init_ffn_(self.w, std, out_std)
         else:
             nn.init.normal_(self.mix_logits, std=1.0)  # distinct mixtures, so experts start apart
 
-    def merge_sources(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Coefficients over source FFNs and those FFNs' weights, for soft merging.
+    def merge_sources(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coefficients over source FFNs and those FFNs, for soft merging.
 
         Σ_e coef_e θ_e = Σ_g (coef · α)_g P_g, so a pooled layer merges straight from the pool
         without building its own experts.
@@ -72,28 +79,25 @@ class ExpertBank(nn.Module):
             coef: (..., E) weights over this layer's experts.
 
         Returns:
-            (coef over sources (..., G or E), w13, w2).
+            (coef over sources (..., G or E), sources (G or E, f, 3, d)).
         """
         if self.pool is None:
-            return coef, self.w13, self.w2
-        return coef @ wide(self.mix_logits).softmax(-1).to(coef.dtype), self.pool.w13, self.pool.w2
+            return coef, self.w
+        return coef @ wide(self.mix_logits).softmax(-1).to(coef.dtype), self.pool.w
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's experts as (E, d, 2f) and (E, f, d) tensors."""
+    def weights(self) -> torch.Tensor:
+        """This layer's experts (E, f, 3, d)."""
         if self.pool is None:
-            return self.w13, self.w2
-        mix = wide(self.mix_logits).softmax(-1).to(self.pool.w13.dtype)
-        return torch.einsum("eg,gij->eij", mix, self.pool.w13), torch.einsum("eg,gij->eij", mix, self.pool.w2)
+            return self.w
+        mix = wide(self.mix_logits).softmax(-1).to(self.pool.w.dtype)
+        return (mix @ self.pool.w.flatten(1)).view(-1, *self.pool.w.shape[1:])
 
-    def merged(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One merged FFN per row of `coef` (B, E): (B, d, 2f) and (B, f, d), for decoding."""
-        coef, w13, w2 = self.merge_sources(coef)
-        coef = coef.to(w13.dtype)
-        n = coef.shape[0]
-        return (coef @ w13.flatten(1)).view(n, *w13.shape[1:]), (coef @ w2.flatten(1)).view(n, *w2.shape[1:])
+    def merged(self, coef: torch.Tensor) -> torch.Tensor:
+        """One merged FFN (B, f, 3, d) per row of `coef` (B, E), for decoding."""
+        coef, sources = self.merge_sources(coef)
+        return (coef.to(sources.dtype) @ sources.flatten(1)).view(-1, *sources.shape[1:])
 
     @torch.no_grad()
-    def load_dense(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Copy one dense FFN into every expert (upcycling)."""
-        self.w13.copy_(w13.unsqueeze(0).expand_as(self.w13))
-        self.w2.copy_(w2.unsqueeze(0).expand_as(self.w2))
+    def load_dense(self, w: torch.Tensor) -> None:
+        """Copy one dense FFN (f, 3, d) into every expert (upcycling)."""
+        self.w.copy_(w.unsqueeze(0).expand_as(self.w))

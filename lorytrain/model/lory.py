@@ -15,7 +15,7 @@ from torch import nn
 from lorytrain.model.config import ModelConfig
 from lorytrain.model.experts import ExpertBank, ExpertPool
 from lorytrain.model.routing import FFNContext, RoutingStats, SegmentRouting
-from lorytrain.model.swiglu import glu, merged_swiglu
+from lorytrain.model.swiglu import DOWN, GATE, UP, glu, merged_swiglu
 
 
 class LoryMoE(nn.Module):
@@ -32,7 +32,7 @@ class LoryMoE(nn.Module):
         rule = "prefix" if config.ffn == "prefix" else "shift"
         self.routing = SegmentRouting(config.d_model, config.n_experts, config.segment_len, rule, config.first_segment)
         self.experts = ExpertBank(config.n_experts, config.d_model, config.ffn_dim, pool)
-        self.merge_chunk = config.merge_chunk
+        self.merge_chunk, self.merge_tile = config.merge_chunk, config.merge_tile
         self.last_stats: RoutingStats | None = None
         self.last_aux: dict[str, torch.Tensor] = {}
 
@@ -52,27 +52,24 @@ class LoryMoE(nn.Module):
         weights, seg_len = self.routing(x, ctx)
         n_seg = weights.shape[1]
         xs = F.pad(x, (0, 0, 0, n_seg * seg_len - length)) if n_seg * seg_len != length else x
-        coef, w13, w2 = self.experts.merge_sources(weights.reshape(batch * n_seg, -1))
-        y = merged_swiglu(xs.reshape(batch * n_seg, seg_len, d), coef, w13, w2, self.merge_chunk)
+        coef, sources = self.experts.merge_sources(weights.reshape(batch * n_seg, -1))
+        y = merged_swiglu(xs.reshape(batch * n_seg, seg_len, d), coef, sources, self.merge_chunk, self.merge_tile)
         self.last_stats = RoutingStats(weights.detach())
         if state is not None:
             state.update(self.routing.start_decoding(x, weights, ctx))
-            state["w13"], state["w2"] = self.experts.merged(state["current"])
+            state["w"] = self.experts.merged(state["current"])
         return y.view(batch, n_seg * seg_len, d)[:, :length]
 
     @torch.no_grad()
     def _decode(self, x: torch.Tensor, ctx: FFNContext, state: dict) -> torch.Tensor:
         """Token by token with one cached merged FFN per sequence, re-merged when its segment changes."""
-        f = state["w2"].shape[1]
         outputs = []
         for i in range(x.shape[1]):
             changed = self.routing.step(state, x[:, i], ctx.positions[:, i], ctx.routing)
             if changed is not None and changed.numel():
-                w13, w2 = self.experts.merged(state["current"][changed])
-                state["w13"][changed] = w13.to(state["w13"].dtype)
-                state["w2"][changed] = w2.to(state["w2"].dtype)
-            xi = x[:, i : i + 1]
-            h13 = torch.bmm(xi, state["w13"].to(xi.dtype))
-            outputs.append(torch.bmm(glu(h13, f), state["w2"].to(h13.dtype)))
+                state["w"][changed] = self.experts.merged(state["current"][changed]).to(state["w"].dtype)
+            xi, w = x[:, i : i + 1], state["w"].to(x.dtype)
+            gated = glu(torch.bmm(xi, w[:, :, GATE].transpose(1, 2)), torch.bmm(xi, w[:, :, UP].transpose(1, 2)))
+            outputs.append(torch.bmm(gated, w[:, :, DOWN]))
         self.last_stats = RoutingStats(state["current"].unsqueeze(1).clone())
         return torch.cat(outputs, dim=1)

@@ -1,16 +1,21 @@
 """SwiGLU FFNs as memory-lean autograd functions: grouped experts and per-segment merged experts.
 
-Weights are stored "x @ W" style: `w13` (G, d, 2f) holds gate W1 and up W3 side by side, `w2`
-(G, f, d) is the down projection. Both functions save only the FFN input and the 2f
-pre-activations for backward (plain autograd would also keep silu(h1) and the gated product),
-and recompute the rest.
+Layout (ours): an FFN is one tensor `w` (f, 3, d), "neuron-major": inner unit j owns its gate
+row W1[:, j], up row W3[:, j] and down row W2[j, :], so that
+FFN(x) = (silu(x w[:, 0]ᵀ) ⊙ x w[:, 1]ᵀ) w[:, 2]. A block of inner units is then one contiguous
+slice of every expert, which is what lets the Lory merge run tile by tile (and what
+expert-wise model parallelism along f would shard). Both functions save only the FFN input
+and the pre-activations h1, h3 for backward (plain autograd would also keep silu(h1) and the
+gated product) and recompute the rest.
 
 `merged_swiglu` is the core of the Lory layer. For every segment s it builds the merged FFN
-θ̄_s = Σ_i c_s,i θ_i with one matmul (S, G) × (G, d·2f) and runs the segment's tokens through
-it with batched matmuls. Merged weights are never saved: the backward pass rebuilds them
-chunk by chunk and turns the merged-weight gradients into dθ_i = Σ_s c_s,i dθ̄_s and
-dc_s,i = ⟨θ_i, dθ̄_s⟩, again as matmuls. Activation memory therefore matches a dense FFN, and
-at most `chunk` merged FFNs exist at any moment.
+θ̄_s = Σ_g c_s,g θ_g with a matmul (S, G) × (G, f·3·d) and runs the segment's tokens through it
+with batched matmuls. It works on tiles of `tile` inner units (and chunks of `chunk`
+segments): merge a tile of every segment's FFN, use it, drop it. Merged weights are never
+stored for backward: the backward pass rebuilds each tile and turns the merged-weight
+gradients into dθ_g = Σ_s c_s,g dθ̄_s and dc_s,g = ⟨θ_g, dθ̄_s⟩, again as matmuls. Activation
+memory therefore matches a dense FFN, and the transient merged weights stay at one tile
+(sized to stay in the CPU's cache, or to bound GPU memory).
 
 Under autocast both functions compute in the autocast dtype (bf16 on GPU) and return weight
 gradients in the parameters' dtype.
@@ -21,7 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MERGE_BUDGET = 1 << 25  # merged weights (elements) alive at once when merge_chunk is 0
+GATE, UP, DOWN = 0, 1, 2
+# elements of merged weights (one tile of every segment in a chunk) alive at once by default:
+# 8 MiB of float32 stays in a CPU's last-level cache; on GPUs the limit only bounds memory
+MERGE_BUDGET = {"cpu": 1 << 21}
+MERGE_BUDGET_DEFAULT = 1 << 28
+MIN_TILE = 64
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -31,152 +41,184 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def glu(h13: torch.Tensor, f: int) -> torch.Tensor:
-    """silu(h1) ⊙ h3 from the pre-activations [h1 | h3]."""
-    h1, h3 = h13.split(f, dim=-1)
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out (+)= a @ b, straight into `out` (a strided view is fine) when the dtypes agree."""
+    if out.dtype != a.dtype:
+        product = a @ b
+        out.add_(product) if accumulate else out.copy_(product)
+    elif accumulate:
+        out.addmm_(a, b) if a.dim() == 2 else out.baddbmm_(a, b)
+    else:
+        (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out=out)
+
+
+def glu(h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
+    """silu(h1) ⊙ h3."""
     return F.silu(h1) * h3
 
 
-def _glu_backward(h13: torch.Tensor, dg: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recompute g = silu(h1)·h3 and return (g, d h13) from d g."""
-    h1, h3 = h13.split(f, dim=-1)
+def _glu_backward(h1: torch.Tensor, h3: torch.Tensor, dg: torch.Tensor):
+    """Recompute g = silu(h1)·h3 and return (g, dh1, dh3) from dg."""
     sig = torch.sigmoid(h1)
     silu = h1 * sig
-    dh1 = dg * h3 * sig * (1 + h1 * (1 - sig))
-    return silu * h3, torch.cat([dh1, dg * silu], dim=-1)
+    return silu * h3, dg * h3 * sig * (1 + h1 * (1 - sig)), dg * silu
 
 
 class GroupedSwiGLU(torch.autograd.Function):
     """Rows of x, sorted by group, each through its group's SwiGLU FFN (dense: one group)."""
 
     @staticmethod
-    def forward(ctx, x, w13, w2, counts):
+    def forward(ctx, x, w, counts):
         dtype = _compute_dtype(x)
-        f = w2.shape[1]
+        n, f = x.shape[0], w.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            xc, w13c, w2c = x.to(dtype), w13.to(dtype), w2.to(dtype)
-            h13_parts, y_parts = [], []
-            for g, xg in enumerate(xc.split(counts)):
-                h13 = xg @ w13c[g]
-                h13_parts.append(h13)
-                y_parts.append(glu(h13, f) @ w2c[g])
-            h13 = h13_parts[0] if len(counts) == 1 else torch.cat(h13_parts)
-            y = y_parts[0] if len(counts) == 1 else torch.cat(y_parts)
-        ctx.save_for_backward(xc, w13, w2, h13)
+            xc, wc = x.to(dtype), w.to(dtype)
+            h1, h3 = x.new_empty(n, f, dtype=dtype), x.new_empty(n, f, dtype=dtype)
+            y = x.new_empty(n, x.shape[1], dtype=dtype)
+            start = 0
+            for g, count in enumerate(counts):
+                rows = slice(start, start + count)
+                start += count
+                if count:
+                    torch.mm(xc[rows], wc[g, :, GATE].T, out=h1[rows])
+                    torch.mm(xc[rows], wc[g, :, UP].T, out=h3[rows])
+                    torch.mm(glu(h1[rows], h3[rows]), wc[g, :, DOWN], out=y[rows])
+        ctx.save_for_backward(xc, w, h1, h3)
         ctx.counts, ctx.dtype, ctx.x_dtype = counts, dtype, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xc, w13, w2, h13 = ctx.saved_tensors
-        dtype, f, counts = ctx.dtype, w2.shape[1], ctx.counts
-        need_x, need_w13, need_w2 = ctx.needs_input_grad[:3]
+        xc, w, h1, h3 = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
         with torch.autocast(dy.device.type, enabled=False):
-            w13c, w2c, dy = w13.to(dtype), w2.to(dtype), dy.to(dtype)
-            dx_parts = []
-            dw13 = torch.zeros_like(w13) if need_w13 else None
-            dw2 = torch.zeros_like(w2) if need_w2 else None
-            pieces = zip(xc.split(counts), h13.split(counts), dy.split(counts), strict=True)
-            for g, (xg, hg, dyg) in enumerate(pieces):
-                gg, dh13 = _glu_backward(hg, dyg @ w2c[g].T, f)
-                if need_w2:
-                    dw2[g] = gg.T @ dyg
-                if need_w13:
-                    dw13[g] = xg.T @ dh13
+            wc, dy = w.to(ctx.dtype), dy.to(ctx.dtype)
+            dx = torch.empty_like(xc) if need_x else None
+            dw = torch.zeros_like(w) if need_w else None
+            start = 0
+            for g, count in enumerate(ctx.counts):
+                rows = slice(start, start + count)
+                start += count
+                if not count:
+                    continue
+                gated, dh1, dh3 = _glu_backward(h1[rows], h3[rows], dy[rows] @ wc[g, :, DOWN].T)
+                if need_w:
+                    _mm_into(dw[g, :, GATE], dh1.T, xc[rows])
+                    _mm_into(dw[g, :, UP], dh3.T, xc[rows])
+                    _mm_into(dw[g, :, DOWN], gated.T, dy[rows])
                 if need_x:
-                    dx_parts.append(dh13 @ w13c[g].T)
-            dx = (dx_parts[0] if len(counts) == 1 else torch.cat(dx_parts)).to(ctx.x_dtype) if need_x else None
-        return dx, dw13, dw2, None
+                    torch.mm(dh1, wc[g, :, GATE], out=dx[rows])
+                    dx[rows].addmm_(dh3, wc[g, :, UP])
+        return dx.to(ctx.x_dtype) if need_x else None, dw, None
 
 
-def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU FFN: `x` (..., d), `w13` (d, 2f), `w2` (f, d)."""
+def swiglu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU FFN: `x` (..., d), `w` (f, 3, d)."""
     flat = x.reshape(-1, x.shape[-1])
-    return GroupedSwiGLU.apply(flat, w13.unsqueeze(0), w2.unsqueeze(0), (flat.shape[0],)).view(*x.shape[:-1], -1)
+    return GroupedSwiGLU.apply(flat, w.unsqueeze(0), (flat.shape[0],)).view(*x.shape[:-1], -1)
 
 
-def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Rows of `x` (n, d), sorted by expert, through experts `w13` (G, d, 2f), `w2` (G, f, d);
-    `counts[g]` rows belong to expert g."""
-    return GroupedSwiGLU.apply(x, w13, w2, tuple(counts))
+def grouped_swiglu(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of `x` (n, d), sorted by expert, through experts `w` (G, f, 3, d); `counts[g]` rows
+    belong to expert g."""
+    return GroupedSwiGLU.apply(x, w, tuple(counts))
+
+
+def _tiles(f: int, tile: int) -> list[tuple[int, int]]:
+    return [(j, min(tile, f - j)) for j in range(0, f, tile)]
 
 
 class MergedSwiGLU(torch.autograd.Function):
-    """Segments x (S, T, d) through their merged FFNs θ̄_s = Σ_g coef[s, g] θ_g."""
+    """Segments x (S, T, d) through their merged FFNs θ̄_s = Σ_g coef[s, g] θ_g, tile by tile."""
 
     @staticmethod
-    def forward(ctx, x, coef, w13, w2, chunk):
+    def forward(ctx, x, coef, w, chunk, tile):
         dtype = _compute_dtype(x)
-        n_src, d, f2 = w13.shape
-        f = f2 // 2
+        n_src, f, _, d = w.shape
         with torch.autocast(x.device.type, enabled=False):
             xc, cc = x.to(dtype), coef.to(dtype)
-            w13f, w2f = w13.to(dtype).reshape(n_src, -1), w2.to(dtype).reshape(n_src, -1)
-            h13_parts, y_parts = [], []
+            flat = w.view(n_src, -1)
+            h1 = x.new_empty(x.shape[0], x.shape[1], f, dtype=dtype)
+            h3 = torch.empty_like(h1)
+            y = torch.empty_like(xc)
             for s in range(0, x.shape[0], chunk):
-                c = cc[s : s + chunk]
-                h13 = torch.bmm(xc[s : s + chunk], (c @ w13f).view(-1, d, f2))
-                h13_parts.append(h13)
-                y_parts.append(torch.bmm(glu(h13, f), (c @ w2f).view(-1, f, d)))
-            h13 = h13_parts[0] if len(h13_parts) == 1 else torch.cat(h13_parts)
-            y = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)
-        ctx.save_for_backward(xc, cc, w13, w2, h13)
-        ctx.chunk, ctx.dtype, ctx.x_dtype, ctx.coef_dtype = chunk, dtype, x.dtype, coef.dtype
+                seg = slice(s, s + chunk)
+                for j, n in _tiles(f, tile):
+                    merged = (cc[seg] @ flat[:, 3 * d * j : 3 * d * (j + n)].to(dtype)).view(-1, n, 3, d)
+                    torch.bmm(xc[seg], merged[:, :, GATE].transpose(1, 2), out=h1[seg, :, j : j + n])
+                    torch.bmm(xc[seg], merged[:, :, UP].transpose(1, 2), out=h3[seg, :, j : j + n])
+                    gated = glu(h1[seg, :, j : j + n], h3[seg, :, j : j + n])
+                    _mm_into(y[seg], gated, merged[:, :, DOWN], accumulate=j > 0)
+        ctx.save_for_backward(xc, cc, w, h1, h3)
+        ctx.chunk, ctx.tile, ctx.dtype, ctx.x_dtype, ctx.coef_dtype = chunk, tile, dtype, x.dtype, coef.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xc, cc, w13, w2, h13 = ctx.saved_tensors
+        xc, cc, w, h1, h3 = ctx.saved_tensors
         dtype, chunk = ctx.dtype, ctx.chunk
-        n_src, d, f2 = w13.shape
-        f = f2 // 2
-        need_x, need_coef, need_w13, need_w2 = ctx.needs_input_grad[:4]
+        n_src, f, _, d = w.shape
+        need_x, need_coef, need_w = ctx.needs_input_grad[:3]
         with torch.autocast(dy.device.type, enabled=False):
-            w13f, w2f = w13.to(dtype).reshape(n_src, -1), w2.to(dtype).reshape(n_src, -1)
+            flat = w.view(n_src, -1)
             dy = dy.to(dtype)
             dx = torch.empty_like(xc) if need_x else None
-            dcoef = torch.empty_like(cc) if need_coef else None
-            # accumulate over chunks in the parameters' dtype, not in bf16
-            dw13 = w13.new_zeros(w13f.shape) if need_w13 else None
-            dw2 = w2.new_zeros(w2f.shape) if need_w2 else None
+            dcoef = torch.zeros_like(cc, dtype=torch.promote_types(cc.dtype, torch.float32)) if need_coef else None
+            dw = torch.empty_like(flat) if need_w else None  # in the parameters' dtype
             for s in range(0, xc.shape[0], chunk):
-                sl = slice(s, s + chunk)
-                c = cc[sl]
-                m2 = (c @ w2f).view(-1, f, d)
-                g, dh13 = _glu_backward(h13[sl], torch.bmm(dy[sl], m2.transpose(1, 2)), f)
-                dm2 = torch.bmm(g.transpose(1, 2), dy[sl]).view(c.shape[0], -1)
-                if need_x:
-                    dx[sl] = torch.bmm(dh13, (c @ w13f).view(-1, d, f2).transpose(1, 2))
-                dm13 = torch.bmm(xc[sl].transpose(1, 2), dh13).view(c.shape[0], -1)
-                if need_w13:
-                    dw13.add_(c.T @ dm13)
-                if need_w2:
-                    dw2.add_(c.T @ dm2)
-                if need_coef:
-                    dcoef[sl] = dm13 @ w13f.T + dm2 @ w2f.T
+                seg = slice(s, s + chunk)
+                c = cc[seg]
+                for j, n in _tiles(f, ctx.tile):
+                    cols = slice(3 * d * j, 3 * d * (j + n))
+                    source = flat[:, cols].to(dtype)
+                    merged = (c @ source).view(-1, n, 3, d)
+                    gated, dh1, dh3 = _glu_backward(h1[seg, :, j : j + n], h3[seg, :, j : j + n],
+                                                    torch.bmm(dy[seg], merged[:, :, DOWN].transpose(1, 2)))
+                    if need_x:
+                        _mm_into(dx[seg], dh1, merged[:, :, GATE], accumulate=j > 0)
+                        dx[seg].baddbmm_(dh3, merged[:, :, UP])
+                    dmerged = torch.empty_like(merged)  # gradient of this tile of every merged FFN
+                    torch.bmm(dh1.transpose(1, 2), xc[seg], out=dmerged[:, :, GATE])
+                    torch.bmm(dh3.transpose(1, 2), xc[seg], out=dmerged[:, :, UP])
+                    torch.bmm(gated.transpose(1, 2), dy[seg], out=dmerged[:, :, DOWN])
+                    dmerged = dmerged.view(c.shape[0], -1)
+                    if need_w:  # the first chunk writes, later chunks accumulate
+                        _mm_into(dw[:, cols], c.T, dmerged, accumulate=s > 0)
+                    if need_coef:
+                        dcoef[seg] += dmerged @ source.T
         return (
             dx.to(ctx.x_dtype) if need_x else None,
             dcoef.to(ctx.coef_dtype) if need_coef else None,
-            dw13.view_as(w13) if need_w13 else None,
-            dw2.view_as(w2) if need_w2 else None,
+            dw.view_as(w) if need_w else None,
+            None,
             None,
         )
 
 
-def merged_swiglu(x: torch.Tensor, coef: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  chunk: int = 0) -> torch.Tensor:
+def merge_steps(segments: int, ffn_dim: int, d_model: int, device_type: str, chunk: int = 0,
+                tile: int = 0) -> tuple[int, int]:
+    """(segments, inner units) merged per step: given values, or sized to the merge budget."""
+    chunk = min(chunk, segments) if chunk > 0 else segments
+    if tile <= 0:
+        budget = MERGE_BUDGET.get(device_type, MERGE_BUDGET_DEFAULT)
+        tile = budget // max(1, chunk * 3 * d_model) // MIN_TILE * MIN_TILE
+        tile = max(tile, MIN_TILE)
+    return chunk, min(tile, ffn_dim)
+
+
+def merged_swiglu(x: torch.Tensor, coef: torch.Tensor, w: torch.Tensor, chunk: int = 0,
+                  tile: int = 0) -> torch.Tensor:
     """Soft-merged SwiGLU per segment.
 
     Args:
         x: segments (S, T, d).
         coef: merge coefficients (S, G), e.g. routing weights.
-        w13: gate and up projections of the G source FFNs (G, d, 2f).
-        w2: down projections (G, f, d).
-        chunk: segments merged at once (0: as many as fit in `MERGE_BUDGET` elements).
+        w: the G source FFNs (G, f, 3, d).
+        chunk: segments merged per step (0: all).
+        tile: inner units merged per step (0: as many as `MERGE_BUDGET` allows, at least 64).
 
     Returns:
         (S, T, d) outputs, in the autocast dtype when autocast is on.
     """
-    if chunk <= 0:
-        chunk = max(1, MERGE_BUDGET // (w13[0].numel() + w2[0].numel()))
-    return MergedSwiGLU.apply(x, coef, w13, w2, chunk)
+    chunk, tile = merge_steps(x.shape[0], w.shape[1], w.shape[3], x.device.type, chunk, tile)
+    return MergedSwiGLU.apply(x, coef, w, chunk, tile)

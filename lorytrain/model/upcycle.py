@@ -51,6 +51,6 @@ def upcycle(dense: LoryLM, config: ModelConfig) -> LoryLM:
     if unexpected or any(".ffn." not in k for k in missing):
         raise LoryTrainError(f"upcycle: state dicts do not line up (missing {missing}, unexpected {unexpected})")
     for dense_block, moe_block in zip(dense.layers, moe.layers, strict=True):
-        moe_block.ffn.experts.load_dense(dense_block.ffn.w13.detach(), dense_block.ffn.w2.detach())
+        moe_block.ffn.experts.load_dense(dense_block.ffn.w.detach())
     moe.set_activation_checkpointing(dense.activation_checkpointing or config.activation_checkpointing)
     return moe.train(dense.training)

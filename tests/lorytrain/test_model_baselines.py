@@ -11,10 +11,9 @@ from lorytrain.model.routing import FFNContext
 from lorytrain.model.token_choice import TopKMoE
 
 
-def naive_ffn(x, w13, w2):
-    f = w2.shape[-2]
-    h = x @ w13
-    return (F.silu(h[..., :f]) * h[..., f:]) @ w2
+def naive_ffn(x, w):
+    """SwiGLU with an (f, 3, d) weight: rows of W1ᵀ, W3ᵀ and W2."""
+    return (F.silu(x @ w[:, 0].T) * (x @ w[:, 1].T)) @ w[:, 2]
 
 
 def config(**options):
@@ -40,7 +39,7 @@ def test_topk_matches_per_token_reference_and_switch_losses(k):
     for t in range(flat.shape[0]):
         top_p, top_i = probs[t].topk(k)
         gates = top_p if k == 1 else top_p / top_p.sum()
-        expected.append(sum(g * naive_ffn(flat[t], layer.experts.w13[i], layer.experts.w2[i])
+        expected.append(sum(g * naive_ffn(flat[t], layer.experts.w[i])
                             for g, i in zip(gates, top_i.tolist(), strict=True)))
         assigned[top_i] += 1
     expected = torch.stack(expected).view_as(y)
@@ -72,7 +71,7 @@ def test_token_expert_choice_takes_capacity_tokens_per_expert_in_training():
             top = scores[b, :, i].topk(k)
             kth[i] += top.values[-1] / 3
             for t in top.indices.tolist():
-                expected[b, t] += scores[b, t, i] * naive_ffn(x[b, t], layer.experts.w13[i], layer.experts.w2[i])
+                expected[b, t] += scores[b, t, i] * naive_ffn(x[b, t], layer.experts.w[i])
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.threshold, 0.5 * torch.full((4,), 0.25) + 0.5 * kth)
 
@@ -90,7 +89,7 @@ def test_expert_choice_inference_applies_the_learned_thresholds_per_token():
         for t in range(6):
             for i in range(4):
                 if scores[b, t, i] >= layer.threshold[i]:
-                    expected[b, t] += scores[b, t, i] * naive_ffn(x[b, t], layer.experts.w13[i], layer.experts.w2[i])
+                    expected[b, t] += scores[b, t, i] * naive_ffn(x[b, t], layer.experts.w[i])
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -106,8 +105,7 @@ def test_segment_expert_choice_takes_whole_segments_routed_by_the_previous_one()
     expected = torch.zeros(8, 4, 16)
     for i in range(4):
         for s in weights[:, i].topk(2).indices.tolist():
-            expected[s] += weights[s, i] * naive_ffn(segments.view(8, 4, 16)[s], layer.experts.w13[i],
-                                                     layer.experts.w2[i])
+            expected[s] += weights[s, i] * naive_ffn(segments.view(8, 4, 16)[s], layer.experts.w[i])
     torch.testing.assert_close(y.detach(), expected.view(2, 16, 16), rtol=1e-5, atol=1e-5)
     assert layer.last_stats.tokens_per_expert.tolist() == [8] * 4
     first_segment_loss = y[:, :4].sum()
@@ -119,13 +117,13 @@ def test_samoe_pool_is_shared_by_all_layers_and_trained():
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_preset("tiny", vocab_size=40, ffn="topk", top_k=2, samoe_pool=3))
     names = [name for name, _ in model.named_parameters()]
-    assert names.count("expert_pool.w13") == 1 and not any("layers.0.ffn.experts.w13" in n for n in names)
+    assert names.count("expert_pool.w") == 1 and not any("layers.0.ffn.experts.w" in n for n in names)
     first, second = (block.ffn.experts for block in model.layers)
     assert first.pool is second.pool is model.expert_pool
     model(torch.randint(0, 40, (2, 20))).sum().backward()
-    assert model.expert_pool.w13.grad.abs().sum() > 0 and first.mix_logits.grad.abs().sum() > 0
+    assert model.expert_pool.w.grad.abs().sum() > 0 and first.mix_logits.grad.abs().sum() > 0
     mix = first.mix_logits.softmax(-1)
-    torch.testing.assert_close(first.weights()[0], torch.einsum("eg,gij->eij", mix, model.expert_pool.w13))
+    torch.testing.assert_close(first.weights(), torch.einsum("eg,gfkd->efkd", mix, model.expert_pool.w))
 
 
 def test_pool_reference_survives_copies_and_device_moves():

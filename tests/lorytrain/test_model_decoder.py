@@ -27,7 +27,7 @@ def test_upcycled_model_equals_the_dense_model(options):
     with torch.no_grad():
         torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-5, atol=1e-5)
     for block_d, block_m in zip(dense.layers, moe.layers, strict=True):
-        assert torch.equal(block_m.ffn.experts.w13[2], block_d.ffn.w13)
+        assert torch.equal(block_m.ffn.experts.w[2], block_d.ffn.w)
     assert moe.training == dense.training
     moe(ids).sum().backward()  # trains as an MoE from here
     assert all(p.grad is not None for p in moe.parameters())

@@ -11,15 +11,14 @@ from lorytrain.model.routing import FFNContext
 from lorytrain.model.swiglu import GroupedSwiGLU, MergedSwiGLU, grouped_swiglu, merged_swiglu
 
 
-def naive_ffn(x, w13, w2):
-    f = w2.shape[-2]
-    h = x @ w13
-    return (F.silu(h[..., :f]) * h[..., f:]) @ w2
+def naive_ffn(x, w):
+    """SwiGLU with an (f, 3, d) weight: rows of W1ᵀ, W3ᵀ and W2."""
+    return (F.silu(x @ w[:, 0].T) * (x @ w[:, 1].T)) @ w[:, 2]
 
 
-def naive_lory(x, router_w, w13, w2, T, first="self", rule="shift"):
+def naive_lory(x, router_w, experts, T, first="self", rule="shift"):
     """Algorithm 1 written out: every segment merges every expert explicitly."""
-    n_experts = w13.shape[0]
+    n_experts = experts.shape[0]
     rows = []
     for b in range(x.shape[0]):
         segments = list(x[b].split(T))
@@ -30,16 +29,15 @@ def naive_lory(x, router_w, w13, w2, T, first="self", rule="shift"):
                 e = probs[0].detach() if first == "self" else torch.full((n_experts,), 1 / n_experts)
             else:
                 e = probs[k - 1] if rule == "shift" else probs[0]
-            merged13 = sum(e[i] * w13[i] for i in range(n_experts))
-            merged2 = sum(e[i] * w2[i] for i in range(n_experts))
-            outs.append(naive_ffn(seg, merged13, merged2))
+            merged = sum(e[i] * experts[i] for i in range(n_experts))
+            outs.append(naive_ffn(seg, merged))
         rows.append(torch.cat(outs))
     return torch.stack(rows)
 
 
-def make_layer(ffn="lory", first="self", E=4, T=8, chunk=0, pool=None, d=16, f=24):
+def make_layer(ffn="lory", first="self", E=4, T=8, chunk=0, tile=0, pool=None, d=16, f=24):
     config = ModelConfig.from_preset("tiny", d_model=d, n_heads=2, ffn_dim=f, ffn=ffn, n_experts=E, segment_len=T,
-                                     first_segment=first, merge_chunk=chunk)
+                                     first_segment=first, merge_chunk=chunk, merge_tile=tile)
     layer = LoryMoE(config, pool)
     layer.init_weights(0.3, 0.3)  # large weights: routing far from uniform, so mistakes show
     return layer
@@ -49,19 +47,19 @@ def ctx_for(length, routing="segment"):
     return FFNContext(routing, None, torch.arange(length).unsqueeze(0))
 
 
-@pytest.mark.parametrize("ffn,first,length,chunk", [
-    ("lory", "self", 32, 0), ("lory", "self", 29, 0), ("lory", "uniform", 29, 3),
-    ("lory", "self", 5, 0), ("prefix", "self", 27, 2), ("prefix", "uniform", 32, 0),
+@pytest.mark.parametrize("ffn,first,length,chunk,tile", [
+    ("lory", "self", 32, 0, 0), ("lory", "self", 29, 0, 5), ("lory", "uniform", 29, 3, 0),
+    ("lory", "self", 5, 0, 0), ("prefix", "self", 27, 2, 7), ("prefix", "uniform", 32, 0, 0),
 ])
-def test_lory_matches_naive_reference_forward_and_backward(ffn, first, length, chunk):
+def test_lory_matches_naive_reference_forward_and_backward(ffn, first, length, chunk, tile):
     torch.manual_seed(0)
-    layer = make_layer(ffn, first, chunk=chunk)
+    layer = make_layer(ffn, first, chunk=chunk, tile=tile)
     x = torch.randn(3, length, 16, requires_grad=True)
     y = layer(x, ctx_for(length))
     upstream = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, layer.routing.router.weight, layer.experts.w13, layer.experts.w2], upstream)
+    params = [layer.routing.router.weight, layer.experts.w]
+    grads = torch.autograd.grad(y, [x, *params], upstream)
 
-    params = [layer.routing.router.weight, layer.experts.w13, layer.experts.w2]
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     x_ref = x.detach().clone().requires_grad_()
     rule = "prefix" if ffn == "prefix" else "shift"
@@ -82,29 +80,26 @@ def test_prompt_routing_merges_once_on_the_prompt_mean():
     y = layer(x, FFNContext("prompt", lens, torch.arange(20).unsqueeze(0)))
     for b in range(2):
         e = torch.softmax(layer.routing.router.weight @ x[b, : lens[b]].mean(0), -1)
-        w13 = torch.einsum("e,eij->ij", e, layer.experts.w13)
-        w2 = torch.einsum("e,eij->ij", e, layer.experts.w2)
-        torch.testing.assert_close(y[b], naive_ffn(x[b], w13, w2), rtol=1e-5, atol=1e-5)
+        merged = torch.einsum("e,efkd->fkd", e, layer.experts.w)
+        torch.testing.assert_close(y[b], naive_ffn(x[b], merged), rtol=1e-5, atol=1e-5)
 
 
-def test_merged_swiglu_gradcheck_float64():
+@pytest.mark.parametrize("chunk,tile", [(2, 2), (8, 5), (3, 1)])
+def test_merged_swiglu_gradcheck_float64(chunk, tile):
     torch.manual_seed(0)
     x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
     coef = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
-    w13 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: MergedSwiGLU.apply(*a, 2), (x, coef, w13, w2))
-    assert torch.autograd.gradcheck(lambda *a: MergedSwiGLU.apply(*a, 8), (x, coef, w13, w2))
+    w = torch.randn(3, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: MergedSwiGLU.apply(*a, chunk, tile), (x, coef, w))
 
 
 def test_grouped_swiglu_gradcheck_float64_with_an_empty_group():
     torch.manual_seed(0)
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    w13 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: GroupedSwiGLU.apply(*a, (2, 0, 4)), (x, w13, w2))
-    expected = torch.cat([naive_ffn(x[:2], w13[0], w2[0]), naive_ffn(x[2:], w13[2], w2[2])])
-    torch.testing.assert_close(grouped_swiglu(x, w13, w2, [2, 0, 4]), expected)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: GroupedSwiGLU.apply(*a, (2, 0, 4)), (x, w))
+    expected = torch.cat([naive_ffn(x[:2], w[0]), naive_ffn(x[2:], w[2])])
+    torch.testing.assert_close(grouped_swiglu(x, w, [2, 0, 4]), expected)
 
 
 @pytest.mark.parametrize("ffn", ["lory", "prefix"])
@@ -114,7 +109,7 @@ def test_lory_layer_gradcheck_float64_including_router_and_experts(ffn):
     torch.manual_seed(0)
     layer = make_layer(ffn, "uniform", E=3, T=3, d=4, f=3).double()
     x = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
-    names = ["routing.router.weight", "experts.w13", "experts.w2"]
+    names = ["routing.router.weight", "experts.w"]
     params = [dict(layer.named_parameters())[n].detach().clone().requires_grad_() for n in names]
 
     def run(x, *weights):
@@ -153,14 +148,12 @@ def test_samoe_lory_equals_lory_with_the_combined_experts():
     plain = make_layer()
     with torch.no_grad():
         plain.routing.router.weight.copy_(pooled.routing.router.weight)
-        w13, w2 = pooled.experts.weights()
-        plain.experts.w13.copy_(w13)
-        plain.experts.w2.copy_(w2)
+        plain.experts.w.copy_(pooled.experts.weights())
     x = torch.randn(2, 30, 16)
     y = pooled(x, ctx_for(30))
     torch.testing.assert_close(y, plain(x, ctx_for(30)), rtol=1e-4, atol=1e-5)
     y.sum().backward()
-    assert pool.w13.grad.abs().sum() > 0 and pooled.experts.mix_logits.grad.abs().sum() > 0
+    assert pool.w.grad.abs().sum() > 0 and pooled.experts.mix_logits.grad.abs().sum() > 0
 
 
 def test_router_gets_no_gradient_from_the_first_segment():
@@ -184,27 +177,26 @@ def test_bf16_autocast_path_matches_float32_loosely():
     layer = make_layer()
     x = torch.randn(2, 24, 16, requires_grad=True)
     y32 = layer(x, ctx_for(24))
-    g32 = torch.autograd.grad(y32.sum(), [x, layer.experts.w13])
+    g32 = torch.autograd.grad(y32.sum(), [x, layer.experts.w])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16 = layer(x, ctx_for(24))
     assert y16.dtype == torch.bfloat16
-    g16 = torch.autograd.grad(y16.float().sum(), [x, layer.experts.w13])
+    g16 = torch.autograd.grad(y16.float().sum(), [x, layer.experts.w])
     assert g16[0].dtype == torch.float32 and g16[1].dtype == torch.float32
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.1)
     for a, b in zip(g16, g32, strict=True):
         assert (a - b).norm() / b.norm() < 0.05
 
 
-def test_merge_chunks_do_not_change_results():
+def test_merge_chunks_and_tiles_do_not_change_results():
     torch.manual_seed(0)
     x = torch.randn(7, 5, 6, requires_grad=True)
     coef = torch.rand(7, 3, requires_grad=True)
-    w13 = (0.3 * torch.randn(3, 6, 8)).requires_grad_()
-    w2 = (0.3 * torch.randn(3, 4, 6)).requires_grad_()
+    w = (0.3 * torch.randn(3, 10, 3, 6)).requires_grad_()
     results = []
-    for chunk in (1, 3, 7):
-        y = merged_swiglu(x, coef, w13, w2, chunk)
-        results.append([y, *torch.autograd.grad(y.square().sum(), [x, coef, w13, w2])])
+    for chunk, tile in ((7, 10), (1, 3), (3, 4), (7, 1)):
+        y = merged_swiglu(x, coef, w, chunk, tile)
+        results.append([y, *torch.autograd.grad(y.square().sum(), [x, coef, w])])
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
