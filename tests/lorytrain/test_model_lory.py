@@ -200,3 +200,14 @@ def test_merge_chunks_and_tiles_do_not_change_results():
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_steps_follow_the_budget():
+    from lorytrain.model.swiglu import MERGE_BUDGET, MIN_TILE, merge_steps
+
+    chunk, tile = merge_steps(segments=16, ffn_dim=1376, d_model=512, device_type="cpu")
+    assert chunk == 16 and tile % MIN_TILE == 0 and MIN_TILE <= tile
+    assert chunk * 3 * 512 * tile <= MERGE_BUDGET["cpu"]
+    assert merge_steps(16, 1376, 512, "cuda") == (16, 1376)  # a GPU budget holds whole FFNs here
+    assert merge_steps(16, 40, 512, "cpu") == (16, 40)  # never more than f
+    assert merge_steps(16, 1376, 512, "cpu", chunk=4, tile=100) == (4, 100)
