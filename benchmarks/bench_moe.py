@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--merge-chunk", type=int, default=0, help="segments merged per step (0: all)")
     parser.add_argument("--merge-tile", type=int, default=0, help="inner units merged per step (0: auto)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
+    parser.add_argument("--levels", nargs="+", default=["layer", "model"], choices=["layer", "model"])
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -165,7 +166,7 @@ def main() -> None:
           f"batch {batch} x {seq_len} tokens, T {T}; {iters} timed rounds after {args.warmup} warm-up")
 
     results = {}
-    for level in ("layer", "model"):
+    for level in args.levels:
         modules = {}
         for name in names:
             cfg = configs[name]
@@ -201,7 +202,7 @@ def main() -> None:
             results[level, name] = entry
         del modules
 
-    for level in ("layer", "model"):
+    for level in args.levels:
         dense = results[level, "dense"]
         print(f"\n{level}: forward+backward and activation memory")
         header = f"  {'':8} {'ms':>9} {'overhead':>9} {'E/T':>6} {'goal':>6} {'saved MiB':>10} {'x dense':>8}"
