@@ -57,7 +57,8 @@ class LoryMoE(nn.Module):
         self.last_stats = RoutingStats(weights.detach())
         if state is not None:
             state.update(self.routing.start_decoding(x, weights, ctx))
-            state["w"] = self.experts.merged(state["current"])
+            with torch.no_grad():
+                state["w"] = self.experts.merged(state["current"])
         return y.view(batch, n_seg * seg_len, d)[:, :length]
 
     @torch.no_grad()
