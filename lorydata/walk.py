@@ -40,6 +40,7 @@ from lorydata.errors import LoryDataError
 
 _ORDERS = ("similarity", "random")
 _SORT_CHECK_ROWS = 4096
+LOCKSTEP_MIN_DOCS = 200_000  # from here on a (N, 20) graph no longer fits in a CPU's caches
 
 
 @dataclass
@@ -57,21 +58,22 @@ class WalkConfig:
         join_via: step 3 re-searches through this many nearest neighbours (0 = only direct
             kNN neighbours).
         per_end: step 3 keeps this many best candidates per chain end.
-        walkers: chains grown in lockstep in step 1 (hides memory latency; see
-            `walk_kernels.greedy_chains`); 1 = strictly one chain after another.
+        walkers: chains grown in lockstep in step 1 to hide memory latency (see
+            `walk_kernels.greedy_chains`); None = 8 from `LOCKSTEP_MIN_DOCS` documents on,
+            where the graph outgrows the CPU caches, else 1 (one chain after another).
         seq_len: packed sequence length for the token-aware layout (used with token lengths).
         seed: seed of the random order.
     """
 
     order: str = "similarity"
-    min_chain: int = 3
+    min_chain: int = 4
     rehome: bool = True
     reach: int = 2
     min_gain: float = 0.0
     join_ends: bool = True
     join_via: int = 5
     per_end: int = 4
-    walkers: int = 4
+    walkers: int | None = None
     seq_len: int | None = None
     seed: int = 0
 
@@ -82,7 +84,7 @@ class WalkConfig:
             (self.reach >= 1, f"reach must be positive, got {self.reach}"),
             (self.join_via >= 0, f"join_via must be non-negative, got {self.join_via}"),
             (self.per_end >= 1, f"per_end must be positive, got {self.per_end}"),
-            (self.walkers >= 1, f"walkers must be positive, got {self.walkers}"),
+            (self.walkers is None or self.walkers >= 1, f"walkers must be positive, got {self.walkers}"),
             (self.seq_len is None or self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
         ]
         for ok, message in checks:
@@ -177,7 +179,9 @@ def walk(
         return WalkResult(np.zeros(0, np.int64), stats)
     start_queue = kernels.queue_by_degree(degree)
     emb = embeddings if embeddings is not None else np.zeros((0, 1), np.float32)
-    order, offsets, link = kernels.greedy_chains(neighbors, similarities, start_queue, config.walkers)
+    walkers = config.walkers or (8 if n >= LOCKSTEP_MIN_DOCS else 1)
+    order, offsets, link = kernels.greedy_chains(neighbors, similarities, start_queue, walkers)
+    stats["walkers"] = walkers
     stats["chains_walked"] = len(offsets) - 1
     if config.rehome:
         order, offsets, link, chains_moved, docs_moved = kernels.rehome_short_chains(

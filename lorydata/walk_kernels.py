@@ -7,8 +7,9 @@ and order[i+1] inside a chain, NaN at a chain's last position). Similarities of 
 carried along, so later steps rarely need to look a pair up again.
 
 At a million documents these loops are bound by memory latency (every step of a walk
-reads the row of a random document), so passes visit chain ends in increasing id order
-where they can, which turns their row reads into a forward sweep.
+reads the row of a random document, 160 bytes somewhere in a 160 MB array). So several
+chains grow in lockstep, loops prefetch the memory of items a few iterations ahead, and
+the pass over chain ends visits them in increasing id order, a forward sweep.
 """
 
 from __future__ import annotations
@@ -21,17 +22,15 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+_AHEAD = 8  # items ahead (per dependency level) whose memory loops prefetch
 # Name of LLVM's prefetch intrinsic for a plain pointer (typed pointers before LLVM 15).
-_AHEAD = 8  # items ahead whose memory is prefetched in the loops over chain ends
 _PREFETCH = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
 
 
 def _prefetch_codegen(context, builder, sig, args):
     array_type = sig.args[0]
     view = context.make_array(array_type)(context, builder, args[0])
-    zero = context.get_constant(types.intp, 0)
-    index = [args[1]] + [zero] * (array_type.ndim - 1)
-    pointer = cgutils.get_item_pointer(context, builder, array_type, view, index, wraparound=False)
+    pointer = cgutils.get_item_pointer(context, builder, array_type, view, list(args[1:]), wraparound=False)
     i32 = ir.IntType(32)
     byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
     function_type = ir.FunctionType(ir.VoidType(), [byte_pointer.type, i32, i32, i32])
@@ -41,13 +40,30 @@ def _prefetch_codegen(context, builder, sig, args):
 
 
 @intrinsic
-def prefetch(typingctx, array, index):
-    """Ask the CPU to start loading `array[index]` (a row of a 2-D array) into cache.
+def _prefetch_item(typingctx, array, index):
+    return types.void(array, index), _prefetch_codegen
+
+
+@intrinsic
+def _prefetch_cell(typingctx, array, row, column):
+    return types.void(array, row, column), _prefetch_codegen
+
+
+@nb.njit(cache=True)
+def prefetch(array, index):
+    """Ask the CPU to start loading `array[index]` into cache: one element of a 1-D array,
+    every cache line of a row of a 2-D one.
 
     A hint only: results never depend on it. The walk's passes are bound by the latency of
     random reads; issuing the reads of upcoming items early lets them overlap.
     """
-    return types.void(array, index), _prefetch_codegen
+    if array.ndim == 1:
+        _prefetch_item(array, index)
+    else:
+        step = max(1, 64 // array.itemsize)  # elements per 64-byte cache line
+        for column in range(0, array.shape[1], step):
+            _prefetch_cell(array, index, column)
+        _prefetch_cell(array, index, array.shape[1] - 1)  # a row need not start on a line
 
 
 @nb.njit(cache=True)
@@ -114,11 +130,12 @@ def greedy_chains(neighbors, sims, start_queue, walkers):
     similar unvisited neighbour (rows are sorted best first) until stuck, then grows
     backwards from its start the same way (similarity is symmetric).
 
-    `walkers` chains grow in lockstep, one step each per round, with the rows they read
-    next prefetched at the start of the round: a single walk waits on one random memory
-    read per step, several overlap those waits (about 2x faster at a million documents).
-    Each step is still the plain greedy step; walkers only compete for the same unvisited
-    documents as consecutive chains of one walker would.
+    `walkers` chains grow in lockstep, one step each per round, each prefetching the row it
+    will read next as soon as it knows it: a single walk waits on one random memory read
+    per step, several overlap those waits (about 2x faster at a million documents). Each
+    step is still the plain greedy step; walkers only compete for unvisited documents the
+    way consecutive chains of one walker do. The chain buffers are reserved at 2N per
+    walker but only the pages a chain actually uses get touched.
 
     Returns:
         (order, offsets, link) of the chains, in the order they were finished.
@@ -173,6 +190,7 @@ def greedy_chains(neighbors, sims, start_queue, walkers):
                     bsim[w, left[w]] = sim
                 node[w] = nxt
                 prefetch(neighbors, nxt)  # read again after the other walkers' steps
+                _prefetch_cell(sims, nxt, 0)  # the similarity taken is usually among the first
                 continue
             if forward[w]:  # stuck going forward: grow backwards from the start
                 forward[w] = False
@@ -338,11 +356,14 @@ def _angle(c):
 
 
 @nb.njit(cache=True)
-def _sim_or_bound(u, v, angle_sum, neighbors, sims, emb):
-    """`_pair_sim`, or when unknown the lower bound cos(angle_sum) of a path from u to v."""
+def _sim_or_bound(u, v, inner, c1, c2, neighbors, sims, emb):
+    """`_pair_sim`, or when unknown the lower bound cos(inner + angle(c1) + angle(c2)) from a
+    path u .. -> -> v whose first stretch spans the angle `inner` and whose two last steps
+    have cosines c1, c2 (computed only when needed: arccos is not cheap)."""
     sim = _pair_sim(u, v, neighbors, sims, emb)
     if np.isnan(sim):
-        sim = np.cos(angle_sum) if angle_sum < np.pi else -1.0
+        total = inner + _angle(c1) + _angle(c2)
+        sim = np.cos(total) if total < np.pi else -1.0
     return np.float32(sim)
 
 
@@ -420,32 +441,41 @@ def end_candidates(order, offsets, neighbors, sims, via, per_end):
             e += 1
     m = 0
     for i in range(e):
-        if i + 2 * _AHEAD < e:  # the row of an end further ahead, then its two-hop rows
+        if i + 2 * _AHEAD < e:  # the rows of an end further ahead, then its two-hop rows
             prefetch(neighbors, ends[i + 2 * _AHEAD])
+            prefetch(sims, ends[i + 2 * _AHEAD])
         if i + _AHEAD < e:
             for j in range(min(via, k)):
                 if neighbors[ends[i + _AHEAD], j] >= 0:
                     prefetch(neighbors, neighbors[ends[i + _AHEAD], j])
+                    prefetch(sims, neighbors[ends[i + _AHEAD], j])
         u = ends[i]
         c = chain_of[u]
         count = 0
         for j in range(k):
             p = neighbors[u, j]
-            if p < 0:
-                break
+            if p < 0 or (count == per_end and sims[u, j] <= buf_s[per_end - 1]):
+                break  # nothing later in the row, direct or through p, can beat the kept ones
             if chain_of[p] >= 0 and chain_of[p] != c:
                 count = _keep_best(buf_v, buf_s, count, p, sims[u, j])
             if j >= via:
                 continue
+            # Through p a candidate q scores cos(angle(u, p) + angle(p, q)); p's row is sorted,
+            # so once that cannot beat the worst kept candidate the rest of the row cannot.
+            floor = -2.0
+            if count == per_end:
+                floor = np.cos(max(0.0, _angle(buf_s[per_end - 1]) - _angle(sims[u, j])))
             for jj in range(k):
                 q = neighbors[p, jj]
-                if q < 0:
+                if q < 0 or sims[p, jj] <= floor:
                     break
                 if not (is_end[q >> 6] >> np.uint64(q & 63)) & np.uint64(1) or chain_of[q] == c:
                     continue
                 bound = _angle_sum_bound(sims[u, j], sims[p, jj])
                 if count < per_end or bound > buf_s[per_end - 1]:
                     count = _keep_best(buf_v, buf_s, count, q, bound)
+                    if count == per_end:
+                        floor = np.cos(max(0.0, _angle(buf_s[per_end - 1]) - _angle(sims[u, j])))
         for t in range(count):
             cu[m], cv[m], cs[m] = u, buf_v[t], buf_s[t]
             m += 1
@@ -463,6 +493,44 @@ def _reverse_run(first, nxt, prv, next_sim):
         carry, next_sim[at] = next_sim[at], carry
         nxt[at], prv[at] = prv[at], nxt[at]
         at = after
+
+
+@nb.njit(cache=True)
+def _prefetch_rehome(level, c, order, offsets, neighbors, sims, emb, reach, where, nxt, prv, next_sim, placed):
+    """Prefetch what re-homing short chain c reads, one dependency level per call, so that
+    each level finds the previous one in cache: 5 the ends' rows and vectors, 4 where their
+    candidates p sit, 3 the list entries at p, 2 p's neighbours in the list, 1 their vectors."""
+    for at in (offsets[c], offsets[c + 1] - 1):
+        end = order[at]
+        if level == 5:
+            prefetch(neighbors, end)
+            _prefetch_cell(sims, end, 0)
+            if emb.shape[0] > 0:
+                prefetch(emb, end)
+            continue
+        for j in range(min(reach, neighbors.shape[1])):
+            p = neighbors[end, j]
+            if p < 0:
+                break
+            if level == 4:
+                prefetch(where, p)
+                continue
+            p_at = where[p]
+            if level == 3:
+                prefetch(nxt, p_at)
+                prefetch(prv, p_at)
+                prefetch(next_sim, p_at)
+                prefetch(placed, p_at)
+                continue
+            for q_at in (nxt[p_at], prv[p_at]):
+                if q_at < 0:
+                    continue
+                if level == 2:
+                    prefetch(order, q_at)
+                elif emb.shape[0] > 0:
+                    prefetch(emb, order[q_at])
+                else:
+                    prefetch(neighbors, order[q_at])
 
 
 @nb.njit(cache=True)
@@ -511,26 +579,10 @@ def rehome_short_chains(order, offsets, link, neighbors, sims, emb, min_chain, m
     rehomed_chains = 0
     rehomed_docs = 0
     for i in range(n_short):
-        # Prefetch for chains ahead, one dependency level per distance: their ends'
-        # kNN rows, then where their candidates sit, then the list entries there.
-        if i + 3 * _AHEAD < n_short:
-            ahead = short[i + 3 * _AHEAD]
-            prefetch(neighbors, order[offsets[ahead]])
-            prefetch(neighbors, order[offsets[ahead + 1] - 1])
-        for level in range(1, 3):
-            if i + level * _AHEAD >= n_short:
-                continue
-            ahead = short[i + level * _AHEAD]
-            for at in (offsets[ahead], offsets[ahead + 1] - 1):
-                for j in range(min(reach, neighbors.shape[1])):
-                    p = neighbors[order[at], j]
-                    if p < 0:
-                        break
-                    if level == 2:
-                        prefetch(where, p)
-                    else:
-                        prefetch(nxt, where[p])
-                        prefetch(prv, where[p])
+        for level in range(1, 6):  # see _prefetch_rehome
+            if i + level * _AHEAD < n_short:
+                _prefetch_rehome(level, short[i + level * _AHEAD], order, offsets, neighbors, sims, emb, reach,
+                                 where, nxt, prv, next_sim, placed)
         c = short[i]
         head_at, tail_at = offsets[c], offsets[c + 1] - 1
         if placed[head_at]:
@@ -561,16 +613,14 @@ def rehome_short_chains(order, offsets, link, neighbors, sims, emb, min_chain, m
                 y_at = nxt[p_at]  # slot after p: p -> e ... other -> y
                 gain, s_y = s_pe, np.float32(np.nan)
                 if y_at >= 0:
-                    s_y = _sim_or_bound(other, order[y_at], inner + _angle(s_pe) + _angle(next_sim[p_at]),
-                                        neighbors, sims, emb)
+                    s_y = _sim_or_bound(other, order[y_at], inner, s_pe, next_sim[p_at], neighbors, sims, emb)
                     gain += s_y - next_sim[p_at]
                 if gain > best_gain:
                     best_gain, best_x, best_y, best_first, best_sx, best_sy = gain, p_at, y_at, e_at, s_pe, s_y
                 x_at = prv[p_at]  # slot before p: x -> other ... e -> p
                 gain, s_x = s_pe, np.float32(np.nan)
                 if x_at >= 0:
-                    s_x = _sim_or_bound(order[x_at], other, inner + _angle(s_pe) + _angle(next_sim[x_at]),
-                                        neighbors, sims, emb)
+                    s_x = _sim_or_bound(order[x_at], other, inner, s_pe, next_sim[x_at], neighbors, sims, emb)
                     gain += s_x - next_sim[x_at]
                 if gain > best_gain:
                     best_gain, best_x, best_y, best_first, best_sx, best_sy = gain, x_at, p_at, other_at, s_x, s_pe
