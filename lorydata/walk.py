@@ -131,7 +131,10 @@ def _check_graph(neighbors, similarities, embeddings, token_lengths):
         raise LoryDataError(f"{bad_ids} neighbour ids lie outside [0, {n}) (-1 is the only allowed filler)")
     # Rows must be best first. FAISS output is; checking a sample of rows catches a caller's
     # unsorted graph without a second pass over all of it, and then everything is sorted.
-    rows = np.random.default_rng(0).choice(n, min(n, _SORT_CHECK_ROWS), replace=False) if n else np.zeros(0, np.int64)
+    if n <= _SORT_CHECK_ROWS:
+        rows = np.arange(n)
+    else:
+        rows = np.random.default_rng(0).choice(n, _SORT_CHECK_ROWS, replace=False)
     if not rows_sorted(neighbors, similarities, rows):
         safe = np.where(neighbors >= 0, similarities, -np.inf)
         by_sim = np.argsort(-safe, axis=1, kind="stable")
