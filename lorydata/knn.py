@@ -168,7 +168,9 @@ def as_unit_float32(x: np.ndarray, normalize: bool = True) -> np.ndarray:
     return x
 
 
-def _use_gpu(device: str) -> bool:
+def use_faiss_gpu(device: str) -> bool:
+    """Whether FAISS should run on GPU for `device` ("auto", "cpu", "cuda"); errors for an
+    impossible "cuda"."""
     import faiss
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
@@ -262,7 +264,7 @@ def build_knn_graph(x: np.ndarray, config: KnnConfig | None = None) -> KnnGraph:
     k = config.k
     if n < 2:
         return KnnGraph(np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32), spec, None, "cpu")
-    index, device = _make_index(x, spec, config, _use_gpu(config.device))
+    index, device = _make_index(x, spec, config, use_faiss_gpu(config.device))
     exact = _EXACT_STORAGE.fullmatch(spec) is not None
     k_search = min(n, (k if exact else config.rerank * k) + 1)
     nprobe = None

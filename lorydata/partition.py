@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lorydata.errors import LoryDataError
-from lorydata.knn import KnnConfig, KnnGraph, as_unit_float32, build_knn_graph
+from lorydata.knn import KnnConfig, KnnGraph, as_unit_float32, build_knn_graph, use_faiss_gpu
 from lorydata.walk import WalkConfig, walk
 
 
@@ -82,8 +82,6 @@ def partition(x: np.ndarray, config: PartitionConfig) -> Partition:
     """
     import faiss
 
-    from lorydata.knn import _use_gpu
-
     x = as_unit_float32(x)
     n, d = x.shape
     if config.parts > n:
@@ -92,7 +90,7 @@ def partition(x: np.ndarray, config: PartitionConfig) -> Partition:
         centroid = x.mean(axis=0, keepdims=True)
         return Partition(np.zeros(n, np.int64), as_unit_float32(centroid if centroid.any() else x[:1]))
     kmeans = faiss.Kmeans(d, config.parts, niter=config.niter, seed=config.seed, spherical=True,
-                          max_points_per_centroid=config.max_points_per_cell, gpu=_use_gpu(config.device),
+                          max_points_per_centroid=config.max_points_per_cell, gpu=use_faiss_gpu(config.device),
                           verbose=False)
     kmeans.train(x)
     _, assignment = kmeans.index.search(x, 1)
