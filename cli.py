@@ -23,6 +23,65 @@ def _console():
     return Console(stderr=True, highlight=False)
 
 
+# ---- model half ------------------------------------------------------------------------
+@lory.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML/TOML/JSON file of options; command-line options override it.")
+@click.option("--data", default=None, help="Training shard folder.")
+@click.option("--out", default=None, help="Run folder (checkpoints, metrics.jsonl, tensorboard/).")
+@click.option("--eval-data", default=None, help="Held-out shard folder for periodic evaluation.")
+@click.option("--preset", default=None, help="Model size preset: tiny, small, 0.3b, 1.5b.")
+@click.option("--ffn", default=None, type=click.Choice(["dense", "lory", "topk", "expert-choice", "prefix"]))
+@click.option("--experts", default=None, type=int, help="Experts per MoE layer.")
+@click.option("--segment-len", default=None, type=int, help="Lory routing segment length.")
+@click.option("--model-override", "model_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any ModelConfig field, e.g. --model-override n_layers=2 (repeatable).")
+@click.option("--seq-len", default=None, type=int, help="Must match the shards (default: the shards').")
+@click.option("--batch-size", default=None, type=int, help="Sequences per micro-batch per process.")
+@click.option("--tokens-per-step", default=None, type=int, help="Tokens per optimizer step (sets accumulation).")
+@click.option("--steps", default=None, type=int)
+@click.option("--tokens", default=None, type=int, help="Training tokens in all (instead of --steps).")
+@click.option("--lr", default=None, type=float)
+@click.option("--warmup", default=None, type=float, help="Warm-up share of steps (<1) or steps (>=1).")
+@click.option("--dense-warmup", default=None, type=float, help="Share of steps trained dense before upcycling.")
+@click.option("--weight-decay", default=None, type=float)
+@click.option("--grad-clip", default=None, type=float)
+@click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]))
+@click.option("--compile/--no-compile", "compile_", default=None)
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None)
+@click.option("--parallel", default=None, type=click.Choice(["auto", "ddp", "fsdp"]))
+@click.option("--eval-every", default=None, type=int)
+@click.option("--eval-batches", default=None, type=int)
+@click.option("--save-every", default=None, type=int)
+@click.option("--keep-last", default=None, type=int)
+@click.option("--log-every", default=None, type=int)
+@click.option("--num-workers", default=None, type=int, help="Dataloader workers per process.")
+@click.option("--seed", default=None, type=int)
+@click.option("--record-samples", is_flag=True, default=None,
+              help="Log the seq_ids each rank trains on to RUN_DIR/samples/rank-<r>.jsonl.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in --out.")
+def train_cmd(config_file, compile_, model_overrides, **options):
+    """Pre-train a Lory MoE (or a baseline) on shards. Runs on CPU as one process, or on
+    GPUs under `torchrun --nproc-per-node N -m cli train ...` (DDP/FSDP)."""
+    from lorytrain.training.config import make_config, parse_overrides
+    from lorytrain.training.trainer import Trainer
+
+    options["compile"] = compile_
+    if model_overrides:
+        options["model_overrides"] = parse_overrides(model_overrides)
+    config = make_config(config_file, options)
+    console = _console()
+    trainer = Trainer(config, log=console.print)
+    record = trainer.train()
+    if trainer.env.is_main:
+        summary = f"done: step {trainer.step}, {trainer.tokens:,} tokens"
+        if "loss" in record:
+            summary += f", last loss {record['loss']:.4f}"
+        if "eval" in record:
+            summary += f", eval loss {record['eval']['overall']['loss']:.4f} (ppl {record['eval']['overall']['ppl']:.1f})"
+        console.print(f"{summary}; run folder {config.out}")
+
+
 def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Separate input paths from pass-through Beam flags (`--name=value` or `--name value`)."""
     inputs, flags = [], []

@@ -1,0 +1,1 @@
+"""`lory train`: config, trainer loop, checkpoints, metrics and data/model parallelism."""

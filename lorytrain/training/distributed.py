@@ -1,0 +1,107 @@
+"""Process groups and model wrapping: one process on CPU, DDP or FSDP2 under torchrun."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lorytrain.errors import LoryTrainError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistEnv:
+    """Join the torchrun process group when there is one (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
+    """Wrap for data parallelism: DDP (default) or FSDP2 (`fully_shard` per block).
+
+    Args:
+        model: the model, already on `env.device`.
+        env: the process environment.
+        parallel: "auto" (DDP), "ddp" or "fsdp".
+    """
+    if not env.distributed:
+        return model
+    if parallel == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise LoryTrainError("--parallel fsdp needs torch with FSDP2 (torch.distributed.fsdp.fully_shard)") from None
+        for block in getattr(model, "layers", []):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [env.local_rank] if env.device.type == "cuda" else None
+    # MoE layers can leave parameters without gradient in a step (a router whose only
+    # segment routes on itself with a stop-gradient, a top-k expert that got no token).
+    unused = bool(getattr(getattr(model, "config", None), "is_moe", False))
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """A full, unsharded CPU state dict (gathers FSDP2 shards on every rank)."""
+    bare = unwrap(model)
+    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in bare.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(bare, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity without a process group)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value

@@ -1,0 +1,146 @@
+"""The model side of a training run: which model a config means, its optimizer, the
+dense → MoE switch with optimizer state carried over, and what gets logged about it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorytrain.errors import LoryTrainError
+from lorytrain.model import LoryLM, ModelConfig, build_model, flops_per_token, upcycle
+from lorytrain.training.config import TrainConfig
+from lorytrain.training.distributed import unwrap
+
+# AdamW weight decay applies to matrices only; routers and SaMoE mixtures stay undecayed
+# because shrinking them flattens the routing distribution towards uniform.
+NO_DECAY_SUFFIXES = ("router.weight", "mix_logits")
+
+# Training config fields that must agree between a checkpoint and the run resuming it:
+# they define the model, the data order or the step arithmetic.
+RESUME_FIELDS = ("preset", "ffn", "experts", "segment_len", "model_overrides", "batch_size", "tokens_per_step",
+                 "seed", "dense_warmup")
+
+# Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def model_config(config: TrainConfig, vocab_size: int, phase: str = "moe") -> ModelConfig:
+    """The `ModelConfig` of a run: preset, then the run's FFN options and overrides.
+
+    Args:
+        config: the training config.
+        vocab_size: the tokenizer's vocabulary size (from the shards' manifest).
+        phase: "dense" for the parameter-matched dense model trained before upcycling.
+    """
+    overrides = dict(config.model_overrides)
+    overrides.update(vocab_size=vocab_size, ffn=config.ffn, n_experts=config.experts,
+                     segment_len=config.segment_len)
+    if config.activation_checkpointing:
+        overrides["activation_checkpointing"] = True
+    model = ModelConfig.from_preset(config.preset, **overrides)
+    return model.dense() if phase == "dense" else model
+
+
+def build(config: TrainConfig, phase: str, vocab_size: int, seq_len: int) -> LoryLM:
+    """A freshly initialised model for `phase` ("dense" or "moe")."""
+    model = build_model(model_config(config, vocab_size, phase))
+    if model.config.is_moe and model.config.segment_len > seq_len:
+        raise LoryTrainError(f"segment_len {model.config.segment_len} exceeds the shards' seq_len {seq_len}: "
+                             "every sequence would be one segment routed on itself; lower --segment-len")
+    return model
+
+
+def check_compatible(state: dict, config: TrainConfig, tokenizer: dict, seq_len: int) -> None:
+    """Refuse to resume a checkpoint made for another model, data or tokenizer.
+
+    Raises:
+        LoryTrainError: naming every field that differs.
+    """
+    saved = state.get("config", {})
+    problems = [f"{name} ({saved.get(name)!r} in the checkpoint, {getattr(config, name)!r} now)"
+                for name in RESUME_FIELDS if saved.get(name) != _jsonable(getattr(config, name))]
+    if state.get("seq_len") != seq_len:
+        problems.append(f"seq_len ({state.get('seq_len')} in the checkpoint, {seq_len} in the shards)")
+    if state.get("tokenizer", {}).get("sha256") != tokenizer.get("sha256"):
+        problems.append("tokenizer (the shards were made with another tokenizer than the checkpoint's)")
+    if problems:
+        raise LoryTrainError("cannot resume: the checkpoint differs in " + "; ".join(problems))
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices except routers and SaMoE mixtures."""
+    decay, no_decay = [], []
+    for name, param in unwrap(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=1e-8)
+
+
+def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weighted auxiliary losses of the last forward pass (empty for dense and Lory)."""
+    return unwrap(model).aux_losses()
+
+
+def upcycle_with_optimizer(dense: LoryLM, optimizer: torch.optim.Optimizer,
+                           config: TrainConfig) -> tuple[LoryLM, dict]:
+    """Upcycle `dense` to the run's MoE model and carry the optimizer state across.
+
+    Shared weights keep their Adam moments; every expert starts from its dense FFN's moments
+    (each expert is a copy of that FFN), so the first MoE steps move experts exactly as the
+    dense steps moved the FFN; routers start with empty state.
+
+    Returns:
+        (the MoE model, a state dict for an optimizer over its parameters).
+    """
+    moe_config = model_config(config, dense.config.vocab_size, "moe")
+    moe = upcycle(dense, moe_config)
+    dense_params = dict(dense.named_parameters())
+    dense_state = {name: optimizer.state[p] for name, p in dense_params.items() if p in optimizer.state}
+    new_optimizer = make_optimizer(moe, config)
+    for name, param in moe.named_parameters():
+        source = name.replace(".ffn.experts.w", ".ffn.w")
+        state = dense_state.get(source)
+        if state is None:
+            continue
+        new_optimizer.state[param] = {
+            key: value.unsqueeze(0).expand_as(param).clone() if source != name and value.ndim else value.clone()
+            for key, value in state.items()
+        }
+    for old, new in zip(optimizer.param_groups, new_optimizer.param_groups, strict=True):
+        new.update({k: v for k, v in old.items() if k != "params"})
+    return moe, new_optimizer.state_dict()
+
+
+def expert_use(model: nn.Module) -> list[list[float]] | None:
+    """Per MoE layer, the share of segments (or assignments) each expert got in the last
+    forward pass; None for a dense model."""
+    stats = [s for s in unwrap(model).routing_stats() if s is not None]
+    if not stats:
+        return None
+    return [[round(float(v), 4) for v in s.expert_use()] for s in stats]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU, when it is one we know."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(model: nn.Module, tokens_per_s: float, device: torch.device, seq_len: int) -> float | None:
+    """Model FLOPs utilisation of one device: achieved training FLOP/s over the bf16 peak."""
+    peak = peak_flops(device)
+    if peak is None:
+        return None
+    return flops_per_token(unwrap(model).config, seq_len) * tokens_per_s / peak
+
+
+def model_config_dict(model: nn.Module) -> dict:
+    return unwrap(model).config.to_dict()

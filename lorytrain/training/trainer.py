@@ -1,0 +1,359 @@
+"""The training loop: shards in, checkpoints and metrics out.
+
+One `Trainer` serves a single CPU process and every rank of a torchrun job. MoE runs start
+as the parameter-matched dense model for `dense_warmup` of the steps, then `upcycle` copies
+each dense FFN into every expert and training continues (Lory's recipe); the optimizer
+state follows the parameters across the switch so the loss does not jump.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lorydata.dataset import ShardDataset
+from lorydata.errors import ShardError
+from lorydata.manifest import Manifest
+from lorytrain.errors import LoryTrainError
+from lorytrain.evaluation import evaluate
+from lorytrain.training import model_setup
+from lorytrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from lorytrain.training.config import TrainConfig
+from lorytrain.training.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    full_state_dict,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from lorytrain.training.metrics_log import MetricsLog
+from lorytrain.training.schedule import lr_at, warmup_steps
+
+
+class NonFiniteLossError(LoryTrainError):
+    """The loss became NaN or infinite; the run stops before the optimizer step."""
+
+
+@dataclass
+class Plan:
+    """Step arithmetic derived from the config, the shards and the world size."""
+
+    seq_len: int
+    accum: int
+    steps: int
+    warmup: int
+    upcycle_step: int  # first MoE step; 0 = MoE from the start, steps = never
+
+    @property
+    def tokens_per_micro(self) -> int:
+        return self.seq_len
+
+
+def make_plan(config: TrainConfig, seq_len: int, world_size: int) -> Plan:
+    per_micro = config.batch_size * seq_len * world_size
+    accum = 1
+    if config.tokens_per_step:
+        accum = max(1, round(config.tokens_per_step / per_micro))
+    per_step = per_micro * accum
+    steps = config.steps if config.steps is not None else max(1, math.ceil(config.tokens / per_step))
+    upcycle = round(config.dense_warmup_fraction * steps) if config.is_moe else steps
+    return Plan(seq_len, accum, steps, warmup_steps(config.warmup, steps), upcycle)
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Mean next-token cross entropy, padding excluded."""
+    targets = input_ids[:, 1:]
+    if pad_id is not None:
+        targets = targets.masked_fill(targets == pad_id, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+class Trainer:
+    """Runs one training job as configured.
+
+    Args:
+        config: the validated training config.
+        log: where human-readable progress lines go (rank 0 only).
+    """
+
+    def __init__(self, config: TrainConfig, log=print):
+        self.config = config
+        self.env: DistEnv = init_distributed()
+        self.log = log if self.env.is_main else (lambda *a, **k: None)
+        self.out = Path(config.out)
+        self._load_data_manifest()
+        self.plan = make_plan(config, self.seq_len, self.env.world_size)
+        self.dtype = self._autocast_dtype()
+        self.step, self.tokens = 0, 0
+        checkpoint = self._find_checkpoint()
+        torch.manual_seed(config.seed)
+        self.dataset = ShardDataset(
+            config.data, seed=config.seed, rank=self.env.rank, world_size=self.env.world_size,
+            batch_size=config.batch_size, expected_seq_len=self.seq_len,
+        )
+        phase = "moe" if self.plan.upcycle_step == 0 else "dense"
+        if checkpoint is not None:
+            phase = checkpoint["state"]["phase"]
+        self._build(phase, checkpoint)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # ---- setup ------------------------------------------------------------------------
+    def _load_data_manifest(self) -> None:
+        try:
+            manifest = Manifest.read(self.config.data)
+        except ShardError as exc:
+            raise LoryTrainError(f"--data: {exc}") from None
+        if self.config.seq_len is not None and self.config.seq_len != manifest.seq_len:
+            raise LoryTrainError(
+                f"--seq-len {self.config.seq_len} does not match the shards in {self.config.data} "
+                f"(seq_len {manifest.seq_len}); rebuild the corpus or change --seq-len"
+            )
+        self.seq_len = manifest.seq_len
+        self.tokenizer = manifest.tokenizer
+        pad, eos = manifest.tokenizer.get("pad_id"), manifest.tokenizer.get("eos_id")
+        self.pad_id = pad if pad != eos else None
+        if self.config.eval_data:
+            try:
+                evaluation = Manifest.read(self.config.eval_data)
+            except ShardError as exc:
+                raise LoryTrainError(f"--eval-data: {exc}") from None
+            if evaluation.tokenizer.get("sha256") != manifest.tokenizer.get("sha256"):
+                raise LoryTrainError(f"--eval-data {self.config.eval_data} was made with another tokenizer than --data")
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        precision = self.config.precision
+        if precision == "auto":
+            precision = "bf16" if self.env.device.type == "cuda" else "fp32"
+        return torch.bfloat16 if precision == "bf16" else None
+
+    def _find_checkpoint(self) -> dict | None:
+        found = latest_checkpoint(self.out)
+        if found is None:
+            if self.config.resume:
+                self.log(f"no checkpoint in {self.out}: starting from scratch")
+            return None
+        if not self.config.resume:
+            raise LoryTrainError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        checkpoint = load_checkpoint(found)
+        model_setup.check_compatible(checkpoint["state"], self.config, self.tokenizer, self.seq_len)
+        self.log(f"resuming from {found}")
+        return checkpoint
+
+    def _build(self, phase: str, checkpoint: dict | None) -> None:
+        self.phase = phase
+        model = model_setup.build(self.config, phase, self.tokenizer["vocab_size"], self.seq_len)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+        self._install(model)
+
+    def _install(self, model: torch.nn.Module, optimizer_state: dict | None = None) -> None:
+        model.to(self.env.device)
+        self.raw_model = model
+        wrapped = wrap_model(model, self.env, self.config.parallel)
+        self.model = torch.compile(wrapped) if self.config.compile else wrapped
+        self.optimizer = model_setup.make_optimizer(model, self.config)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def _restore(self, checkpoint: dict) -> None:
+        state = checkpoint["state"]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.dataset.load_state_dict(state["data"])
+        set_rng_state(checkpoint["rng"])
+        self.step, self.tokens = state["step"], state["tokens"]
+
+    # ---- the loop ---------------------------------------------------------------------
+    def _batches(self):
+        # A private generator: DataLoader draws a base seed per iterator, which must not
+        # shift the global RNG (router initialisation at upcycling) on resume.
+        loader = DataLoader(self.dataset, batch_size=self.config.batch_size, num_workers=self.config.num_workers,
+                            collate_fn=ShardDataset.collate, generator=torch.Generator().manual_seed(self.config.seed))
+        yield from loader
+
+    def _micro_step(self, ids: torch.Tensor, last: bool) -> tuple[float, dict]:
+        sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            with torch.autocast(self.env.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                logits = self.model(ids)
+                loss = lm_loss(logits, ids, self.pad_id)
+                aux = model_setup.aux_losses(self.raw_model)
+                total = loss + sum(aux.values(), torch.zeros((), device=loss.device))
+            (total / self.plan.accum).backward()
+        return loss.detach(), {k: v.detach() for k, v in aux.items()}
+
+    def _upcycle(self) -> None:
+        self.log(f"step {self.step}: upcycling the dense model to {self.config.ffn} × {self.config.experts} experts")
+        dense = unwrap(self.raw_model)
+        moe, optimizer_state = model_setup.upcycle_with_optimizer(dense, self.optimizer, self.config)
+        self.phase = "moe"
+        self._install(moe, optimizer_state)
+
+    def train(self) -> dict:
+        """Run to the configured number of steps.
+
+        Returns:
+            The last step's record (step, loss, lr, tokens, ...), with the final evaluation
+            under "eval" when there is eval data.
+        """
+        metrics = MetricsLog(self.out, resume_step=self.step if self.config.resume else None) if self.env.is_main else None
+        if self.config.record_samples:
+            self._truncate_samples()
+        batches = self._batches()
+        last_record: dict = {}
+        progress = _progress(self.plan.steps, self.step, self.env.is_main)
+        try:
+            while self.step < self.plan.steps:
+                if self.phase == "dense" and self.step >= self.plan.upcycle_step:
+                    self._upcycle()
+                record = self._optimizer_step(batches)
+                if self.env.is_main and (self.step % self.config.log_every == 0 or self.step == self.plan.steps):
+                    metrics.log(record)
+                last_record = dict(record)
+                if self.config.eval_data and self.config.eval_every and self.step % self.config.eval_every == 0:
+                    last_record["eval"] = self._evaluate(metrics)["eval"]
+                if self.config.save_every and self.step % self.config.save_every == 0:
+                    self.save()
+                progress.update(record)
+            if self.config.eval_data and not (self.config.eval_every and self.step % self.config.eval_every == 0):
+                last_record["eval"] = self._evaluate(metrics)["eval"]
+            self.save()
+        finally:
+            progress.close()
+            if metrics is not None:
+                metrics.close()
+        return last_record
+
+    def _optimizer_step(self, batches) -> dict:
+        started = time.perf_counter()
+        lr = lr_at(self.step, self.config.lr, self.plan.steps, self.plan.warmup, self.config.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, aux_sums, position, seq_ids = [], {}, None, []
+        for micro in range(self.plan.accum):
+            batch = next(batches)
+            position = ShardDataset.next_position(batch)
+            seq_ids.extend(batch["seq_id"].tolist())
+            loss, aux = self._micro_step(batch["input_ids"].to(self.env.device), micro == self.plan.accum - 1)
+            losses.append(loss)
+            for key, value in aux.items():
+                aux_sums[key] = aux_sums.get(key, 0.0) + value / self.plan.accum
+        loss = all_reduce_mean(torch.stack(losses).mean())
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopped before the optimizer step. "
+                f"The last good checkpoint in {self.out / 'checkpoints'} is intact; resume with a lower --lr"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.dataset.position = position
+        self.step += 1
+        if self.config.record_samples:
+            self._record_samples(seq_ids)
+        step_tokens = self.config.batch_size * self.seq_len * self.plan.accum * self.env.world_size
+        self.tokens += step_tokens
+        seconds = time.perf_counter() - started
+        record = {
+            "step": self.step,
+            "loss": loss.item(),
+            "lr": lr,
+            "tokens": self.tokens,
+            "tokens_per_s": step_tokens / max(seconds, 1e-9),
+            "grad_norm": float(grad_norm),
+            "phase": self.phase,
+        }
+        if aux_sums:
+            record["aux"] = {k: float(all_reduce_mean(v)) for k, v in aux_sums.items()}
+        usage = model_setup.expert_use(self.raw_model)
+        if usage is not None:
+            record["expert_use"] = usage
+        if self.env.device.type == "cuda":
+            utilisation = model_setup.mfu(self.raw_model, record["tokens_per_s"] / self.env.world_size, self.env.device,
+                                          self.seq_len)
+            if utilisation is not None:
+                record["mfu"] = utilisation
+        return record
+
+    def _truncate_samples(self) -> None:
+        """Drop sample records after the resumed step, so the file reads as one run."""
+        path = self.out / "samples" / f"rank-{self.env.rank}.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _record_samples(self, seq_ids: list[int]) -> None:
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank-{self.env.rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": self.step, "seq_ids": seq_ids}) + "\n")
+
+    def _evaluate(self, metrics: MetricsLog | None) -> dict:
+        result = evaluate(self.model, self.config.eval_data, batch_size=self.config.batch_size, device=self.env.device,
+                          max_batches=self.config.eval_batches, expected_seq_len=self.seq_len,
+                          expected_tokenizer=self.tokenizer["sha256"], autocast_dtype=self.dtype)
+        record = {"step": self.step, "tokens": self.tokens, "eval": result}
+        if metrics is not None:
+            metrics.log(record)
+        overall = result["overall"]
+        self.log(f"step {self.step}: eval loss {overall['loss']:.4f}, ppl {overall['ppl']:.2f}")
+        return record
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Checkpoint the current step (collective under FSDP; rank 0 writes)."""
+        weights = full_state_dict(self.model)
+        if not self.env.is_main:
+            return None
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "phase": self.phase,
+            "data": self.dataset.state_dict(),
+            "config": self.config.to_dict(),
+            "model_config": model_setup.model_config_dict(self.raw_model),
+            "tokenizer": self.tokenizer,
+            "seq_len": self.seq_len,
+        }
+        return save_checkpoint(self.out, self.step, weights, self.optimizer.state_dict(), state, self.config.keep_last)
+
+
+class _Progress:
+    def __init__(self, total: int, done: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        self._task = self._bar.add_task("train", total=total, completed=done, info="")
+        self._bar.start()
+
+    def update(self, record: dict) -> None:
+        info = f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+        self._bar.update(self._task, completed=record["step"], info=info)
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+class _NoProgress:
+    def update(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, done: int, main: bool):
+    from lorydata.progress import progress_enabled
+
+    return _Progress(total, done) if main and progress_enabled() else _NoProgress()

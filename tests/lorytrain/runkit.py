@@ -1,0 +1,44 @@
+"""Small real-text shard folders and run helpers for the training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorydata.documents import Document
+from lorydata.manifest import Manifest
+from lorydata.pack import PackStats, pack_documents
+from lorydata.readers import ReaderConfig, read_file
+from lorydata.shards import ShuffledShardWriter
+from lorydata.tokenizer import Tokenizer
+
+SAMPLE = Path(__file__).resolve().parents[2] / "lorydata" / "assets" / "sample" / "sample.jsonl.zst"
+
+
+def sample_documents(keep, max_chars: int = 3000) -> list[tuple[str, str]]:
+    """(domain, text) of the bundled sample's documents whose index passes `keep`."""
+    config = ReaderConfig(domain_field="domain")
+    docs = [d for d in read_file(str(SAMPLE), config) if isinstance(d, Document)]
+    return [(d.domain, d.text[:max_chars]) for i, d in enumerate(docs) if keep(i)]
+
+
+def write_shards(folder: Path, documents: list[tuple[str, str]], seq_len: int, rows_per_shard: int = 16,
+                 tokenizer: Tokenizer | None = None) -> Manifest:
+    """Pack documents in the given order into shuffled shards with a manifest."""
+    tok = tokenizer or Tokenizer()
+    stats = PackStats()
+    tokenized = ((tok.encode(text), domain) for domain, text in documents)
+    writer = ShuffledShardWriter(folder, seq_len, rows_per_shard, seed=0)
+    writer.add_all(pack_documents(tokenized, seq_len, tok.eos_id, tok.pad_id, "pad", stats))
+    manifest = Manifest(seq_len=seq_len, tokenizer=tok.identity().to_dict(), shards=writer.finish(),
+                        counts=stats.to_dict(), order={"method": "given", "seed": 0, "metrics": {}})
+    manifest.write(folder)
+    return manifest
+
+
+def make_corpus(root: Path, seq_len: int = 64) -> tuple[Path, Path]:
+    """Train (every 4th sample document) and held-out (every 20th, offset 1) shard folders."""
+    train, heldout = root / "train", root / "heldout"
+    if not (train / "manifest.json").exists():
+        write_shards(train, sample_documents(lambda i: i % 4 == 0), seq_len)
+        write_shards(heldout, sample_documents(lambda i: i % 20 == 1, max_chars=1500), seq_len)
+    return train, heldout
