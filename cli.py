@@ -82,6 +82,41 @@ def train_cmd(config_file, compile_, model_overrides, **options):
         console.print(f"{summary}; run folder {config.out}")
 
 
+@lory.command("eval")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", required=True, help="Shard folder to evaluate on (e.g. the corpus's heldout/).")
+@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-batches", default=0, show_default=True, type=int, help="Stop after this many batches (0: all).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def eval_cmd(run_dir, data, checkpoint, batch_size, max_batches, device, as_json):
+    """Loss and perplexity of a run, overall and per domain, with causal segment routing
+    exactly as in training."""
+    import torch
+
+    from lorytrain.evaluation import evaluate
+    from lorytrain.runs import load_run
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    run = load_run(run_dir, checkpoint, device=device)
+    dtype = torch.bfloat16 if device == "cuda" else None
+    result = evaluate(run.model, data, batch_size=batch_size, device=device, max_batches=max_batches,
+                      expected_tokenizer=run.tokenizer_sha256, autocast_dtype=dtype)
+    result["checkpoint"] = {"path": str(run.checkpoint), "step": run.state["step"], "tokens": run.state["tokens"]}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{run_dir} @ step {run.state['step']} on {data}")
+    for column in ("domain", "loss", "ppl", "tokens"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for name, entry in [*result["domains"].items(), ("overall", result["overall"])]:
+        table.add_row(name, f"{entry['loss']:.4f}", f"{entry['ppl']:.2f}", f"{entry['tokens']:,}")
+    _console().print(table)
+
+
 def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Separate input paths from pass-through Beam flags (`--name=value` or `--name value`)."""
     inputs, flags = [], []

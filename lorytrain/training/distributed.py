@@ -88,14 +88,50 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def full_state_dict(model: nn.Module) -> dict:
-    """A full, unsharded CPU state dict (gathers FSDP2 shards on every rank)."""
+def _is_sharded(model: nn.Module) -> bool:
+    return dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module, all_ranks: bool = False) -> dict:
+    """A full, unsharded state dict (collective under FSDP2).
+
+    Args:
+        model: the (possibly wrapped) model.
+        all_ranks: every rank gets the full weights (on its device); otherwise, under FSDP,
+            only rank 0 gets them (on CPU), which is all a checkpoint needs.
+    """
     bare = unwrap(model)
-    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in bare.parameters()):
+    if _is_sharded(bare):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(bare, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(bare, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
     return {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, all_ranks: bool = False) -> dict:
+    """The optimizer state keyed by parameter names, unsharded (collective under FSDP).
+
+    Names instead of positions make it loadable into another wrapping (DDP, FSDP, none) and
+    let upcycling map dense FFN moments onto experts by name.
+
+    Args:
+        model: the model the optimizer updates.
+        optimizer: its optimizer.
+        all_ranks: as in `full_state_dict`.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=_is_sharded(unwrap(model)) and not all_ranks)
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a `full_optimizer_state` (every rank passes the same full state). Parameters
+    without saved state (routers right after upcycling) start fresh."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,17 @@ def build(config: TrainConfig, phase: str, vocab_size: int, seq_len: int) -> Lor
     return model
 
 
+def empty_model(config: ModelConfig, device: str | torch.device) -> LoryLM:
+    """A model with uninitialised weights on `device`, for loading a state dict into: no
+    initialisation work and no RNG draws. Tied embeddings are re-tied after allocation."""
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
 def check_compatible(state: dict, config: TrainConfig, tokenizer: dict, seq_len: int) -> None:
     """Refuse to resume a checkpoint made for another model, data or tokenizer.
 
@@ -71,14 +82,22 @@ def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices except routers and SaMoE mixtures."""
+def optimizer_groups(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the parameters with and without weight decay (matrices except routers and
+    SaMoE mixtures decay; norms do not)."""
     decay, no_decay = [], []
     for name, param in unwrap(model).named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(name)
+    return decay, no_decay
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, β = config.betas, weight decay on the `optimizer_groups` that take it."""
+    params = dict(unwrap(model).named_parameters())
+    decay, no_decay = optimizer_groups(model)
+    groups = [{"params": [params[n] for n in decay], "weight_decay": config.weight_decay},
+              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=1e-8)
 
 
@@ -87,34 +106,35 @@ def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     return unwrap(model).aux_losses()
 
 
-def upcycle_with_optimizer(dense: LoryLM, optimizer: torch.optim.Optimizer,
-                           config: TrainConfig) -> tuple[LoryLM, dict]:
+def upcycle_with_optimizer(dense: LoryLM, optimizer_state: dict, config: TrainConfig) -> tuple[LoryLM, dict]:
     """Upcycle `dense` to the run's MoE model and carry the optimizer state across.
 
     Shared weights keep their Adam moments; every expert starts from its dense FFN's moments
     (each expert is a copy of that FFN), so the first MoE steps move experts exactly as the
     dense steps moved the FFN; routers start with empty state.
 
+    Args:
+        dense: the dense model with its full (unsharded) weights.
+        optimizer_state: its optimizer's state keyed by parameter name
+            (`distributed.full_optimizer_state`).
+        config: the training config (MoE kind and size).
+
     Returns:
-        (the MoE model, a state dict for an optimizer over its parameters).
+        (the MoE model, a name-keyed optimizer state for it).
     """
-    moe_config = model_config(config, dense.config.vocab_size, "moe")
-    moe = upcycle(dense, moe_config)
-    dense_params = dict(dense.named_parameters())
-    dense_state = {name: optimizer.state[p] for name, p in dense_params.items() if p in optimizer.state}
-    new_optimizer = make_optimizer(moe, config)
-    for name, param in moe.named_parameters():
+    moe = upcycle(dense, model_config(config, dense.config.vocab_size, "moe"))
+    shapes = {name: p.shape for name, p in moe.named_parameters()}
+    old_state = optimizer_state["state"]
+    state = {}
+    for name, shape in shapes.items():
         source = name.replace(".ffn.experts.w", ".ffn.w")
-        state = dense_state.get(source)
-        if state is None:
+        if source not in old_state:
             continue
-        new_optimizer.state[param] = {
-            key: value.unsqueeze(0).expand_as(param).clone() if source != name and value.ndim else value.clone()
-            for key, value in state.items()
-        }
-    for old, new in zip(optimizer.param_groups, new_optimizer.param_groups, strict=True):
-        new.update({k: v for k, v in old.items() if k != "params"})
-    return moe, new_optimizer.state_dict()
+        state[name] = {key: value.unsqueeze(0).expand(shape).clone() if source != name and value.ndim else value.clone()
+                       for key, value in old_state[source].items()}
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer_state["param_groups"]]
+    groups = [{**settings, "params": names} for settings, names in zip(hyper, optimizer_groups(moe), strict=True)]
+    return moe, {"state": state, "param_groups": groups}
 
 
 def expert_use(model: nn.Module) -> list[list[float]] | None:

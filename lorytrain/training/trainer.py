@@ -24,15 +24,17 @@ from lorydata.errors import ShardError
 from lorydata.manifest import Manifest
 from lorytrain.errors import LoryTrainError
 from lorytrain.evaluation import evaluate
+from lorytrain.runs import keep_tokenizer
 from lorytrain.training import model_setup
 from lorytrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lorytrain.training.config import TrainConfig
 from lorytrain.training.distributed import (
     DistEnv,
     all_reduce_mean,
+    full_optimizer_state,
     full_state_dict,
     init_distributed,
-    unwrap,
+    load_full_optimizer_state,
     wrap_model,
 )
 from lorytrain.training.metrics_log import MetricsLog
@@ -95,6 +97,8 @@ class Trainer:
         self.dtype = self._autocast_dtype()
         self.step, self.tokens = 0, 0
         checkpoint = self._find_checkpoint()
+        if self.env.is_main and keep_tokenizer(self.out, self.tokenizer) is None:
+            self.log(f"note: the shards' tokenizer {self.tokenizer.get('path')} is gone; `lory generate` will need --tokenizer")
         torch.manual_seed(config.seed)
         self.dataset = ShardDataset(
             config.data, seed=config.seed, rank=self.env.rank, world_size=self.env.world_size,
@@ -163,11 +167,11 @@ class Trainer:
         self.model = torch.compile(wrapped) if self.config.compile else wrapped
         self.optimizer = model_setup.make_optimizer(model, self.config)
         if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+            load_full_optimizer_state(self.raw_model, self.optimizer, optimizer_state)
 
     def _restore(self, checkpoint: dict) -> None:
         state = checkpoint["state"]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        load_full_optimizer_state(self.raw_model, self.optimizer, checkpoint["optimizer"])
         self.dataset.load_state_dict(state["data"])
         set_rng_state(checkpoint["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -193,8 +197,14 @@ class Trainer:
 
     def _upcycle(self) -> None:
         self.log(f"step {self.step}: upcycling the dense model to {self.config.ffn} × {self.config.experts} experts")
-        dense = unwrap(self.raw_model)
-        moe, optimizer_state = model_setup.upcycle_with_optimizer(dense, self.optimizer, self.config)
+        # Gather full weights and name-keyed optimizer state (collective under FSDP), rebuild
+        # the dense model unwrapped, upcycle it, and wrap the MoE model afresh.
+        weights = full_state_dict(self.model, all_ranks=True)
+        optimizer_state = full_optimizer_state(self.raw_model, self.optimizer, all_ranks=True)
+        dense_config = model_setup.model_config(self.config, self.tokenizer["vocab_size"], "dense")
+        dense = model_setup.empty_model(dense_config, self.env.device)
+        dense.load_state_dict(weights)
+        moe, optimizer_state = model_setup.upcycle_with_optimizer(dense, optimizer_state, self.config)
         self.phase = "moe"
         self._install(moe, optimizer_state)
 
@@ -313,6 +323,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint the current step (collective under FSDP; rank 0 writes)."""
         weights = full_state_dict(self.model)
+        optimizer_state = full_optimizer_state(self.raw_model, self.optimizer)
         if not self.env.is_main:
             return None
         state = {
@@ -325,7 +336,7 @@ class Trainer:
             "tokenizer": self.tokenizer,
             "seq_len": self.seq_len,
         }
-        return save_checkpoint(self.out, self.step, weights, self.optimizer.state_dict(), state, self.config.keep_last)
+        return save_checkpoint(self.out, self.step, weights, optimizer_state, state, self.config.keep_last)
 
 
 class _Progress:

@@ -196,3 +196,31 @@ def test_two_process_torchrun_ranks_see_disjoint_data(text_shards, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["tokens"] == 4 * 2 * 2 * 64
     assert [r["phase"] for r in records] == ["dense", "dense", "moe", "moe"]
     assert (out / "checkpoints" / "step-00000004" / "model.safetensors").exists()
+
+
+def _torchrun(port: int, *args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               "-m", "cli", "train", *args, *_overrides()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORY_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_fsdp_upcycles_across_shards_and_resumes_exactly(text_shards, tmp_path):
+    """FSDP2 on 2 CPU processes: dense steps, upcycling of sharded weights and optimizer state,
+    a checkpoint, and a resume from it that repeats the uninterrupted losses."""
+    train, _ = text_shards
+    options = ["--data", str(train), "--steps", "4", "--batch-size", "2", "--dense-warmup", "0.5",
+               "--parallel", "fsdp", "--save-every", "2", "--keep-last", "3"]
+    straight = tmp_path / "straight"
+    result = _torchrun(29518, *options, "--out", str(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-00000002", interrupted / "checkpoints" / "step-00000002")
+    result = _torchrun(29519, *options, "--out", str(interrupted), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = losses(straight), losses(interrupted)
+    assert [r["phase"] for r in read_metrics(straight) if "loss" in r] == ["dense", "dense", "moe", "moe"]
+    assert [b[3], b[4]] == [a[3], a[4]]
+    weights = load_file(str(interrupted / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert weights["layers.0.ffn.experts.w"].shape[0] == 8
