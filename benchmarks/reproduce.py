@@ -1,0 +1,229 @@
+"""Small-scale replication of Lory's claims on the 5-domain dev corpus.
+
+Builds a similarity-ordered and a random-ordered training corpus from the same documents
+(plus a held-out corpus), trains at the same active size and token budget:
+
+- dense                   (similarity corpus)
+- lory-8E                 (similarity corpus)
+- expert-choice-8E, token (similarity corpus)
+- lory-8E                 (random corpus)
+
+then evaluates every run per domain on the held-out corpus and prints a table in the
+paper's form (perplexity per domain and its change relative to dense), writes
+`results.json`, `table.md`, `loss_curves.png`, and the routing analysis of both lory runs
+(heatmaps + JSON) under `--out`.
+
+Every stage is skipped when its output exists, so an interrupted reproduction continues
+where it stopped. Usage:
+
+    python benchmarks/reproduce.py --corpus /path/to/dev_corpus --out runs/reproduce [--preset cpu|gpu]
+
+`--corpus` is a folder with `train.jsonl.zst` and `heldout.jsonl.zst` (fields text, domain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOMAINS_FIELD = "domain"
+
+
+@dataclass
+class Preset:
+    """One replication size.
+
+    Args:
+        model: ModelConfig overrides on top of `base` (the same for every run).
+        base: the lorytrain preset they start from.
+        seq_len: tokens per training sequence.
+        segment_len: Lory routing segment length T.
+        batch_size: sequences per step.
+        tokens: training tokens per run.
+        lr: peak learning rate.
+    """
+
+    model: dict
+    base: str
+    seq_len: int
+    segment_len: int
+    batch_size: int
+    tokens: int
+    lr: float
+    experts: int = 8
+    runs: list = field(default_factory=lambda: [
+        ("dense", "similarity", "dense"),
+        ("lory-8E", "similarity", "lory"),
+        ("ec-token-8E", "similarity", "expert-choice"),
+        ("lory-8E-random", "random", "lory"),
+    ])
+
+
+PRESETS = {
+    # 2-core CPU, under an hour for all four runs: 4 layers of d=128, 4 segments of 64 per sequence
+    "cpu": Preset(model={"d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_dim": 352}, base="small", seq_len=256,
+                  segment_len=64, batch_size=4, tokens=600_000, lr=2e-3),
+    # one GPU, a few hours: 12 layers of d=768, 4 segments of 256 per sequence
+    "gpu": Preset(model={"d_model": 768, "n_layers": 12, "n_heads": 12, "ffn_dim": 2048}, base="small",
+                  seq_len=1024, segment_len=256, batch_size=32, tokens=1_000_000_000, lr=6e-4),
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_corpora(corpus: Path, out: Path, preset: Preset) -> dict[str, Path]:
+    """Similarity and random training corpora and the held-out corpus (cached)."""
+    from pipelines.build_corpus import build_corpus
+    from pipelines.options import BuildOptions
+
+    folders = {}
+    jobs = [("similarity", corpus / "train.jsonl.zst", "similarity"), ("random", corpus / "train.jsonl.zst", "random"),
+            ("heldout", corpus / "heldout.jsonl.zst", "random")]
+    for name, source, order in jobs:
+        target = out / "corpora" / name
+        options = BuildOptions(inputs=[str(source)], out=str(target), domain_field=DOMAINS_FIELD,
+                               seq_len=preset.seq_len, order=order, rows_per_shard=512, tail="pad")
+        started = time.perf_counter()
+        summary = build_corpus(options, log=lambda *a, **k: None)
+        log(f"corpus {name}: {summary.splits['train']['sequences']} sequences "
+            f"({time.perf_counter() - started:.0f} s)")
+        folders[name] = target / "train"
+    return folders
+
+
+def train_run(name: str, data: Path, ffn: str, preset: Preset, out: Path) -> Path:
+    """Train one run unless its final checkpoint exists (resumes an interrupted one)."""
+    from lorytrain.training.config import make_config
+    from lorytrain.training.trainer import Trainer
+
+    run_dir = out / "runs" / name
+    config = make_config(None, {
+        "data": str(data), "out": str(run_dir), "preset": preset.base, "ffn": ffn, "experts": preset.experts,
+        "segment_len": preset.segment_len, "model_overrides": preset.model, "batch_size": preset.batch_size,
+        "tokens": preset.tokens, "lr": preset.lr, "save_every": 100, "log_every": 5, "resume": True, "seed": 0,
+    })
+    trainer = Trainer(config, log=lambda *a, **k: None)
+    if trainer.step >= trainer.plan.steps:
+        log(f"{name}: trained earlier, skipped")
+        return run_dir
+    started = time.perf_counter()
+    record = trainer.train()
+    log(f"{name}: {trainer.step} steps, {trainer.tokens:,} tokens, final loss {record['loss']:.3f} "
+        f"({time.perf_counter() - started:.0f} s)")
+    return run_dir
+
+
+def evaluate_run(run_dir: Path, heldout: Path) -> dict:
+    from lorytrain.evaluation import evaluate
+    from lorytrain.runs import load_run
+
+    cached = run_dir / "heldout_eval.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    run = load_run(run_dir)
+    result = evaluate(run.model, heldout, batch_size=8, expected_tokenizer=run.tokenizer_sha256)
+    cached.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    """Markdown table: perplexity per domain, and % change vs dense in parentheses."""
+    domains = sorted(results["dense"]["domains"])
+    lines = ["| model | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
+    for name, result in results.items():
+        cells = []
+        for domain in [*domains, None]:
+            entry = result["overall"] if domain is None else result["domains"][domain]
+            base = results["dense"]["overall"] if domain is None else results["dense"]["domains"][domain]
+            change = 100 * (entry["ppl"] / base["ppl"] - 1)
+            cells.append(f"{entry['ppl']:.2f}" + ("" if name == "dense" else f" ({change:+.1f}%)"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_losses(run_dirs: dict[str, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorytrain.training.metrics_log import read_metrics
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run_dir in run_dirs.items():
+        records = [r for r in read_metrics(run_dir) if "loss" in r]
+        tokens = [r["tokens"] for r in records]
+        losses = [r["loss"] for r in records]
+        window = max(1, len(losses) // 25)
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(tokens, smooth, label=name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title("Lory small-scale replication")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def analyse(run_dirs: dict[str, Path], heldout: Path, out: Path) -> dict:
+    from lorytrain.analysis import run_analysis
+
+    summaries = {}
+    for name in ("lory-8E", "lory-8E-random"):
+        if name in run_dirs:
+            summaries[name] = run_analysis(run_dirs[name], heldout, out / "analysis" / name)
+    return summaries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="../shared/data/dev_corpus", help="folder with train/heldout .jsonl.zst")
+    parser.add_argument("--out", default="runs/reproduce")
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--tokens", type=int, default=None, help="override the preset's tokens per run")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("LORY_PROGRESS", "0")
+    preset = PRESETS[args.preset]
+    if args.tokens:
+        preset.tokens = args.tokens
+    corpus, out = Path(args.corpus), Path(args.out)
+    for name in ("train.jsonl.zst", "heldout.jsonl.zst"):
+        if not (corpus / name).is_file():
+            raise SystemExit(f"error: {corpus / name} not found; pass --corpus")
+    started = time.perf_counter()
+    folders = build_corpora(corpus, out, preset)
+    run_dirs = {name: train_run(name, folders[order], ffn, preset, out) for name, order, ffn in preset.runs}
+    results = {name: evaluate_run(run_dir, folders["heldout"]) for name, run_dir in run_dirs.items()}
+    text = table(results)
+    plot_losses(run_dirs, out / "loss_curves.png")
+    analysis = analyse(run_dirs, folders["heldout"], out)
+    (out / "table.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "eval": results,
+                                                   "analysis": analysis}, indent=2, default=_json_default))
+    print(text)
+    for name, summary in analysis.items():
+        print(f"\n{name} routing: {json.dumps(summary.get('summary', {}), default=_json_default)}")
+    log(f"done in {time.perf_counter() - started:.0f} s; results in {out}")
+
+
+def _json_default(value):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
+
+
+if __name__ == "__main__":
+    main()
