@@ -104,6 +104,8 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     out = Path(options.out)
     _check_out_folder(out, options.overwrite)
     work = out / WORK
+    if options.order == "similarity":
+        _check_similarity_options(options)
     summary = BuildSummary(str(out))
     log(f"{len(files)} input file(s), tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}), order {options.order}")
 
@@ -149,6 +151,26 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     if not summary.splits:
         raise LoryDataError("no document survived reading and cleaning; see the dead letters in " + str(out / DEAD_LETTERS))
     return summary
+
+
+def _check_similarity_options(options: BuildOptions) -> None:
+    """Fail before any stage runs on an embedding model that cannot be found or loaded, a
+    FAISS index string that cannot be built, or `--device cuda` without a GPU for torch or
+    FAISS (inside Beam workers these would surface late, after reading and embedding)."""
+    from lorydata.embed import Embedder
+    from pipelines.embed_stage import embedder_config
+    from pipelines.similarity_order import check_index_string
+
+    dim = Embedder.describe(embedder_config(options))["dim"]
+    check_index_string(options.index, dim)
+    if options.device == "cuda":
+        import torch
+
+        from lorydata.knn import use_faiss_gpu
+
+        if not torch.cuda.is_available():
+            raise LoryDataError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
+        use_faiss_gpu("cuda")  # raises when the installed faiss has no GPU support
 
 
 def hash_json(value) -> str:
