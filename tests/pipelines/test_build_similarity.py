@@ -1,0 +1,249 @@
+"""`lory build-corpus --order similarity` end to end: the real MiniLM embedder, FAISS and the
+compiled walk on Beam's in-process runner, over a 150-document, 5-domain cut of the bundled
+sample (documents cut to 300-900 characters, so a 256-token sequence holds several)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lorydata.clean import content_hash, normalize_text
+from lorydata.errors import LoryDataError
+from lorydata.manifest import Manifest
+from lorydata.shards import read_shard
+from lorydata.tokenizer import Tokenizer
+from lorydata.verify import verify_folder
+from pipelines.build_corpus import build_corpus
+from pipelines.options import BuildOptions
+from pipelines.similarity_order import index_for, partitions_for, similarity_order
+from pipelines.split_data import SplitDocuments
+from pipelines.transforms import heldout_split
+from tests.pipelines.test_build_random import _jsonl_lines
+
+ROOT = Path(__file__).resolve().parents[2]
+PER_DOMAIN = 30
+COMMON = {"seq_len": 256, "k": 5, "tail": "pad", "domain_field": "domain", "heldout_fraction": 0.1, "seed": 1,
+          "rows_per_shard": 40}
+TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def options(corpus, out, **changes) -> BuildOptions:
+    return BuildOptions(inputs=[str(corpus)], out=str(out), **{**COMMON, **changes})
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, sample_corpus):
+    """(path, records): PER_DOMAIN documents of each domain, each a 300-900 character cut."""
+    records, taken = [], Counter()
+    for i, line in enumerate(_jsonl_lines(sample_corpus)):
+        doc = json.loads(line)
+        if taken[doc["domain"]] == PER_DOMAIN:
+            continue
+        taken[doc["domain"]] += 1
+        start = (i * 7919) % max(1, len(doc["text"]) - 1000)
+        records.append({"text": doc["text"][start: start + 300 + (i * 37) % 600], "domain": doc["domain"]})
+    path = tmp_path_factory.mktemp("src") / "cut.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, records
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "corpus"
+    return out, build_corpus(options(corpus[0], out), log=quiet)
+
+
+def shard_rows(folder):
+    """All rows of a shard folder in packing (seq_id) order."""
+    manifest = Manifest.read(folder)
+    tables = [read_shard(folder / s.file, manifest.seq_len) for s in manifest.shards]
+    rows = pa.concat_tables(tables).to_pylist()
+    return sorted(rows, key=lambda r: r["seq_id"]), manifest
+
+
+def documents_in(folder):
+    """Token tuples of every document in a shard folder, cut at `doc_starts`.
+
+    A start at a row's offset 0 that does not follow an EOS is a continuation, not a new
+    document; every document must end with EOS, and nothing but padding may follow the last.
+    """
+    rows, manifest = shard_rows(folder)
+    eos, pad, seq_len = manifest.tokenizer["eos_id"], manifest.tokenizer["pad_id"], manifest.seq_len
+    stream = np.concatenate([np.asarray(r["input_ids"]) for r in rows])
+    starts = sorted({i * seq_len + s for i, r in enumerate(rows) for s in r["doc_starts"]})
+    starts = [p for p in starts if p == 0 or stream[p - 1] == eos]
+    body_end = len(stream)
+    while body_end and stream[body_end - 1] == pad:
+        body_end -= 1
+    assert set(starts) == {0} | {p + 1 for p in np.flatnonzero(stream[:body_end] == eos) if p + 1 < body_end}
+    docs = []
+    for first, last in zip(starts, [*starts[1:], body_end], strict=True):
+        piece = stream[first:last]
+        assert piece[-1] == eos, "a document does not end with EOS"
+        docs.append(tuple(int(t) for t in piece[:-1]))
+    return docs
+
+
+def expected_documents(records):
+    """{split: Counter of token tuples} computed from the input independently of the pipeline."""
+    tokenizer = Tokenizer()
+    expected = {"train": Counter(), "heldout": Counter()}
+    for record in records:
+        text = normalize_text(record["text"])
+        split = heldout_split(content_hash(text)[:16], COMMON["heldout_fraction"])
+        expected[split][tuple(tokenizer.encode(text))] += 1
+    return expected
+
+
+def mean_purity(folder) -> float:
+    """Mean share of the majority domain among the documents of each sequence holding several."""
+    rows, _ = shard_rows(folder)
+    shares = [Counter(r["domains"]).most_common(1)[0][1] / len(r["domains"]) for r in rows if len(r["domains"]) > 1]
+    return float(np.mean(shares))
+
+
+def checksums(out):
+    return {split: [s.sha256 for s in Manifest.read(out / split).shards] for split in ("train", "heldout")}
+
+
+def test_shards_hold_every_document_once_and_heldout_apart(built, corpus):
+    out, summary = built
+    expected = expected_documents(corpus[1])
+    assert sum(expected["heldout"].values()) > 0
+    for split in ("train", "heldout"):
+        manifest, report = verify_folder(out / split)
+        assert report.ok, report.failed
+        found = Counter(documents_in(out / split))
+        assert found == expected[split], f"{split}: documents lost, duplicated or altered"
+        assert summary.splits[split]["documents"] == sum(expected[split].values())
+        assert manifest.order["method"] == "similarity"
+        assert manifest.embedder["model"] == "all-MiniLM-L6-v2" and manifest.embedder["dim"] == 384
+        assert manifest.index["index"] == "Flat" and manifest.index["knn_recall"] == 1.0
+    assert not set(documents_in(out / "train")) & set(expected["heldout"]), "held-out documents in training shards"
+    metrics = Manifest.read(out / "train").order["metrics"]
+    assert metrics["documents"] == sum(expected["train"].values()) and 0 <= metrics["break_rate"] <= 1
+    assert (out / "_work" / "order" / "train" / "knn" / "neighbors.npy").is_file()
+
+
+def test_similarity_order_groups_domains_better_than_random(built, corpus, tmp_path):
+    out, _ = built
+    random_out = tmp_path / "random"
+    build_corpus(options(corpus[0], random_out, order="random"), log=quiet)
+    similar, shuffled = mean_purity(out / "train"), mean_purity(random_out / "train")
+    assert similar > shuffled + 0.2, (similar, shuffled)
+    sim_metrics = Manifest.read(out / "train").order["metrics"]
+    assert sim_metrics["adjacent_similarity"]["mean"] > sim_metrics["break_threshold"]
+
+
+def test_partitions_keep_every_document_once(built, corpus, tmp_path):
+    out, _ = built
+    copy = tmp_path / "parts"
+    shutil.copytree(out, copy)
+    summary = build_corpus(options(corpus[0], copy, partitions=3, overwrite=True), log=quiet)
+    stages = summary.stages
+    assert stages["documents"]["status"].startswith("skipped") and stages["embeddings"]["status"].startswith("skipped")
+    assert stages["order/train"]["status"] == "ran"
+    manifest = Manifest.read(copy / "train")
+    parts = manifest.order["partitions"]
+    assert parts["requested"] == 3 and parts["used"] == 3 and sum(parts["cell_sizes"]) == summary.splits["train"]["documents"]
+    assert 0 < manifest.index["knn_recall"] <= 1.0
+    assert Counter(documents_in(copy / "train")) == Counter(documents_in(out / "train"))
+    assert not (copy / "_work" / "order" / "train" / "cells").exists()
+
+
+@pytest.mark.slow
+def test_two_worker_processes_give_identical_shards(built, corpus, tmp_path):
+    out, _ = built
+    two = tmp_path / "two"
+    build_corpus(options(corpus[0], two, beam_args=TWO_WORKERS), log=quiet)
+    assert checksums(two) == checksums(out)
+
+
+@pytest.mark.slow
+def test_rerun_after_a_kill_during_embedding_finishes_like_an_uninterrupted_run(built, corpus, tmp_path):
+    out, _ = built
+    killed = tmp_path / "killed"
+    script = ("import json, sys; from pipelines.build_corpus import build_corpus; from pipelines.options import "
+              "BuildOptions; build_corpus(BuildOptions(**json.loads(sys.argv[1])))")
+    payload = json.dumps({**COMMON, "inputs": [str(corpus[0])], "out": str(killed)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script, payload], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = killed / "_work"
+    try:
+        deadline = time.monotonic() + 120
+        while not (work / "embeddings.tmp").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the embedding pipeline itself
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (work / "documents" / "_DONE.json").is_file() and not (work / "embeddings").exists(), \
+        "the kill did not land inside the embeddings stage"
+    summary = build_corpus(options(corpus[0], killed), log=quiet)
+    stages = summary.stages
+    assert stages["documents"]["status"].startswith("skipped") and stages["embeddings"]["status"] == "ran"
+    assert not (work / "embeddings.tmp").exists()
+    assert checksums(killed) == checksums(out)
+
+
+def test_bad_index_string_fails_in_one_line_before_any_stage(corpus, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(LoryDataError) as exc:
+        build_corpus(options(corpus[0], out, index="IVF4x,Bogus"), log=quiet)
+    assert "--index" in str(exc.value) and "\n" not in str(exc.value)
+    assert not (out / "_work" / "documents").exists()
+
+
+def _tiny_split(tmp_path, n, dim=8):
+    """A split of n documents with hand-made embeddings in an embeddings stage folder."""
+    import pyarrow.parquet as pq
+
+    from pipelines.embed_stage import embedding_schema
+
+    rng = np.random.default_rng(n)
+    hashes = np.array(sorted(f"{i:032x}" for i in range(n)), dtype=object)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    table = pa.table({"content_hash": list(hashes), "split": ["heldout"] * n, "embedding": vectors.tolist()},
+                     schema=embedding_schema())
+    pq.write_table(table, folder / "heldout-00000-of-00001.parquet")
+    lengths = rng.integers(1, 50, n)
+    docs = SplitDocuments(hashes, np.array(["d"] * n, dtype=object), np.zeros(int(lengths.sum()), np.int32),
+                          np.concatenate([[0], np.cumsum(lengths)]))
+    return docs, folder
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_tiny_splits_get_a_full_order(tmp_path, n):
+    docs, emb = _tiny_split(tmp_path, n)
+    out = tmp_path / "order"
+    out.mkdir()
+    opts = options("x", tmp_path, k=20, partitions=3, index="IVF64,Flat")
+    info = similarity_order(docs, opts, emb, "heldout", out)
+    order = np.load(out / "order.npy")
+    assert sorted(order.tolist()) == list(range(n))
+    assert info["order"]["partitions"]["used"] == 1 and info["index"]["index"] == "Flat"
+    assert info["order"]["metrics"]["documents"] == n
+    json.dumps(info)  # it goes into the manifest
+
+
+def test_small_inputs_fall_back_to_exact_search_and_one_cell():
+    assert index_for("IVF1024,Flat", 500) == "Flat" and index_for("IVF1024,Flat", 5000) == "IVF1024,Flat"
+    assert index_for("IVF64,PQ8", 100) == "Flat" and index_for("HNSW32", 3) == "HNSW32"
+    assert index_for(None, 3) is None
+    assert partitions_for(8, 10, 20) == 1 and partitions_for(8, 1000, 20) == 8 and partitions_for(3, 90, 5) == 3
