@@ -98,7 +98,7 @@ def eval_cmd(run_dir, data, checkpoint, batch_size, max_batches, device, as_json
     from lorytrain.evaluation import evaluate
     from lorytrain.runs import load_run
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = _device(device)
     run = load_run(run_dir, checkpoint, device=device)
     dtype = torch.bfloat16 if device == "cuda" else None
     result = evaluate(run.model, data, batch_size=batch_size, device=device, max_batches=max_batches,
@@ -115,6 +115,105 @@ def eval_cmd(run_dir, data, checkpoint, batch_size, max_batches, device, as_json
     for name, entry in [*result["domains"].items(), ("overall", result["overall"])]:
         table.add_row(name, f"{entry['loss']:.4f}", f"{entry['ppl']:.2f}", f"{entry['tokens']:,}")
     _console().print(table)
+
+
+def _device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+@lory.command("generate")
+@click.argument("run_dir", type=click.Path())
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable; all are decoded as one batch).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
+              help="A file of prompts, one per line (blank lines skipped).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--routing", default="prompt", show_default=True, type=click.Choice(["prompt", "segment"]),
+              help="prompt: merge each MoE layer once from the prompt; segment: re-route every segment_len tokens.")
+@click.option("--temperature", default=0.8, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
+@click.option("--top-p", default=0.95, show_default=True, type=float, help="1.0 = off.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
+@click.option("--tokenizer", default=None, help="tokenizer.json when the run folder has no copy.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {prompt, completion}.")
+def generate_cmd(run_dir, prompts, prompt_file, max_new_tokens, routing, temperature, top_k, top_p, seed,
+                 checkpoint, tokenizer, device, as_json):
+    """Continue prompts with a trained run (KV-cached, batched decoding)."""
+    from pathlib import Path
+
+    from lorydata.tokenizer import Tokenizer
+    from lorytrain.errors import LoryTrainError
+    from lorytrain.generation import SamplingConfig, generate_text
+    from lorytrain.runs import load_run
+
+    prompts = list(prompts)
+    if prompt_file:
+        try:
+            prompts += [line for line in Path(prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LoryTrainError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
+    if not prompts:
+        raise LoryTrainError("give --prompt TEXT (repeatable) or --prompt-file F")
+    run = load_run(run_dir, checkpoint, device=_device(device))
+    path = tokenizer or run.tokenizer_path
+    if path is None:
+        raise LoryTrainError(f"{run_dir} holds no tokenizer.json; pass --tokenizer")
+    tok = Tokenizer(path)
+    if run.tokenizer_sha256 and tok.sha256 != run.tokenizer_sha256:
+        raise LoryTrainError(f"tokenizer {path} is not the one the run was trained with")
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed)
+    completions = generate_text(run.model, tok, prompts, config, routing=routing)
+    if as_json:
+        click.echo(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)],
+                              indent=2, ensure_ascii=False))
+        return
+    for prompt, completion in zip(prompts, completions, strict=True):
+        click.echo(f"{prompt}{completion}")
+        click.echo("-" * 40)
+
+
+@lory.command("analyze")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", required=True, help="Shard folder with domains (e.g. the corpus's heldout/).")
+@click.option("--out", default=None, help="Output folder (default: RUN_DIR/analysis).")
+@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-batches", default=0, show_default=True, type=int, help="0: the whole folder.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole analysis as JSON.")
+def analyze_cmd(run_dir, data, out, checkpoint, batch_size, max_batches, device, as_json):
+    """Expert use, per-domain routing weights and domain specialisation per layer, with
+    domain × expert heatmaps (PNG) and analysis.json."""
+    from pathlib import Path
+
+    from lorytrain.analysis import run_analysis
+
+    out = out or str(Path(run_dir) / "analysis")
+    result = run_analysis(run_dir, data, out, checkpoint=checkpoint, batch_size=batch_size,
+                          max_batches=max_batches, device=_device(device))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    _print_analysis(result, out)
+
+
+def _print_analysis(result: dict, out: str) -> None:
+    from rich.table import Table
+
+    table = Table(title="routing per layer (MI in nats between domain and top-1 expert)")
+    for column in ("layer", "expert use", "MI", "shuffled MI", "NMI"):
+        table.add_column(column, justify="right")
+    for layer in result["layers"]:
+        spec = layer["specialisation"]
+        table.add_row(str(layer["layer"]), f"{layer['expert_use']:.2f}", f"{spec['mi']:.3f}",
+                      f"{spec['mi_shuffled']:.3f}", f"{spec['nmi']:.3f}")
+    console = _console()
+    console.print(table)
+    console.print(f"heatmaps and analysis.json in {out}")
 
 
 def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:

@@ -59,3 +59,17 @@ def test_dense_warmup_defaults_to_five_percent_for_moe_only():
     assert TrainConfig(ffn="lory").dense_warmup_fraction == 0.05
     assert TrainConfig(ffn="dense").dense_warmup_fraction == 0.0
     assert TrainConfig(ffn="topk", dense_warmup=0.0).dense_warmup_fraction == 0.0
+
+
+def test_plan_turns_tokens_into_steps_accumulation_and_upcycle_step():
+    from lorytrain.training.trainer import make_plan
+
+    base = {"data": "a", "out": "b", "batch_size": 4}
+    plan = make_plan(make_config(None, {**base, "tokens": 100_000, "tokens_per_step": 4096}), seq_len=256, world_size=2)
+    assert plan.accum == 2  # 4 × 256 × 2 ranks = 2048 tokens per micro-step
+    assert plan.steps == 25  # ceil(100000 / 4096)
+    assert plan.upcycle_step == 1 and plan.warmup == 1  # round(5% of 25) for both
+    dense = make_plan(make_config(None, {**base, "steps": 40, "ffn": "dense"}), seq_len=256, world_size=1)
+    assert (dense.accum, dense.steps, dense.upcycle_step) == (1, 40, 40)  # dense never upcycles
+    moe = make_plan(make_config(None, {**base, "steps": 40, "dense_warmup": 0.0}), seq_len=256, world_size=1)
+    assert moe.upcycle_step == 0  # MoE from the first step
