@@ -27,7 +27,7 @@ from pipelines.options import BuildOptions
 from pipelines.similarity_order import index_for, partitions_for, similarity_order
 from pipelines.split_data import SplitDocuments
 from pipelines.transforms import heldout_split
-from tests.pipelines.test_build_random import _jsonl_lines
+from tests.pipelines.test_build_random import _jsonl_lines, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 PER_DOMAIN = 30
@@ -162,6 +162,23 @@ def test_partitions_keep_every_document_once(built, corpus, tmp_path):
     assert 0 < manifest.index["knn_recall"] <= 1.0
     assert Counter(documents_in(copy / "train")) == Counter(documents_in(out / "train"))
     assert not (copy / "_work" / "order" / "train" / "cells").exists()
+
+
+@pytest.mark.slow
+def test_partition_cells_on_two_worker_processes_give_identical_shards(built, corpus, tmp_path):
+    out, _ = built
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(out, one)
+    shutil.copytree(out, two)
+    build_corpus(options(corpus[0], one, partitions=3, overwrite=True), log=quiet)
+    build_corpus(options(corpus[0], two, partitions=3, overwrite=True, beam_args=TWO_WORKERS), log=quiet)
+    assert Manifest.read(two / "train").order["partitions"]["used"] == 3
+    assert checksums(one) == checksums(two)
+
+
+def test_cli_reports_a_bad_index_in_one_line(corpus, tmp_path, capsys):
+    code, _, err = run_cli(["build-corpus", corpus[0], "--out", tmp_path / "o", "--index", "Nonsense"], capsys)
+    assert code == 2 and err.strip().startswith("error: bad --index 'Nonsense'") and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
