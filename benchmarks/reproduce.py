@@ -6,10 +6,12 @@ Builds a similarity-ordered and a random-ordered training corpus from the same d
 - dense                   (similarity corpus)
 - lory-8E                 (similarity corpus)
 - expert-choice-8E, token (similarity corpus)
-- lory-8E                 (random corpus)
+- dense, lory-8E          (random corpus)
 
-then evaluates every run per domain on the held-out corpus and prints a table in the
-paper's form (perplexity per domain and its change relative to dense), writes
+then evaluates every run per domain on the held-out text (packed in similarity order, so
+sequences stay within a domain as in the paper's per-domain held-out sets, and in random
+order) and prints tables in the paper's form (perplexity per domain and its change
+relative to the dense run trained on the same corpus), writes
 `results.json`, `table.md`, `loss_curves.png`, and the routing analysis of both lory runs
 (heatmaps + JSON) under `--out`.
 
@@ -56,18 +58,21 @@ class Preset:
     tokens: int
     lr: float
     experts: int = 8
+    eval_sequences: int = 1024
+    # (name, training corpus, ffn, the dense run it is compared with)
     runs: list = field(default_factory=lambda: [
-        ("dense", "similarity", "dense"),
-        ("lory-8E", "similarity", "lory"),
-        ("ec-token-8E", "similarity", "expert-choice"),
-        ("lory-8E-random", "random", "lory"),
+        ("dense", "similarity", "dense", "dense"),
+        ("lory-8E", "similarity", "lory", "dense"),
+        ("ec-token-8E", "similarity", "expert-choice", "dense"),
+        ("dense-random", "random", "dense", "dense-random"),
+        ("lory-8E-random", "random", "lory", "dense-random"),
     ])
 
 
 PRESETS = {
     # 2-core CPU, under an hour for all four runs: 4 layers of d=128, 4 segments of 64 per sequence
     "cpu": Preset(model={"d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_dim": 352}, base="small", seq_len=256,
-                  segment_len=64, batch_size=4, tokens=600_000, lr=2e-3),
+                  segment_len=64, batch_size=4, tokens=2_000_000, lr=2e-3),
     # one GPU, a few hours: 12 layers of d=768, 4 segments of 256 per sequence
     "gpu": Preset(model={"d_model": 768, "n_layers": 12, "n_heads": 12, "ffn_dim": 2048}, base="small",
                   seq_len=1024, segment_len=256, batch_size=32, tokens=1_000_000_000, lr=6e-4),
@@ -84,8 +89,11 @@ def build_corpora(corpus: Path, out: Path, preset: Preset) -> dict[str, Path]:
     from pipelines.options import BuildOptions
 
     folders = {}
-    jobs = [("similarity", corpus / "train.jsonl.zst", "similarity"), ("random", corpus / "train.jsonl.zst", "random"),
-            ("heldout", corpus / "heldout.jsonl.zst", "random")]
+    train, heldout = corpus / "train.jsonl.zst", corpus / "heldout.jsonl.zst"
+    # Held-out text packed both ways: similarity order keeps sequences within a domain (like
+    # the paper's per-domain held-out sets), random order mixes domains inside sequences.
+    jobs = [("similarity", train, "similarity"), ("random", train, "random"),
+            ("heldout-similarity", heldout, "similarity"), ("heldout-random", heldout, "random")]
     for name, source, order in jobs:
         target = out / "corpora" / name
         options = BuildOptions(inputs=[str(source)], out=str(target), domain_field=DOMAINS_FIELD,
@@ -120,30 +128,33 @@ def train_run(name: str, data: Path, ffn: str, preset: Preset, out: Path) -> Pat
     return run_dir
 
 
-def evaluate_run(run_dir: Path, heldout: Path) -> dict:
+def evaluate_run(run_dir: Path, heldout: Path, name: str, sequences: int) -> dict:
+    """Per-domain held-out loss of a run on the first `sequences` held-out sequences (cached)."""
     from lorytrain.evaluation import evaluate
     from lorytrain.runs import load_run
 
-    cached = run_dir / "heldout_eval.json"
+    cached = run_dir / f"{name}_eval.json"
     if cached.exists():
         return json.loads(cached.read_text())
     run = load_run(run_dir)
-    result = evaluate(run.model, heldout, batch_size=8, expected_tokenizer=run.tokenizer_sha256)
+    result = evaluate(run.model, heldout, batch_size=8, max_batches=max(1, sequences // 8),
+                      expected_tokenizer=run.tokenizer_sha256)
     cached.write_text(json.dumps(result, indent=2))
     return result
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown table: perplexity per domain, and % change vs dense in parentheses."""
+def table(results: dict[str, dict], references: dict[str, str]) -> str:
+    """Markdown table: perplexity per domain, and % change vs the run's dense reference."""
     domains = sorted(results["dense"]["domains"])
     lines = ["| model | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
     for name, result in results.items():
         cells = []
         for domain in [*domains, None]:
+            reference = results[references[name]]
             entry = result["overall"] if domain is None else result["domains"][domain]
-            base = results["dense"]["overall"] if domain is None else results["dense"]["domains"][domain]
+            base = reference["overall"] if domain is None else reference["domains"][domain]
             change = 100 * (entry["ppl"] / base["ppl"] - 1)
-            cells.append(f"{entry['ppl']:.2f}" + ("" if name == "dense" else f" ({change:+.1f}%)"))
+            cells.append(f"{entry['ppl']:.2f}" + ("" if references[name] == name else f" ({change:+.1f}%)"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -191,7 +202,14 @@ def main() -> None:
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--tokens", type=int, default=None, help="override the preset's tokens per run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice). On a small CPU run this alone: two "
+                             "multi-threaded torch processes on the same cores slow each other down by 10-100x")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LORY_PROGRESS", "0")
     preset = PRESETS[args.preset]
@@ -203,11 +221,18 @@ def main() -> None:
             raise SystemExit(f"error: {corpus / name} not found; pass --corpus")
     started = time.perf_counter()
     folders = build_corpora(corpus, out, preset)
-    run_dirs = {name: train_run(name, folders[order], ffn, preset, out) for name, order, ffn in preset.runs}
-    results = {name: evaluate_run(run_dir, folders["heldout"]) for name, run_dir in run_dirs.items()}
-    text = table(results)
+    run_dirs = {name: train_run(name, folders[order], ffn, preset, out) for name, order, ffn, _ in preset.runs}
+    references = {name: reference for name, _, _, reference in preset.runs}
+    results, texts = {}, []
+    for heldout in ("heldout-similarity", "heldout-random"):
+        results[heldout] = {name: evaluate_run(run_dir, folders[heldout], heldout, preset.eval_sequences)
+                            for name, run_dir in run_dirs.items()}
+        texts.append(f"held-out perplexity, {heldout} packing ({preset.tokens:,} training tokens per run; "
+                     f"in parentheses: change vs the dense run on the same training corpus)\n\n"
+                     + table(results[heldout], references))
+    text = "\n\n".join(texts)
     plot_losses(run_dirs, out / "loss_curves.png")
-    analysis = analyse(run_dirs, folders["heldout"], out)
+    analysis = analyse(run_dirs, folders["heldout-similarity"], out)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "eval": results,
                                                    "analysis": analysis}, indent=2, default=_json_default))

@@ -6,6 +6,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test tensors are tiny: one thread each avoids oversubscribing small machines (and the
+# torchrun tests start several processes).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 
