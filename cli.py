@@ -82,13 +82,23 @@ def train_cmd(config_file, compile_, model_overrides, **options):
         console.print(f"{summary}; run folder {config.out}")
 
 
+def _run_over_data_options(command):
+    """Options shared by the commands that run a checkpoint over a shard folder."""
+    options = [
+        click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest)."),
+        click.option("--batch-size", default=8, show_default=True, type=int),
+        click.option("--max-batches", default=0, show_default=True, type=int, help="Stop after this many batches (0: all)."),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @lory.command("eval")
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", required=True, help="Shard folder to evaluate on (e.g. the corpus's heldout/).")
-@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--max-batches", default=0, show_default=True, type=int, help="Stop after this many batches (0: all).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@_run_over_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_cmd(run_dir, data, checkpoint, batch_size, max_batches, device, as_json):
     """Loss and perplexity of a run, overall and per domain, with causal segment routing
@@ -180,10 +190,7 @@ def generate_cmd(run_dir, prompts, prompt_file, max_new_tokens, routing, tempera
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", required=True, help="Shard folder with domains (e.g. the corpus's heldout/).")
 @click.option("--out", default=None, help="Output folder (default: RUN_DIR/analysis).")
-@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--max-batches", default=0, show_default=True, type=int, help="0: the whole folder.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@_run_over_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print the whole analysis as JSON.")
 def analyze_cmd(run_dir, data, out, checkpoint, batch_size, max_batches, device, as_json):
     """Expert use, per-domain routing weights and domain specialisation per layer, with
