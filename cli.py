@@ -64,6 +64,7 @@ def train_cmd(config_file, compile_, model_overrides, **options):
     """Pre-train a Lory MoE (or a baseline) on shards. Runs on CPU as one process, or on
     GPUs under `torchrun --nproc-per-node N -m cli train ...` (DDP/FSDP)."""
     from lorytrain.training.config import make_config, parse_overrides
+    from lorytrain.training.distributed import shutdown_distributed
     from lorytrain.training.trainer import Trainer
 
     options["compile"] = compile_
@@ -71,8 +72,13 @@ def train_cmd(config_file, compile_, model_overrides, **options):
         options["model_overrides"] = parse_overrides(model_overrides)
     config = make_config(config_file, options)
     console = _console()
-    trainer = Trainer(config, log=console.print)
-    record = trainer.train()
+    try:
+        trainer = Trainer(config, log=console.print)
+        record = trainer.train()
+    except BaseException:
+        shutdown_distributed(wait_for_all=False)
+        raise
+    shutdown_distributed()
     if trainer.env.is_main:
         summary = f"done: step {trainer.step}, {trainer.tokens:,} tokens"
         if "loss" in record:

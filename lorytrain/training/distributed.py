@@ -44,8 +44,12 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_all: bool = True) -> None:
+    """Leave the process group (after every rank got here, unless this rank failed). Without
+    it, gloo's threads are torn down at interpreter exit while still live, aborting the process."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

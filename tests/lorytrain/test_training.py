@@ -178,7 +178,7 @@ def test_mismatched_tokenizer_between_train_and_eval_data(text_shards, tmp_path)
 def test_two_process_torchrun_ranks_see_disjoint_data(text_shards, tmp_path):
     train, _ = text_shards
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                "-m", "cli", "train", "--data", str(train), "--out", str(out), "--steps", "4", "--batch-size", "2",
                "--dense-warmup", "0.5", "--record-samples", *_overrides()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORY_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -198,8 +198,8 @@ def test_two_process_torchrun_ranks_see_disjoint_data(text_shards, tmp_path):
     assert (out / "checkpoints" / "step-00000004" / "model.safetensors").exists()
 
 
-def _torchrun(port: int, *args) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+def _torchrun(*args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                "-m", "cli", "train", *args, *_overrides()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORY_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
@@ -212,12 +212,12 @@ def test_fsdp_upcycles_across_shards_and_resumes_exactly(text_shards, tmp_path):
     options = ["--data", str(train), "--steps", "4", "--batch-size", "2", "--dense-warmup", "0.5",
                "--parallel", "fsdp", "--save-every", "2", "--keep-last", "3"]
     straight = tmp_path / "straight"
-    result = _torchrun(29518, *options, "--out", str(straight))
+    result = _torchrun(*options, "--out", str(straight))
     assert result.returncode == 0, result.stderr[-3000:]
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step-00000002", interrupted / "checkpoints" / "step-00000002")
-    result = _torchrun(29519, *options, "--out", str(interrupted), "--resume")
+    result = _torchrun(*options, "--out", str(interrupted), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = losses(straight), losses(interrupted)
     assert [r["phase"] for r in read_metrics(straight) if "loss" in r] == ["dense", "dense", "moe", "moe"]
