@@ -295,6 +295,8 @@ def build_corpus_cmd(inputs, as_json, runner, **kwargs):
 def _print_build_summary(console, summary) -> None:
     from rich.table import Table
 
+    from lorydata.manifest import Manifest
+
     docs = summary.documents
     table = Table(title=f"corpus {summary.out}")
     table.add_column("what")
@@ -309,6 +311,10 @@ def _print_build_summary(console, summary) -> None:
             f"{split}", f"{info['documents']:,} docs, {info['sequences']:,} seqs, {info['tokens']:,} tokens, "
             f"{info['shards']} shards"
         )
+        metrics = Manifest.read(info["folder"]).order.get("metrics", {})
+        if "adjacent_similarity" in metrics:
+            table.add_row(f"  {split} order", f"adjacent similarity {metrics['adjacent_similarity']['mean']:.3f}, "
+                                              f"break rate {metrics['break_rate']:.3f}")
     console.print(table)
 
 
