@@ -83,6 +83,45 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def short_document_corpus(corpus: Path, out: Path, piece_chars: int, keep_every: int) -> Path:
+    """A copy of the corpus whose documents are cut into pieces of about `piece_chars`
+    characters (at line breaks), keeping every `keep_every`-th document (by id hash).
+
+    Pieces of one document are new, separate documents: similarity order can put them back
+    side by side, random order scatters them. With pieces shorter than a sequence, sequences
+    hold several documents, which is where the two orders differ (as with the paper's web text).
+    """
+    import hashlib
+
+    import zstandard
+
+    target = out / "source"
+    done = target / "_DONE"
+    if done.exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("train.jsonl.zst", "heldout.jsonl.zst"):
+        with open(corpus / name, "rb") as f:
+            lines = zstandard.ZstdDecompressor().stream_reader(f).read().decode("utf-8").splitlines()
+        pieces = []
+        for line in lines:
+            record = json.loads(line)
+            if int(hashlib.sha256(record["id"].encode()).hexdigest(), 16) % keep_every:
+                continue
+            text, start = record["text"], 0
+            while start < len(text):
+                end = text.find("\n", start + piece_chars)
+                end = len(text) if end < 0 else end + 1
+                pieces.append({"id": f"{record['id']}-{start}", "text": text[start:end],
+                               DOMAINS_FIELD: record[DOMAINS_FIELD]})
+                start = end
+        data = "".join(json.dumps(p) + "\n" for p in pieces).encode()
+        (target / name).write_bytes(zstandard.ZstdCompressor().compress(data))
+        log(f"short documents: {name}: {len(pieces)} pieces")
+    done.write_text("")
+    return target
+
+
 def build_corpora(corpus: Path, out: Path, preset: Preset) -> dict[str, Path]:
     """Similarity and random training corpora and the held-out corpus (cached)."""
     from pipelines.build_corpus import build_corpus
@@ -205,6 +244,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). On a small CPU run this alone: two "
                              "multi-threaded torch processes on the same cores slow each other down by 10-100x")
+    parser.add_argument("--piece-chars", type=int, default=0,
+                        help="cut documents into pieces of about this many characters first (0: off)")
+    parser.add_argument("--keep-every", type=int, default=1, help="with --piece-chars: keep every k-th document")
+    parser.add_argument("--runs", default=None, help="comma-separated run names to train (default: all)")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -220,6 +263,11 @@ def main() -> None:
         if not (corpus / name).is_file():
             raise SystemExit(f"error: {corpus / name} not found; pass --corpus")
     started = time.perf_counter()
+    if args.runs:
+        wanted = set(args.runs.split(","))
+        preset.runs = [run for run in preset.runs if run[0] in wanted]
+    if args.piece_chars:
+        corpus = short_document_corpus(corpus, out, args.piece_chars, args.keep_every)
     folders = build_corpora(corpus, out, preset)
     run_dirs = {name: train_run(name, folders[order], ffn, preset, out) for name, order, ffn, _ in preset.runs}
     references = {name: reference for name, _, _, reference in preset.runs}
