@@ -28,6 +28,13 @@ def token_domains(doc_starts: list[int], domains: list[str], seq_len: int) -> np
     return np.repeat(names, lengths)
 
 
+def loss_pad_id(tokenizer: dict) -> int | None:
+    """The token id whose targets the loss skips: the pad id of a manifest's tokenizer
+    identity, unless it is also the EOS id (EOS targets are real predictions)."""
+    pad = tokenizer.get("pad_id")
+    return pad if pad != tokenizer.get("eos_id") else None
+
+
 def sequence_losses(logits: torch.Tensor, input_ids: torch.Tensor, pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position next-token losses (B, L-1) and a mask of positions that count."""
     targets = input_ids[:, 1:]
@@ -98,8 +105,7 @@ def evaluate(model: torch.nn.Module, folder: str | Path, batch_size: int = 8, de
     """
     dataset = ShardDataset(folder, shuffle=False, epochs=1, even=False, with_metadata=True, batch_size=batch_size,
                            expected_seq_len=expected_seq_len, expected_tokenizer=expected_tokenizer)
-    tok = dataset.manifest.tokenizer
-    pad_id = tok.get("pad_id") if tok.get("pad_id") != tok.get("eos_id") else None
+    pad_id = loss_pad_id(dataset.manifest.tokenizer)
     # own generator: evaluating must not move the global RNG that training depends on
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=ShardDataset.collate, generator=torch.Generator())
     was_training = model.training

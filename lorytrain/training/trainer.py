@@ -23,7 +23,7 @@ from lorydata.dataset import ShardDataset
 from lorydata.errors import ShardError
 from lorydata.manifest import Manifest
 from lorytrain.errors import LoryTrainError
-from lorytrain.evaluation import evaluate
+from lorytrain.evaluation import evaluate, loss_pad_id
 from lorytrain.runs import keep_tokenizer
 from lorytrain.training import model_setup
 from lorytrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -54,10 +54,6 @@ class Plan:
     steps: int
     warmup: int
     upcycle_step: int  # first MoE step; 0 = MoE from the start, steps = never
-
-    @property
-    def tokens_per_micro(self) -> int:
-        return self.seq_len
 
 
 def make_plan(config: TrainConfig, seq_len: int, world_size: int) -> Plan:
@@ -124,8 +120,7 @@ class Trainer:
             )
         self.seq_len = manifest.seq_len
         self.tokenizer = manifest.tokenizer
-        pad, eos = manifest.tokenizer.get("pad_id"), manifest.tokenizer.get("eos_id")
-        self.pad_id = pad if pad != eos else None
+        self.pad_id = loss_pad_id(manifest.tokenizer)
         if self.config.eval_data:
             try:
                 evaluation = Manifest.read(self.config.eval_data)
@@ -184,7 +179,7 @@ class Trainer:
                             collate_fn=ShardDataset.collate, generator=torch.Generator().manual_seed(self.config.seed))
         yield from loader
 
-    def _micro_step(self, ids: torch.Tensor, last: bool) -> tuple[float, dict]:
+    def _micro_step(self, ids: torch.Tensor, last: bool) -> tuple[torch.Tensor, dict]:
         sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             with torch.autocast(self.env.device.type, dtype=self.dtype, enabled=self.dtype is not None):
