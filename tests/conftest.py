@@ -26,3 +26,22 @@ def sample_corpus() -> Path:
 @pytest.fixture(scope="session")
 def default_tokenizer_path() -> Path:
     return ASSETS / "tokenizer" / "tokenizer.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped (with the reason) where torch sees none.
+
+    `benchmarks/gpu_check.py` runs them on a GPU machine with `-m gpu`.
+    """
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run benchmarks/gpu_check.py on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
