@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lorydata.dataset import ShardDataset
+from lorytrain.training.distributed import max_over_ranks
 
 UNKNOWN_DOMAIN = "(unknown)"
 
@@ -112,14 +113,22 @@ def evaluate(model: torch.nn.Module, folder: str | Path, batch_size: int = 8, de
     model.eval()
     totals = DomainLossTotals()
     device = torch.device(device)
-    for index, batch in enumerate(loader):
-        if max_batches and index >= max_batches:
-            break
-        ids = batch["input_ids"].to(device)
+    # Every rank runs the same number of forward passes: under FSDP each one is a round of
+    # all-gathers, and a rank with one batch more than the others would wait for them forever.
+    local_batches = math.ceil(dataset.total_samples / batch_size)
+    passes = max_over_ranks(min(local_batches, max_batches) if max_batches else local_batches, device)
+    batches = iter(loader)
+    for _ in range(passes):
+        batch = next(batches, None)
+        if batch is None:  # this rank has run out of rows: a pass whose loss is not counted
+            ids = torch.zeros(1, dataset.seq_len, dtype=torch.long, device=device)
+        else:
+            ids = batch["input_ids"].to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(ids)
-        losses, mask = sequence_losses(logits, ids, pad_id)
-        totals.add(losses, mask, batch["doc_starts"], batch["domains"], dataset.seq_len)
+        if batch is not None:
+            losses, mask = sequence_losses(logits, ids, pad_id)
+            totals.add(losses, mask, batch["doc_starts"], batch["domains"], dataset.seq_len)
     totals.all_reduce()
     model.train(was_training)
     return totals.summary()
