@@ -39,12 +39,15 @@ class TrainConfig:
         betas: AdamW betas.
         grad_clip: max global gradient norm (0 disables clipping).
         precision: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.
+        device: auto (CUDA when torch sees a GPU) | cuda | cpu.
         compile: wrap the model in `torch.compile`.
         activation_checkpointing: recompute each block's activations in backward.
         parallel: auto | ddp | fsdp (only with several processes under torchrun).
         eval_every: steps between evaluations (0: only at the end).
         eval_batches: micro-batches per evaluation (0: the whole eval set).
         save_every: steps between checkpoints (0: only at the end).
+        save_final: write a checkpoint at the end of the run (off: only the `save_every`
+            ones; for throughput measurements that must not write gigabytes).
         keep_last: checkpoints to keep.
         log_every: steps between metric records.
         num_workers: dataloader worker processes per rank.
@@ -75,12 +78,14 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     precision: str = "auto"
+    device: str = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
     parallel: str = "auto"
     eval_every: int = 0
     eval_batches: int = 0
     save_every: int = 0
+    save_final: bool = True
     keep_last: int = 2
     log_every: int = 1
     num_workers: int = 0
@@ -103,6 +108,8 @@ class TrainConfig:
             problems.append(f"--batch-size must be positive, got {self.batch_size}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            problems.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             problems.append(f"--parallel must be auto, ddp or fsdp, got {self.parallel!r}")
         if not 0 <= (self.dense_warmup or 0) < 1:

@@ -30,12 +30,21 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed() -> DistEnv:
-    """Join the torchrun process group when there is one (NCCL on CUDA, gloo on CPU)."""
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group when there is one (NCCL on CUDA, gloo on CPU).
+
+    Args:
+        device: "auto" (CUDA when torch sees a GPU), "cuda" or "cpu".
+
+    Raises:
+        LoryTrainError: "cuda" asked for where torch sees no GPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoryTrainError("--device cuda: torch sees no CUDA GPU here")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -136,6 +145,13 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
 
     set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`, so that a clock read afterwards includes it
+    (CUDA kernels run asynchronously; nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from lorytrain.training.distributed import (
     full_state_dict,
     init_distributed,
     load_full_optimizer_state,
+    synchronize,
     wrap_model,
 )
 from lorytrain.training.metrics_log import MetricsLog
@@ -85,7 +86,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, log=print):
         self.config = config
-        self.env: DistEnv = init_distributed()
+        self.env: DistEnv = init_distributed(config.device)
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.out = Path(config.out)
         self._load_data_manifest()
@@ -231,7 +232,8 @@ class Trainer:
                 progress.update(record)
             if self.config.eval_data and not (self.config.eval_every and self.step % self.config.eval_every == 0):
                 last_record["eval"] = self._evaluate(metrics)["eval"]
-            self.save()
+            if self.config.save_final:
+                self.save()
         finally:
             progress.close()
             if metrics is not None:
@@ -268,6 +270,7 @@ class Trainer:
             self._record_samples(seq_ids)
         step_tokens = self.config.batch_size * self.seq_len * self.plan.accum * self.env.world_size
         self.tokens += step_tokens
+        synchronize(self.env.device)  # on CUDA the optimizer step is only queued: time it too
         seconds = time.perf_counter() - started
         record = {
             "step": self.step,

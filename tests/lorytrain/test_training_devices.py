@@ -1,0 +1,62 @@
+"""Device choice, step timing and the training benchmark's runs, as on a GPU machine."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import bench_train
+from lorytrain.errors import LoryTrainError
+from lorytrain.training import trainer as trainer_module
+from lorytrain.training.trainer import Trainer
+from tests.lorytrain.test_training import config
+
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_step_time_waits_for_the_optimizer_step_before_reading_the_clock(text_shards, tmp_path, monkeypatch, device):
+    """On CUDA `optimizer.step()` only queues kernels: tokens/s and MFU must include them."""
+    train, _ = text_shards
+    trainer = Trainer(config(train, tmp_path / "run", steps=2, ffn="lory", dense_warmup=0.0, device=device),
+                      log=lambda *a, **k: None)
+    events = []
+    clock, sync, step = time.perf_counter, trainer_module.synchronize, trainer.optimizer.step
+
+    def traced(name, call):
+        def run(*args, **kwargs):
+            events.append(name)
+            return call(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=traced("clock", clock)))
+    monkeypatch.setattr(trainer_module, "synchronize", traced("synchronize", sync))
+    monkeypatch.setattr(trainer.optimizer, "step", traced("optimizer.step", step))
+    record = trainer._optimizer_step(trainer._batches())
+    assert events == ["clock", "optimizer.step", "synchronize", "clock"]
+    assert record["tokens_per_s"] > 0
+
+
+def test_bench_train_cpu_section_stays_on_the_cpu_and_writes_no_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    data = bench_train.random_shards(tmp_path / "data", seq_len=64, sequences=16)
+    result = bench_train.time_run(data, tmp_path / "run", skip=0, steps=2, ffn="dense", **bench_train.CPU_RUN)
+    assert result["device"] == "cpu" and result["tokens_per_s"] > 0
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_save_every_zero_still_saves_at_the_end_unless_told_not_to(text_shards, tmp_path):
+    train, _ = text_shards
+    Trainer(config(train, tmp_path / "default", steps=1, ffn="dense"), log=lambda *a, **k: None).train()
+    assert (tmp_path / "default" / "checkpoints" / "step-00000001").is_dir()
+    Trainer(config(train, tmp_path / "bench", steps=1, ffn="dense", save_final=False), log=lambda *a, **k: None).train()
+    assert not (tmp_path / "bench" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where torch sees no GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_one_line_error(text_shards, tmp_path):
+    train, _ = text_shards
+    with pytest.raises(LoryTrainError, match="--device cuda: torch sees no CUDA GPU"):
+        Trainer(config(train, tmp_path / "run", steps=1, device="cuda"))
