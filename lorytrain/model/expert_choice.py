@@ -51,11 +51,15 @@ class ExpertChoiceMoE(nn.Module):
         self.last_aux: dict[str, torch.Tensor] = {}
 
     def init_weights(self, std: float, out_std: float) -> None:
+        self.init_routing(std)
+        self.experts.reset_parameters(std, out_std)
+
+    def init_routing(self, std: float) -> None:
+        """Initialise everything but the experts (what upcycling starts fresh)."""
         if self.level == "segment":
             self.routing.init_weights(std)
         else:
             nn.init.normal_(self.router.weight, std=std)
-        self.experts.reset_parameters(std, out_std)
         self.threshold.fill_(1.0 / self.experts.n_experts)
 
     def forward(self, x: torch.Tensor, ctx: FFNContext, state: dict | None = None) -> torch.Tensor:

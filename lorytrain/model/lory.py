@@ -37,8 +37,12 @@ class LoryMoE(nn.Module):
         self.last_aux: dict[str, torch.Tensor] = {}
 
     def init_weights(self, std: float, out_std: float) -> None:
-        self.routing.init_weights(std)
+        self.init_routing(std)
         self.experts.reset_parameters(std, out_std)
+
+    def init_routing(self, std: float) -> None:
+        """Initialise everything but the experts (what upcycling starts fresh)."""
+        self.routing.init_weights(std)
 
     def forward(self, x: torch.Tensor, ctx: FFNContext, state: dict | None = None) -> torch.Tensor:
         """Args:

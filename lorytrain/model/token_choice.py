@@ -37,8 +37,12 @@ class TopKMoE(nn.Module):
         self.last_aux: dict[str, torch.Tensor] = {}
 
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.router.weight, std=std)
+        self.init_routing(std)
         self.experts.reset_parameters(std, out_std)
+
+    def init_routing(self, std: float) -> None:
+        """Initialise everything but the experts (what upcycling starts fresh)."""
+        nn.init.normal_(self.router.weight, std=std)
 
     def forward(self, x: torch.Tensor, ctx: FFNContext | None = None, state: dict | None = None) -> torch.Tensor:
         batch, length, d = x.shape

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from lorytrain.errors import LoryTrainError
 from lorytrain.model.config import ModelConfig
 from lorytrain.model.decoder import LoryLM
+from lorytrain.model.shards import copy_shard_, fill_shard_, full_tensor
 
 # fields that must agree between the dense model and its MoE successor
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "rope_theta", "norm_eps", "tie_embeddings")
 
 
-def upcycle(dense: LoryLM, config: ModelConfig) -> LoryLM:
+def upcycle(dense: LoryLM, config: ModelConfig, shard: Callable[[LoryLM], object] | None = None) -> LoryLM:
     """A new MoE model whose experts are copies of `dense`'s FFNs and whose other weights are
     `dense`'s; routers (and EC thresholds) start fresh from the current RNG state.
 
@@ -20,9 +24,15 @@ def upcycle(dense: LoryLM, config: ModelConfig) -> LoryLM:
     merged weights Σ e_i θ = θ) and for renormalised top-k with k > 1. Switch top-1 and expert
     choice scale each expert output by its gate, so their outputs change by construction.
 
+    The MoE model is laid out on the meta device first, so that with `shard` (FSDP2's
+    `fully_shard`) each process allocates and fills only its own shards: no process ever
+    holds all the experts. Dense FFNs are gathered one at a time to fill the expert shards.
+
     Args:
-        dense: a model with `ffn="dense"`.
+        dense: a model with `ffn="dense"` (its parameters may be FSDP-sharded).
         config: the MoE config; its shape fields must match the dense model's.
+        shard: applied to the MoE model while it is still on the meta device (in place);
+            collective when it is, so every process must call `upcycle` alike.
 
     Returns:
         The MoE model, on the dense model's device and dtype, in the same train/eval mode.
@@ -44,13 +54,45 @@ def upcycle(dense: LoryLM, config: ModelConfig) -> LoryLM:
         raise LoryTrainError("the MoE config differs from the dense model in " + ", ".join(
             f"{f} ({getattr(config, f)} vs {getattr(dense.config, f)})" for f in mismatched))
     weight = dense.embed.weight
-    with torch.device(weight.device):
-        moe = LoryLM(config).to(weight.dtype)
-    shared = {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}
-    missing, unexpected = moe.load_state_dict(shared, strict=False)
-    if unexpected or any(".ffn." not in k for k in missing):
-        raise LoryTrainError(f"upcycle: state dicts do not line up (missing {missing}, unexpected {unexpected})")
-    for dense_block, moe_block in zip(dense.layers, moe.layers, strict=True):
-        moe_block.ffn.experts.load_dense(dense_block.ffn.w.detach())
+    device, dtype = weight.device, weight.dtype
+    fresh = fresh_routing(config, device, dtype)
+    with torch.device("meta"):
+        moe = LoryLM(config).to(dtype)
+    if shard is not None:
+        shard(moe)
+    moe.to_empty(device=device)
+    if config.tie_embeddings and shard is None:
+        moe.lm_head.weight = moe.embed.weight
+    source = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
+    for name, target in [*moe.named_parameters(), *moe.named_buffers()]:
+        if name in fresh:
+            fill_shard_(target, fresh[name])
+        elif name in source:
+            copy_shard_(target, source[name])
+        elif name.endswith(".ffn.experts.w"):
+            ffn = full_tensor(source[name.replace(".ffn.experts.w", ".ffn.w")].detach())
+            fill_shard_(target, ffn.unsqueeze(0).expand(target.shape))
+        else:
+            raise LoryTrainError(f"upcycle: no source for the MoE's {name}")
     moe.set_activation_checkpointing(dense.activation_checkpointing or config.activation_checkpointing)
     return moe.train(dense.training)
+
+
+def fresh_routing(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every MoE layer's routing parameters and buffers (not its experts), initialised in full
+    from the current RNG state, by name in the model."""
+    with torch.device("meta"):
+        scratch = LoryLM(config)
+    values = {}
+    for index, block in enumerate(scratch.layers):
+        ffn: nn.Module = block.ffn
+        ffn.to_empty(device=device, recurse=False)
+        for child in ffn.children():
+            if child is not ffn.experts:
+                child.to_empty(device=device)
+        with torch.no_grad():
+            ffn.init_routing(config.init_std)
+        for name, value in [*ffn.named_parameters(), *ffn.named_buffers()]:
+            if not name.startswith("experts."):
+                values[f"layers.{index}.ffn.{name}"] = value.detach().to(dtype)
+    return values

@@ -62,24 +62,22 @@ def shutdown_distributed(wait_for_all: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, parallel: str, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap for data parallelism: DDP (default) or FSDP2 (`fully_shard` per block).
 
     Args:
-        model: the model, already on `env.device`.
+        model: the model, already on `env.device` (or, for FSDP, already sharded by
+            `shard_model`, which is then kept as it is).
         env: the process environment.
         parallel: "auto" (DDP), "ddp" or "fsdp".
+        param_dtype: FSDP's compute dtype of the gathered weights (bf16 halves the
+            all-gather traffic); None keeps the weights' own.
     """
     if not env.distributed:
         return model
     if parallel == "fsdp":
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:
-            raise LoryTrainError("--parallel fsdp needs torch with FSDP2 (torch.distributed.fsdp.fully_shard)") from None
-        for block in getattr(model, "layers", []):
-            fully_shard(block)
-        fully_shard(model)
+        if not is_fsdp_module(model):
+            shard_model(model, param_dtype)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -88,6 +86,39 @@ def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
     # segment routes on itself with a stop-gradient, a top-k expert that got no token).
     unused = bool(getattr(getattr(model, "config", None), "is_moe", False))
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+
+
+def shards_in_place(env: DistEnv, parallel: str) -> bool:
+    """Whether this run shards its model with FSDP2 (in place, possibly still on meta)."""
+    return env.distributed and parallel == "fsdp"
+
+
+def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 in place: `fully_shard` each block, then the root. Works on a model on the meta
+    device too, which then allocates only its shards (`to_empty`).
+
+    Args:
+        model: a `LoryLM`.
+        param_dtype: compute dtype of the gathered weights, e.g. bf16 under bf16 precision;
+            gradients are still reduced in fp32 and the sharded weights and Adam state stay
+            fp32 (as torchtitan does).
+    """
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise LoryTrainError("--parallel fsdp needs torch with FSDP2 (torch.distributed.fsdp.fully_shard)") from None
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def is_fsdp_module(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

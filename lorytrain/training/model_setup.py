@@ -1,13 +1,17 @@
 """The model side of a training run: which model a config means, its optimizer, the
-dense → MoE switch with optimizer state carried over, and what gets logged about it."""
+dense → MoE switch with optimizer state carried over (shard by shard under FSDP), and what
+gets logged about it."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lorytrain.errors import LoryTrainError
 from lorytrain.model import LoryLM, ModelConfig, build_model, flops_per_token, upcycle
+from lorytrain.model.shards import fill_shard_, full_tensor
 from lorytrain.training.config import TrainConfig
 from lorytrain.training.distributed import unwrap
 
@@ -106,35 +110,42 @@ def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     return unwrap(model).aux_losses()
 
 
-def upcycle_with_optimizer(dense: LoryLM, optimizer_state: dict, config: TrainConfig) -> tuple[LoryLM, dict]:
-    """Upcycle `dense` to the run's MoE model and carry the optimizer state across.
+def upcycle_model(dense: LoryLM, config: TrainConfig, shard: Callable[[LoryLM], object] | None = None) -> LoryLM:
+    """The run's MoE model upcycled from `dense` (`lorytrain.model.upcycle`; with `shard`,
+    each process builds only its shards)."""
+    bare = unwrap(dense)
+    return upcycle(bare, model_config(config, bare.config.vocab_size, "moe"), shard=shard)
 
-    Shared weights keep their Adam moments; every expert starts from its dense FFN's moments
+
+@torch.no_grad()
+def carry_optimizer_state(dense: nn.Module, dense_optimizer: torch.optim.Optimizer, moe: nn.Module,
+                          moe_optimizer: torch.optim.Optimizer) -> None:
+    """Give the upcycled model's optimizer the dense model's Adam state.
+
+    Shared weights keep their moments; every expert starts from its dense FFN's moments
     (each expert is a copy of that FFN), so the first MoE steps move experts exactly as the
-    dense steps moved the FFN; routers start with empty state.
+    dense steps moved the FFN; routers start with empty state. Under FSDP each process
+    fills only its shards of the expert moments, gathering one dense FFN's moments at a time.
 
     Args:
-        dense: the dense model with its full (unsharded) weights.
-        optimizer_state: its optimizer's state keyed by parameter name
-            (`distributed.full_optimizer_state`).
-        config: the training config (MoE kind and size).
-
-    Returns:
-        (the MoE model, a name-keyed optimizer state for it).
+        dense: the dense model `dense_optimizer` updated (it and its optimizer are spent after).
+        dense_optimizer: its optimizer.
+        moe: the model `upcycle_model` made of it.
+        moe_optimizer: the fresh optimizer of `moe` (`make_optimizer`).
     """
-    moe = upcycle(dense, model_config(config, dense.config.vocab_size, "moe"))
-    shapes = {name: p.shape for name, p in moe.named_parameters()}
-    old_state = optimizer_state["state"]
-    state = {}
-    for name, shape in shapes.items():
-        source = name.replace(".ffn.experts.w", ".ffn.w")
-        if source not in old_state:
-            continue
-        state[name] = {key: value.unsqueeze(0).expand(shape).clone() if source != name and value.ndim else value.clone()
-                       for key, value in old_state[source].items()}
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer_state["param_groups"]]
-    groups = [{**settings, "params": names} for settings, names in zip(hyper, optimizer_groups(moe), strict=True)]
-    return moe, {"state": state, "param_groups": groups}
+    dense_params = dict(unwrap(dense).named_parameters())
+    for name, param in unwrap(moe).named_parameters():
+        source = dense_params.get(name.replace(".ffn.experts.w", ".ffn.w"))
+        old = dense_optimizer.state.get(source, {}) if source is not None else {}
+        state = {}
+        for key, value in old.items():
+            if value.ndim == 0 or value.shape == param.shape:  # the step count; a shared weight's moments
+                state[key] = value.clone() if value.ndim == 0 else value
+            else:
+                state[key] = torch.empty_like(param)
+                fill_shard_(state[key], full_tensor(value).unsqueeze(0).expand(param.shape))
+        if state:
+            moe_optimizer.state[param] = state
 
 
 def expert_use(model: nn.Module) -> list[list[float]] | None:

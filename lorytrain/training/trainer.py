@@ -13,6 +13,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from lorytrain.training.distributed import (
     full_state_dict,
     init_distributed,
     load_full_optimizer_state,
+    shard_model,
+    shards_in_place,
     synchronize,
     wrap_model,
 )
@@ -156,14 +159,12 @@ class Trainer:
             model.load_state_dict(checkpoint["model"])
         self._install(model)
 
-    def _install(self, model: torch.nn.Module, optimizer_state: dict | None = None) -> None:
+    def _install(self, model: torch.nn.Module) -> None:
         model.to(self.env.device)
         self.raw_model = model
-        wrapped = wrap_model(model, self.env, self.config.parallel)
+        wrapped = wrap_model(model, self.env, self.config.parallel, param_dtype=self.dtype)
         self.model = torch.compile(wrapped) if self.config.compile else wrapped
         self.optimizer = model_setup.make_optimizer(model, self.config)
-        if optimizer_state is not None:
-            load_full_optimizer_state(self.raw_model, self.optimizer, optimizer_state)
 
     def _restore(self, checkpoint: dict) -> None:
         state = checkpoint["state"]
@@ -193,16 +194,16 @@ class Trainer:
 
     def _upcycle(self) -> None:
         self.log(f"step {self.step}: upcycling the dense model to {self.config.ffn} × {self.config.experts} experts")
-        # Gather full weights and name-keyed optimizer state (collective under FSDP), rebuild
-        # the dense model unwrapped, upcycle it, and wrap the MoE model afresh.
-        weights = full_state_dict(self.model, all_ranks=True)
-        optimizer_state = full_optimizer_state(self.raw_model, self.optimizer, all_ranks=True)
-        dense_config = model_setup.model_config(self.config, self.tokenizer["vocab_size"], "dense")
-        dense = model_setup.empty_model(dense_config, self.env.device)
-        dense.load_state_dict(weights)
-        moe, optimizer_state = model_setup.upcycle_with_optimizer(dense, optimizer_state, self.config)
+        # Under FSDP the MoE model is sharded before it takes memory and each rank fills only
+        # its shards of the experts and of their Adam moments (collective: all ranks do it).
+        dense, dense_optimizer = self.raw_model, self.optimizer
+        shard = None
+        if shards_in_place(self.env, self.config.parallel):
+            shard = partial(shard_model, param_dtype=self.dtype)
+        moe = model_setup.upcycle_model(dense, self.config, shard)
         self.phase = "moe"
-        self._install(moe, optimizer_state)
+        self._install(moe)
+        model_setup.carry_optimizer_state(dense, dense_optimizer, self.raw_model, self.optimizer)
 
     def train(self) -> dict:
         """Run to the configured number of steps.

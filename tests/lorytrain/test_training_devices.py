@@ -9,8 +9,8 @@ import torch
 from benchmarks import bench_train
 from lorytrain.errors import LoryTrainError
 from lorytrain.training import trainer as trainer_module
-from lorytrain.training.trainer import Trainer
-from tests.lorytrain.test_training import config
+from lorytrain.training.trainer import Trainer, lm_loss
+from tests.lorytrain.test_training import TINY, config
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
@@ -60,3 +60,29 @@ def test_asking_for_cuda_without_a_gpu_is_a_one_line_error(text_shards, tmp_path
     train, _ = text_shards
     with pytest.raises(LoryTrainError, match="--device cuda: torch sees no CUDA GPU"):
         Trainer(config(train, tmp_path / "run", steps=1, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_upcycling_on_cuda_keeps_the_loss_and_allocates_no_second_copy(text_shards, tmp_path):
+    """One CUDA device: the MoE weights and its experts' Adam moments are allocated once
+    (before: gathered state dicts, a rebuilt dense model and cloned moments besides)."""
+    train, _ = text_shards
+    trainer = Trainer(config(train, tmp_path / "run", steps=4, dense_warmup=0.5, device="cuda", precision="fp32",
+                             model_overrides={**TINY, "ffn_dim": 512}), log=lambda *a, **k: None)
+    batches = trainer._batches()
+    while trainer.step < trainer.plan.upcycle_step:
+        trainer._optimizer_step(batches)
+    ids = next(trainer._batches())["input_ids"].cuda()
+    with torch.no_grad():
+        before = lm_loss(trainer.model(ids), ids, trainer.pad_id).item()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    trainer._upcycle()
+    grown = torch.cuda.max_memory_allocated() - start
+    with torch.no_grad():
+        after = lm_loss(trainer.model(ids), ids, trainer.pad_id).item()
+    assert after == pytest.approx(before, abs=1e-5)
+    weights = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
+    assert grown <= 3 * weights  # the MoE weights, plus 2 moments of the experts only
+    trainer._optimizer_step(batches)

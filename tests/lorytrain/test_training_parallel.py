@@ -1,6 +1,11 @@
 """Multi-process paths of `lory train` emulated on CPU (2-process gloo torchrun): held-out
 evaluation with rows split unevenly, upcycling shard by shard, FSDP mixed precision."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,9 +14,14 @@ from lorytrain import evaluation
 from lorytrain.evaluation import evaluate
 from lorytrain.model import ModelConfig, build_model
 from lorytrain.runs import load_run
+from lorytrain.training import model_setup
+from lorytrain.training.config import make_config
+from lorytrain.training.distributed import full_optimizer_state, load_full_optimizer_state
 from lorytrain.training.metrics_log import read_metrics
+from lorytrain.training.model_setup import empty_model
+from lorytrain.training.trainer import lm_loss
 from tests.lorytrain.runkit import sample_documents, write_shards
-from tests.lorytrain.test_training import TINY, _torchrun
+from tests.lorytrain.test_training import REPO, TINY, _torchrun
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
@@ -57,3 +67,53 @@ def test_fsdp_evaluation_of_unevenly_split_rows_equals_one_process(text_shards, 
     for name, entry in single["domains"].items():
         assert distributed["domains"][name]["tokens"] == entry["tokens"]
         assert distributed["domains"][name]["loss"] == pytest.approx(entry["loss"], rel=1e-6)
+
+
+def _probe(options: dict, out) -> dict:
+    """Run `upcycle_probe` on 2 gloo processes; its saved results and each rank's byte counts."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "tests.lorytrain.upcycle_probe", str(out), json.dumps(options)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORY_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = torch.load(out / "upcycle.pt", weights_only=True)
+    probe["bytes"] = [json.loads((out / f"bytes-{rank}.json").read_text()) for rank in (0, 1)]
+    return probe
+
+
+@pytest.mark.slow
+def test_fsdp_upcycling_builds_only_each_ranks_shards_and_equals_one_process(text_shards, tmp_path):
+    """Each rank allocates about half of the MoE's weights and Adam moments, never a whole
+    expert bank; the result is exactly what one process makes of the same dense state."""
+    train, _ = text_shards
+    options = {"data": str(train), "out": str(tmp_path / "run"), "batch_size": 2, "steps": 4, "dense_warmup": 0.5,
+               "parallel": "fsdp", "ffn": "lory", "experts": 8, "lr": 3e-3, "warmup": 2,
+               "model_overrides": {**TINY, "ffn_dim": 512}}  # an expert bank outweighs the embedding
+    probe = _probe(options, tmp_path)
+    assert probe["after"] == pytest.approx(probe["before"], abs=1e-5)  # merged copies of one FFN are that FFN
+
+    config = make_config(None, options)
+    dense = empty_model(model_setup.model_config(config, Tokenizer().vocab_size, "dense"), "cpu")
+    dense.load_state_dict(probe["dense"])
+    dense_optimizer = model_setup.make_optimizer(dense, config)
+    load_full_optimizer_state(dense, dense_optimizer, probe["dense_optimizer"])
+    torch.set_rng_state(probe["rng"])
+    moe = model_setup.upcycle_model(dense, config)
+    moe_optimizer = model_setup.make_optimizer(moe, config)
+    model_setup.carry_optimizer_state(dense, dense_optimizer, moe, moe_optimizer)
+    assert moe.state_dict().keys() == probe["moe"].keys()
+    assert all(torch.equal(value, probe["moe"][name]) for name, value in moe.state_dict().items())
+    expected = full_optimizer_state(moe, moe_optimizer)["state"]
+    assert expected.keys() == probe["moe_optimizer"]["state"].keys()
+    for name, state in expected.items():
+        assert all(torch.equal(value, probe["moe_optimizer"]["state"][name][key]) for key, value in state.items())
+    with torch.no_grad():
+        assert lm_loss(moe(probe["ids"]), probe["ids"], 0).item() == pytest.approx(probe["after"], rel=1e-6)
+
+    weights = sum(p.numel() * p.element_size() for p in moe.parameters())
+    bank = moe.layers[0].ffn.experts.w
+    for counted in probe["bytes"]:
+        # its half of the weights and 2 Adam moments, plus one dense FFN gathered at a time
+        # (before: 2.97 × the whole of them on every rank, a whole expert bank at once)
+        assert counted["total"] < 0.55 * 3 * weights
+        assert counted["largest"] <= bank.numel() * bank.element_size() // 2
