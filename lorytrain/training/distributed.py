@@ -185,6 +185,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; from pinned memory (a dataloader with `pin_memory`) the
+    CUDA copy does not block the host, which goes on to queue the step's kernels."""
+    return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (identity without a process group)."""
     if dist.is_initialized():

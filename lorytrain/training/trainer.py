@@ -39,6 +39,7 @@ from lorytrain.training.distributed import (
     shard_model,
     shards_in_place,
     synchronize,
+    to_device,
     wrap_model,
 )
 from lorytrain.training.metrics_log import MetricsLog
@@ -178,7 +179,8 @@ class Trainer:
         # A private generator: DataLoader draws a base seed per iterator, which must not
         # shift the global RNG (router initialisation at upcycling) on resume.
         loader = DataLoader(self.dataset, batch_size=self.config.batch_size, num_workers=self.config.num_workers,
-                            collate_fn=ShardDataset.collate, generator=torch.Generator().manual_seed(self.config.seed))
+                            collate_fn=ShardDataset.collate, generator=torch.Generator().manual_seed(self.config.seed),
+                            pin_memory=self.env.device.type == "cuda")
         yield from loader
 
     def _micro_step(self, ids: torch.Tensor, last: bool) -> tuple[torch.Tensor, dict]:
@@ -251,7 +253,7 @@ class Trainer:
             batch = next(batches)
             position = ShardDataset.next_position(batch)
             seq_ids.extend(batch["seq_id"].tolist())
-            loss, aux = self._micro_step(batch["input_ids"].to(self.env.device), micro == self.plan.accum - 1)
+            loss, aux = self._micro_step(to_device(batch["input_ids"], self.env.device), micro == self.plan.accum - 1)
             losses.append(loss)
             for key, value in aux.items():
                 aux_sums[key] = aux_sums.get(key, 0.0) + value / self.plan.accum

@@ -86,3 +86,16 @@ def test_upcycling_on_cuda_keeps_the_loss_and_allocates_no_second_copy(text_shar
     weights = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
     assert grown <= 3 * weights  # the MoE weights, plus 2 moments of the experts only
     trainer._optimizer_step(batches)
+
+
+@pytest.mark.gpu
+def test_batches_come_pinned_and_are_copied_without_blocking(text_shards, tmp_path, monkeypatch):
+    train, _ = text_shards
+    trainer = Trainer(config(train, tmp_path / "run", steps=1, ffn="dense", device="cuda"), log=lambda *a, **k: None)
+    batch = next(trainer._batches())
+    assert batch["input_ids"].is_pinned()
+    copies = []
+    original = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(k.get("non_blocking")) or original(self, *a, **k))
+    trainer._optimizer_step(iter([batch]))
+    assert copies and copies[0] is True

@@ -2,6 +2,7 @@
 evaluation with rows split unevenly, upcycling shard by shard, FSDP mixed precision."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,13 +70,18 @@ def test_fsdp_evaluation_of_unevenly_split_rows_equals_one_process(text_shards, 
         assert distributed["domains"][name]["loss"] == pytest.approx(entry["loss"], rel=1e-6)
 
 
-def _probe(options: dict, out) -> dict:
-    """Run `upcycle_probe` on 2 gloo processes; its saved results and each rank's byte counts."""
+def _run_probe(kind: str, options: dict, out) -> None:
+    """Run `fsdp_probe KIND` on 2 gloo processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-               "-m", "tests.lorytrain.upcycle_probe", str(out), json.dumps(options)]
+               "-m", "tests.lorytrain.fsdp_probe", kind, str(out), json.dumps(options)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORY_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _probe(options: dict, out) -> dict:
+    """The upcycling probe's saved results and each rank's byte counts."""
+    _run_probe("upcycle", options, out)
     probe = torch.load(out / "upcycle.pt", weights_only=True)
     probe["bytes"] = [json.loads((out / f"bytes-{rank}.json").read_text()) for rank in (0, 1)]
     return probe
@@ -117,3 +123,19 @@ def test_fsdp_upcycling_builds_only_each_ranks_shards_and_equals_one_process(tex
         # (before: 2.97 × the whole of them on every rank, a whole expert bank at once)
         assert counted["total"] < 0.55 * 3 * weights
         assert counted["largest"] <= bank.numel() * bank.element_size() // 2
+
+
+@pytest.mark.slow
+def test_fsdp_gathers_bf16_weights_under_bf16_precision_and_keeps_fp32_shards(text_shards, tmp_path):
+    """A MixedPrecisionPolicy: all-gathers move bf16 (half the traffic of fp32); the sharded
+    weights and Adam moments stay fp32, gradients are reduced in fp32."""
+    train, _ = text_shards
+    options = {"data": str(train), "out": str(tmp_path / "run"), "batch_size": 2, "steps": 1, "ffn": "dense",
+               "parallel": "fsdp", "precision": "bf16", "model_overrides": TINY}
+    _run_probe("precision", options, tmp_path)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"precision-{rank}.json").read_text())
+        assert seen["compute"] == "torch.bfloat16"
+        assert seen["sharded_type"] == "DTensor"
+        assert seen["sharded"] == seen["moments"] == "torch.float32"
+        assert math.isfinite(seen["loss"])

@@ -1,7 +1,11 @@
-"""torchrun entry for the upcycling test: dense steps, then `Trainer._upcycle` while counting
-the bytes each rank allocates; rank 0 saves what the test compares with one process.
+"""torchrun entries for the FSDP tests, run as
 
-    torchrun --nproc-per-node 2 -m tests.lorytrain.upcycle_probe OUT CONFIG_JSON
+    torchrun --nproc-per-node 2 -m tests.lorytrain.fsdp_probe upcycle|precision OUT CONFIG_JSON
+
+- upcycle: dense steps, then `Trainer._upcycle` while counting the bytes each rank
+  allocates; rank 0 saves what the test compares with one process.
+- precision: one training step, noting the dtype of the weights the forward pass computes
+  with and of the sharded weights, gradients and Adam moments.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class AllocatedBytes(TorchDispatchMode):
         return out
 
 
-def main(out: Path, options: dict) -> None:
+def upcycle(out: Path, options: dict) -> None:
     from lorytrain.training.config import make_config
     from lorytrain.training.distributed import full_optimizer_state, full_state_dict, shutdown_distributed
     from lorytrain.training.trainer import Trainer, lm_loss
@@ -86,5 +90,27 @@ def main(out: Path, options: dict) -> None:
     shutdown_distributed()
 
 
+def precision(out: Path, options: dict) -> None:
+    from lorytrain.training.config import make_config
+    from lorytrain.training.distributed import shutdown_distributed
+    from lorytrain.training.trainer import Trainer
+
+    trainer = Trainer(make_config(None, options), log=lambda *a, **k: None)
+    projection = trainer.raw_model.layers[0].attn.wqkv
+    seen = {}
+
+    def note_dtype(module, args):
+        seen.setdefault("compute", str(module.weight.dtype))
+
+    projection.register_forward_pre_hook(note_dtype)
+    record = trainer._optimizer_step(trainer._batches())
+    sharded = trainer.raw_model.layers[0].attn.wqkv.weight
+    moments = trainer.optimizer.state[sharded]
+    seen.update(sharded=str(sharded.dtype), moments=str(moments["exp_avg"].dtype), loss=record["loss"],
+                sharded_type=type(sharded).__name__)
+    (out / f"precision-{trainer.env.rank}.json").write_text(json.dumps(seen))
+    shutdown_distributed()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), json.loads(sys.argv[2]))
+    {"upcycle": upcycle, "precision": precision}[sys.argv[1]](Path(sys.argv[2]), json.loads(sys.argv[3]))
