@@ -96,8 +96,3 @@ class ExpertBank(nn.Module):
         """One merged FFN (B, f, 3, d) per row of `coef` (B, E), for decoding."""
         coef, sources = self.merge_sources(coef)
         return (coef.to(sources.dtype) @ sources.flatten(1)).view(-1, *sources.shape[1:])
-
-    @torch.no_grad()
-    def load_dense(self, w: torch.Tensor) -> None:
-        """Copy one dense FFN (f, 3, d) into every expert (upcycling)."""
-        self.w.copy_(w.unsqueeze(0).expand_as(self.w))
