@@ -71,14 +71,14 @@ def upcycle(out: Path, options: dict) -> None:
         trainer._optimizer_step(batches)
     ids = torch.randint(2, trainer.tokenizer["vocab_size"], (2, trainer.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        before = lm_loss(trainer.model(ids), ids, trainer.pad_id)
+        before = lm_loss(trainer.model(ids), ids, None)
     dense = full_state_dict(trainer.model)
     dense_optimizer = full_optimizer_state(trainer.raw_model, trainer.optimizer)
     rng = torch.get_rng_state()
     with AllocatedBytes() as counter:
         trainer._upcycle()
     with torch.no_grad():
-        after = lm_loss(trainer.model(ids), ids, trainer.pad_id)
+        after = lm_loss(trainer.model(ids), ids, None)
     moe = full_state_dict(trainer.model)
     moe_optimizer = full_optimizer_state(trainer.raw_model, trainer.optimizer)
     rank = trainer.env.rank

@@ -54,6 +54,7 @@ def test_evaluation_runs_the_passes_the_ranks_agree_on_and_counts_only_real_rows
 
 @pytest.mark.slow
 def test_fsdp_evaluation_of_unevenly_split_rows_equals_one_process(text_shards, heldout_21, tmp_path):
+    """Before: rank 0's sixth batch met rank 1's all_gather_object (gloo aborted, NCCL hangs)."""
     train, _ = text_shards
     out = tmp_path / "run"
     result = _torchrun("--data", str(train), "--eval-data", str(heldout_21), "--out", str(out), "--steps", "1",
@@ -114,7 +115,7 @@ def test_fsdp_upcycling_builds_only_each_ranks_shards_and_equals_one_process(tex
     for name, state in expected.items():
         assert all(torch.equal(value, probe["moe_optimizer"]["state"][name][key]) for key, value in state.items())
     with torch.no_grad():
-        assert lm_loss(moe(probe["ids"]), probe["ids"], 0).item() == pytest.approx(probe["after"], rel=1e-6)
+        assert lm_loss(moe(probe["ids"]), probe["ids"], None).item() == pytest.approx(probe["after"], rel=1e-6)
 
     weights = sum(p.numel() * p.element_size() for p in moe.parameters())
     bank = moe.layers[0].ffn.experts.w
