@@ -118,7 +118,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, st
     except OSError as exc:
         problem = exc
     if any_rank(problem is not None):
-        _fail(name, root, tmp, problem)
+        _fail(name, root, tmp, problem, main)
     try:
         if optimizer is not None:
             _save_optimizer(model, optimizer, tmp / OPTIMIZER_DIR)
@@ -128,10 +128,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, st
             # clone: tied weights share storage, which safetensors refuses to save twice
             tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in (model_state or {}).items()}
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-    except Exception as exc:  # OSError here, dcp's CheckpointException wrapping one from any rank
+    except (OSError, dcp.CheckpointException) as exc:  # dcp's wraps the OSError of whichever rank failed
         problem = exc
     if any_rank(problem is not None):
-        _fail(name, root, tmp, problem)
+        _fail(name, root, tmp, problem, main)
     try:
         if main:
             _fsync_tree(tmp)
@@ -146,7 +146,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, st
     except OSError as exc:
         problem = exc
     if any_rank(problem is not None):
-        _fail(name, root, tmp, problem)
+        _fail(name, root, tmp, problem, main)
     if not main:
         return None
     older = [p for p in checkpoint_dirs(run_dir) if p.name <= name]
@@ -155,11 +155,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, st
     return final
 
 
-def _fail(name: str, root: Path, tmp: Path, problem: BaseException | None) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
+def _fail(name: str, root: Path, tmp: Path, problem: BaseException | None, main: bool) -> None:
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
     if problem is None:
         raise LoryTrainError(f"writing checkpoint {name} failed on another rank; earlier checkpoints in {root} "
                              "are intact")
+    if isinstance(problem, dcp.CheckpointException) and problem.failures:
+        problem = next(iter(problem.failures.values()))[0]  # (exception, traceback) of the first failed rank
     reason = getattr(problem, "strerror", None) or str(problem).splitlines()[0]
     hint = " (disk full: free space or point --out elsewhere)" if getattr(problem, "errno", None) == 28 else ""
     raise LoryTrainError(f"cannot write checkpoint {name} in {root}: {reason}{hint}; earlier checkpoints "

@@ -114,7 +114,7 @@ def test_eval_side_loading_verifies_and_falls_back(text_shards, tmp_path, caplog
     assert (tmp_path / "run" / "checkpoints" / STEP(4)).exists()  # reading never renames
 
 
-@pytest.mark.parametrize("target", ["save_file", "torch.save"])
+@pytest.mark.parametrize("target", ["save_file", "torch.save", "optimizer shards"])
 def test_full_disk_fails_clearly_and_keeps_earlier_checkpoints(text_shards, tmp_path, monkeypatch, target):
     train, _ = text_shards
     trainer = Trainer(config(train, tmp_path / "run", steps=4, ffn="dense", save_every=2, keep_last=1),
@@ -129,8 +129,19 @@ def test_full_disk_fails_clearly_and_keeps_earlier_checkpoints(text_shards, tmp_
 
     if target == "save_file":
         monkeypatch.setattr(checkpoint_module, "save_file", full_disk(checkpoint_module.save_file))
-    else:
+    elif target == "torch.save":
         monkeypatch.setattr(checkpoint_module.torch, "save", full_disk(torch.save))
+    else:  # inside torch.distributed.checkpoint, which reports it wrapped in a CheckpointException
+        from torch.distributed.checkpoint import filesystem
+
+        write_item = filesystem._write_item
+
+        def dcp_full_disk(*args, **kwargs):
+            if trainer.step == 4:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write_item(*args, **kwargs)
+
+        monkeypatch.setattr(filesystem, "_write_item", dcp_full_disk)
     with pytest.raises(LoryTrainError) as info:
         trainer.train()
     message = str(info.value)
