@@ -25,6 +25,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,9 +65,17 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    # one thread per file: hashlib releases the GIL, so the weights and every rank's
+    # optimizer shard hash in parallel
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def _file_records(folder: Path) -> dict[str, dict]:
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE]
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(paths, _sha256_all(paths), strict=True)}
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -219,16 +228,18 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
     files = state.get("files")
     if files is None:  # written before checkpoints were hashed: presence is all we can check
         return None if (path / MODEL_FILE).is_file() else f"{MODEL_FILE} is missing"
-    for name, expected in files.items():
-        if only is not None and not any(name == o or name.startswith(o + "/") for o in only):
-            continue
+    wanted = {name: expected for name, expected in files.items()
+              if only is None or any(name == o or name.startswith(o + "/") for o in only)}
+    for name, expected in wanted.items():  # cheap checks first
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         size = file.stat().st_size
         if size != expected["bytes"]:
             return f"{name} has {size} bytes, {expected['bytes']} were written (truncated?)"
-        if _sha256(file) != expected["sha256"]:
+    digests = _sha256_all([path / name for name in wanted])
+    for (name, expected), digest in zip(wanted.items(), digests, strict=True):
+        if digest != expected["sha256"]:
             return f"{name} does not match its sha256 (corrupted)"
     return None
 
