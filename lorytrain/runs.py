@@ -8,11 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from lorytrain.errors import LoryTrainError
 from lorytrain.model import LoryLM, ModelConfig
-from lorytrain.training.checkpoint import MODEL_FILE, find_valid_checkpoint, read_state, verify_checkpoint
+from lorytrain.training.checkpoint import (
+    MODEL_FILE,
+    find_valid_checkpoint,
+    read_model_weights,
+    read_state,
+    verify_checkpoint,
+)
 from lorytrain.training.model_setup import empty_model
 
 RUN_TOKENIZER = "tokenizer.json"
@@ -102,7 +107,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     state = read_state(path)
     config = ModelConfig.from_dict(state["model_config"])
     model = empty_model(config, device)
-    missing, unexpected = model.load_state_dict(load_file(str(path / MODEL_FILE)), strict=False)
+    missing, unexpected = model.load_state_dict(read_model_weights(path), strict=False)
     if missing or unexpected:
         raise LoryTrainError(f"checkpoint {path} does not fit its own config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -309,25 +309,43 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
         path: the checkpoint folder.
 
     Raises:
-        LoryTrainError: the weights do not fit the model.
+        LoryTrainError: the weights do not fit the model, or the file is unreadable (only
+            possible for a checkpoint written before files were hashed, or damaged since).
     """
     target = unwrap(model).state_dict()
-    with safe_open(str(Path(path) / MODEL_FILE), framework="pt") as f:
-        saved = set(f.keys())
-        if saved != set(target):
-            raise LoryTrainError(f"checkpoint {path} does not fit the model (missing "
-                                 f"{sorted(set(target) - saved)[:3]}, unexpected {sorted(saved - set(target))[:3]})")
-        with torch.no_grad():
-            for name, tensor in target.items():
-                if isinstance(tensor, DTensor):
-                    local = tensor.to_local()
-                    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
-                                                                         tensor.placements)
-                    if local.numel():
-                        rows = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-                        local.copy_(f.get_slice(name)[rows])
-                else:
-                    tensor.copy_(f.get_tensor(name))
+    file = Path(path) / MODEL_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            saved = set(f.keys())
+            if saved != set(target):
+                raise LoryTrainError(f"checkpoint {path} does not fit the model (missing {sorted(set(target) - saved)[:3]}"
+                                     f", unexpected {sorted(saved - set(target))[:3]})")
+            with torch.no_grad():
+                for name, tensor in target.items():
+                    if isinstance(tensor, DTensor):
+                        local = tensor.to_local()
+                        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                                             tensor.placements)
+                        if local.numel():
+                            rows = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+                            local.copy_(f.get_slice(name)[rows])
+                    else:
+                        tensor.copy_(f.get_tensor(name))
+    except (OSError, SafetensorError) as exc:
+        raise LoryTrainError(f"cannot read {file}: {exc}") from None
+
+
+def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint, on CPU (for evaluation and generation in one process).
+
+    Raises:
+        LoryTrainError: the file is unreadable.
+    """
+    file = Path(path) / MODEL_FILE
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise LoryTrainError(f"cannot read {file}: {exc}") from None
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:

@@ -391,3 +391,20 @@ def _sharded_worker(rank: int, folder: str, port: int) -> None:
                        Path(folder) / "gathered.pt")
     finally:
         dist.destroy_process_group()
+
+
+def test_a_damaged_unhashed_checkpoint_is_a_one_line_error(text_shards, tmp_path):
+    """Checkpoints written before files were hashed are only checked for presence; a damaged
+    one still ends in a one-line error, not a safetensors traceback."""
+    run(text_shards[0], tmp_path / "run", steps=2, ffn="dense")
+    path = tmp_path / "run" / "checkpoints" / STEP(2)
+    state = json.loads((path / "state.json").read_text())
+    del state["files"]
+    (path / "state.json").write_text(json.dumps(state))
+    _truncate(path / "model.safetensors")
+    assert verify_checkpoint(path) is None
+    with pytest.raises(LoryTrainError, match=r"cannot read .*model\.safetensors") as info:
+        load_run(tmp_path / "run")
+    assert "\n" not in str(info.value)
+    with pytest.raises(LoryTrainError, match=r"cannot read .*model\.safetensors"):
+        Trainer(config(text_shards[0], tmp_path / "run", steps=4, ffn="dense", resume=True))
