@@ -67,7 +67,7 @@ def train_cmd(config_file, compile_, model_overrides, **options):
     GPUs under `torchrun --nproc-per-node N -m cli train ...` (DDP/FSDP)."""
     from lorytrain.training.config import make_config, parse_overrides
     from lorytrain.training.distributed import shutdown_distributed
-    from lorytrain.training.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from lorytrain.training.preemption import PREEMPTED_EXIT_CODE, Preempted, ignore_signals
     from lorytrain.training.trainer import Trainer
 
     options["compile"] = compile_
@@ -80,6 +80,7 @@ def train_cmd(config_file, compile_, model_overrides, **options):
         trainer = Trainer(config, log=console.print)
         record = trainer.train()
     except Preempted as stop:  # every rank saved the same step: leave the group together
+        ignore_signals()
         shutdown_distributed()
         if trainer.env.is_main:
             console.print(f"{stop}: checkpoint written; continue with `lory train ... --resume auto` "

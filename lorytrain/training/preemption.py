@@ -69,6 +69,14 @@ class PreemptionGuard:
         return any_rank(bool(self.signal_name))
 
 
+def ignore_signals() -> None:
+    """Ignore `SIGNALS` from now on: for a preempted process that has written its checkpoint
+    and is leaving. Under torchrun the first rank to exit makes torchrun SIGTERM the others,
+    which would otherwise die mid-exit instead of exiting with `PREEMPTED_EXIT_CODE`."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _say(line: str) -> None:
     # os.write, not print: a handler can interrupt a print to the same stream (reentrant call)
     os.write(2, (line + "\n").encode())
