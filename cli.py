@@ -61,15 +61,19 @@ def _console():
 @click.option("--seed", default=None, type=int)
 @click.option("--record-samples", is_flag=True, default=None,
               help="Log the seq_ids each rank trains on to RUN_DIR/samples/rank-<r>.jsonl.")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in --out.")
+@click.option("--resume", type=click.Choice(["auto"]), is_flag=False, flag_value="auto", default=None,
+              help="Continue from the newest valid checkpoint in --out, or start fresh when there is none "
+                   "(`--resume` and `--resume auto` alike: what a requeued job needs).")
 def train_cmd(config_file, compile_, model_overrides, **options):
     """Pre-train a Lory MoE (or a baseline) on shards. Runs on CPU as one process, or on
     GPUs under `torchrun --nproc-per-node N -m cli train ...` (DDP/FSDP)."""
     from lorytrain.training.config import make_config, parse_overrides
     from lorytrain.training.distributed import shutdown_distributed
+    from lorytrain.training.preemption import PREEMPTED_EXIT_CODE, Preempted, ignore_signals
     from lorytrain.training.trainer import Trainer
 
     options["compile"] = compile_
+    options["resume"] = True if options["resume"] else None
     if model_overrides:
         options["model_overrides"] = parse_overrides(model_overrides)
     config = make_config(config_file, options)
@@ -77,6 +81,13 @@ def train_cmd(config_file, compile_, model_overrides, **options):
     try:
         trainer = Trainer(config, log=console.print)
         record = trainer.train()
+    except Preempted as stop:  # every rank saved the same step: leave the group together
+        ignore_signals()
+        shutdown_distributed()
+        if trainer.env.is_main:
+            console.print(f"{stop}: checkpoint written; continue with `lory train ... --resume auto` "
+                          f"(exit code {PREEMPTED_EXIT_CODE})")
+        sys.exit(PREEMPTED_EXIT_CODE)
     except BaseException:
         shutdown_distributed(wait_for_all=False)
         raise

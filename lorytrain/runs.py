@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,19 @@ import torch
 
 from lorytrain.errors import LoryTrainError
 from lorytrain.model import LoryLM, ModelConfig
-from lorytrain.training.checkpoint import latest_checkpoint, load_checkpoint
+from lorytrain.training.checkpoint import (
+    MODEL_FILE,
+    find_valid_checkpoint,
+    read_model_weights,
+    read_state,
+    verify_checkpoint,
+)
 from lorytrain.training.model_setup import empty_model
 
 RUN_TOKENIZER = "tokenizer.json"
+# What reading a run's model needs of a checkpoint (state.json is checked by reading it).
+MODEL_FILES = (MODEL_FILE,)
+log = logging.getLogger("lory")
 
 
 @dataclass
@@ -58,21 +68,26 @@ def keep_tokenizer(run_dir: str | Path, tokenizer: dict) -> Path | None:
 
 
 def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint to load: `checkpoint` (a folder, or a name under the run's
-    checkpoints/), else the run's latest.
+    """The checkpoint to load, its model files verified against their recorded sha256:
+    `checkpoint` (a folder, or a name under the run's checkpoints/), else the run's newest
+    valid one (a damaged newer one is reported as a warning, naming it).
 
     Raises:
-        LoryTrainError: the run folder or checkpoint does not exist.
+        LoryTrainError: the run folder or checkpoint does not exist, the requested checkpoint
+            is damaged, or no checkpoint of the run is intact.
     """
     run_dir = Path(run_dir)
     if checkpoint is not None:
         for candidate in (Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)):
             if (candidate / "state.json").is_file():
+                problem = verify_checkpoint(candidate, MODEL_FILES)
+                if problem:
+                    raise LoryTrainError(f"checkpoint {candidate} is damaged: {problem}")
                 return candidate
         raise LoryTrainError(f"checkpoint {checkpoint} not found (looked in {run_dir / 'checkpoints'})")
     if not run_dir.is_dir():
         raise LoryTrainError(f"run folder not found: {run_dir}")
-    found = latest_checkpoint(run_dir)
+    found = find_valid_checkpoint(run_dir, log.warning, only=MODEL_FILES)
     if found is None:
         raise LoryTrainError(f"{run_dir} holds no checkpoint; is it a `lory train --out` folder?")
     return found
@@ -89,11 +104,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         dtype: cast the weights (default: as saved, float32).
     """
     path = find_checkpoint(run_dir, checkpoint)
-    loaded = load_checkpoint(path)
-    state = loaded["state"]
+    state = read_state(path)
     config = ModelConfig.from_dict(state["model_config"])
     model = empty_model(config, device)
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    missing, unexpected = model.load_state_dict(read_model_weights(path), strict=False)
     if missing or unexpected:
         raise LoryTrainError(f"checkpoint {path} does not fit its own config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")

@@ -1,133 +1,382 @@
-"""Atomic, resumable checkpoints: safetensors weights + optimizer + RNG + trainer state.
+"""Verified, atomic, resumable checkpoints: safetensors weights, sharded optimizer state,
+per-rank RNG and trainer state.
 
 Layout of `RUN_DIR/checkpoints/step-00000100/`:
 
-- `model.safetensors`: weights (full, unsharded, on CPU)
-- `optimizer.pt`: optimizer state, loaded with `torch.load(weights_only=True)`
-- `rng.pt`: torch / CUDA / numpy / python RNG states (tensors and plain types only)
-- `state.json`: step, tokens, data position, model phase, full config, tokenizer identity
+- `model.safetensors`: weights (full, unsharded; readable by any safetensors tool)
+- `optimizer/`: optimizer state in `torch.distributed.checkpoint` format, written and read
+  shard by shard (each rank handles only its part; no rank holds the whole state)
+- `rng/rank-<r>.pt`: each rank's RNG states (`lorytrain.training.rng`)
+- `state.json`: step, tokens, data position, model phase, full config, tokenizer identity, and
+  under "files" the size and sha256 of every other file of the checkpoint
 
-A checkpoint is written into a hidden temp folder and renamed into place, and `latest`
-is replaced atomically afterwards, so a crash leaves the previous checkpoint intact.
+A checkpoint is written into a hidden temp folder and renamed into place, and `latest` is
+replaced atomically afterwards, so a crash, a full disk or a second signal leaves the earlier
+checkpoints intact. Readers verify sizes and hashes first and fall back to the newest valid
+checkpoint when the newest is damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
+import re
 import shutil
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from lorydata.manifest import atomic_write_bytes, fsync_dir
 from lorytrain.errors import LoryTrainError
+from lorytrain.training.agreement import any_rank, from_main
+from lorytrain.training.distributed import load_full_optimizer_state, unwrap
+from lorytrain.training.rng import rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_DIR = "optimizer"
+RNG_DIR = "rng"
+STATE_FILE = "state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
-        "python": _plain(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's `step-NNNNNNNN` folders, newest first (temp and set-aside folders excluded)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()), reverse=True)
 
 
-def _plain(value):
-    """Tuples of tuples to lists, numpy scalars to Python: what weights_only loading accepts."""
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _sha256_all(paths: list[Path]) -> list[str]:
+    # one thread per file: hashlib releases the GIL, so the weights and every rank's
+    # optimizer shard hash in parallel
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def _file_records(folder: Path) -> dict[str, dict]:
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE]
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(paths, _sha256_all(paths), strict=True)}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer_state: dict, state: dict,
-                    keep_last: int = 2) -> Path:
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        fsync_dir(sub)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, state: dict, keep_last: int = 2,
+                    model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    device: torch.device | None = None, rank: int = 0) -> Path | None:
     """Write checkpoint `step` atomically and prune all but the newest `keep_last`.
+
+    Collective under torchrun: every rank calls it and writes its shard of the optimizer state
+    and its RNG state; rank 0 writes the weights, hashes every file into `state.json` and
+    renames the folder into place.
 
     Args:
         run_dir: the run folder.
         step: optimizer steps done.
-        model_state: full state dict of the (unwrapped) model.
-        optimizer_state: the optimizer's state dict.
+        model_state: full state dict of the unwrapped model (rank 0; None on the others).
         state: JSON-serialisable trainer state (step, tokens, data position, config, ...).
         keep_last: checkpoints to keep (≥ 1).
+        model: the model the optimizer updates (with `optimizer`; sharded under FSDP).
+        optimizer: its optimizer; None writes no optimizer state.
+        device: this rank's device (its device RNG state is saved).
+        rank: this process's rank.
+
+    Returns:
+        The checkpoint folder on rank 0, None on the other ranks.
+
+    Raises:
+        LoryTrainError: writing failed on some rank (e.g. a full disk); nothing was renamed
+            into place, the temp folder is removed and earlier checkpoints are untouched.
     """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # clone: tied weights share storage, which safetensors refuses to save twice
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model_state.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    for path in tmp.iterdir():
-        _fsync_file(path)
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_dir(root)
-    atomic_write_bytes(root / LATEST, name.encode())
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -max(1, keep_last)]:
+    tmp, final = root / f".{name}.tmp", root / name
+    main = rank == 0
+    problem = None
+    try:
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+    except OSError as exc:
+        problem = exc
+    if any_rank(problem is not None):
+        _fail(name, root, tmp, problem, main)
+    try:
+        if optimizer is not None:
+            _save_optimizer(model, optimizer, tmp / OPTIMIZER_DIR)
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        torch.save(rng_state(device or torch.device("cpu")), tmp / RNG_DIR / f"rank-{rank:05d}.pt")
+        if main:
+            # clone: tied weights share storage, which safetensors refuses to save twice
+            tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in (model_state or {}).items()}
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    except (OSError, dcp.CheckpointException) as exc:  # dcp's wraps the OSError of whichever rank failed
+        problem = exc
+    if any_rank(problem is not None):
+        _fail(name, root, tmp, problem, main)
+    try:
+        if main:
+            _fsync_tree(tmp)
+            record = {**state, "files": _file_records(tmp)}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_dir(root)
+            atomic_write_bytes(root / LATEST, name.encode())
+    except OSError as exc:
+        problem = exc
+    if any_rank(problem is not None):
+        _fail(name, root, tmp, problem, main)
+    if not main:
+        return None
+    older = [p for p in checkpoint_dirs(run_dir) if p.name <= name]
+    for old in older[max(1, keep_last):]:
         shutil.rmtree(old)
     return final
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    root = Path(run_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "state.json").is_file():
-            return path
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+def _fail(name: str, root: Path, tmp: Path, problem: BaseException | None, main: bool) -> None:
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if problem is None:
+        raise LoryTrainError(f"writing checkpoint {name} failed on another rank; earlier checkpoints in {root} "
+                             "are intact")
+    if isinstance(problem, dcp.CheckpointException) and problem.failures:
+        problem = next(iter(problem.failures.values()))[0]  # (exception, traceback) of the first failed rank
+    reason = getattr(problem, "strerror", None) or str(problem).splitlines()[0]
+    hint = " (disk full: free space or point --out elsewhere)" if getattr(problem, "errno", None) == 28 else ""
+    raise LoryTrainError(f"cannot write checkpoint {name} in {root}: {reason}{hint}; earlier checkpoints "
+                         "are intact") from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint: {"model", "optimizer", "rng", "state"}.
+@contextmanager
+def _quiet_dcp():
+    """dcp warns that it assumes one process when there is no process group: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+
+
+    # Sharded state dict: each FSDP rank writes its own shards; replicated (DDP) state once.
+    state = get_optimizer_state_dict(unwrap(model), optimizer)
+    with _quiet_dcp():
+        dcp.save(state, checkpoint_id=str(folder))
+
+
+# ---- reading -----------------------------------------------------------------------------
+def read_state(path: str | Path) -> dict:
+    """A checkpoint's `state.json`.
 
     Raises:
-        LoryTrainError: the checkpoint is incomplete or unreadable.
+        LoryTrainError: it is missing or not JSON.
+    """
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise LoryTrainError(f"cannot read {Path(path) / STATE_FILE}: {exc}") from None
+
+
+def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> str | None:
+    """Check a checkpoint's files against the sizes and sha256 in its `state.json`.
+
+    Args:
+        path: the checkpoint folder.
+        only: check just these files or folders (e.g. ("model.safetensors",) to evaluate).
+
+    Returns:
+        None when it is intact, else what is wrong (one line).
     """
     path = Path(path)
     try:
-        return {
-            "model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-            "rng": torch.load(path / "rng.pt", weights_only=True),
-            "state": json.loads((path / "state.json").read_text()),
-        }
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise LoryTrainError(f"cannot read checkpoint {path}: {exc}") from None
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing (incomplete checkpoint)"
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({exc})"
+    files = state.get("files")
+    if files is None:  # written before checkpoints were hashed: presence is all we can check
+        return None if (path / MODEL_FILE).is_file() else f"{MODEL_FILE} is missing"
+    wanted = {name: expected for name, expected in files.items()
+              if only is None or any(name == o or name.startswith(o + "/") for o in only)}
+    for name, expected in wanted.items():  # cheap checks first
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, {expected['bytes']} were written (truncated?)"
+    digests = _sha256_all([path / name for name in wanted])
+    for (name, expected), digest in zip(wanted.items(), digests, strict=True):
+        if digest != expected["sha256"]:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def find_valid_checkpoint(run_dir: str | Path, log: Callable[[str], None], only: tuple[str, ...] | None = None,
+                          set_aside: bool = False) -> Path | None:
+    """The newest checkpoint of a run that passes `verify_checkpoint`.
+
+    Each damaged newer checkpoint is reported through `log` by name, and so is the fallback.
+
+    Args:
+        run_dir: the run folder.
+        log: where the reports go.
+        only: as in `verify_checkpoint`.
+        set_aside: rename damaged checkpoints newer than the one returned to
+            `step-NNNNNNNN.damaged`, so the resumed run's own checkpoints and pruning do not
+            collide with them (nothing is deleted).
+
+    Returns:
+        The checkpoint folder, or None when the run has no checkpoint at all.
+
+    Raises:
+        LoryTrainError: there are checkpoints but none is valid (one line naming each problem).
+    """
+    candidates = checkpoint_dirs(run_dir)
+    damaged = []
+    for path in candidates:
+        problem = verify_checkpoint(path, only)
+        if problem is None:
+            if damaged:
+                log(f"falling back to checkpoint {path.name}, the newest valid one")
+            for bad, _ in damaged if set_aside else []:
+                bad.rename(bad.with_name(bad.name + ".damaged"))
+                log(f"set the damaged {bad.name} aside as {bad.name}.damaged")
+            return path
+        log(f"checkpoint {path.name} is damaged: {problem}")
+        damaged.append((path, problem))
+    if damaged:
+        details = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+        raise LoryTrainError(f"no valid checkpoint in {Path(run_dir) / CHECKPOINTS} ({details})")
+    return None
+
+
+def find_checkpoint_on_all_ranks(run_dir: str | Path, log: Callable[[str], None], rank: int) -> Path | None:
+    """`find_valid_checkpoint` done once by rank 0 (which reads and hashes the files) and
+    shared with every rank; its error is raised on every rank."""
+    found, error = None, None
+    if rank == 0:
+        try:
+            found = find_valid_checkpoint(run_dir, log, set_aside=True)
+        except LoryTrainError as exc:
+            error = str(exc)
+    found, error = from_main((found, error))
+    if error:
+        raise LoryTrainError(error)
+    return found
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy a checkpoint's weights into `model` in place.
+
+    Under FSDP2 each rank reads only the rows of its own shards from `model.safetensors`
+    (safetensors slices are read lazily from the file), so no rank holds the full weights.
+
+    Args:
+        model: the (possibly wrapped or sharded) model, with the checkpoint's architecture.
+        path: the checkpoint folder.
+
+    Raises:
+        LoryTrainError: the weights do not fit the model, or the file is unreadable (only
+            possible for a checkpoint written before files were hashed, or damaged since).
+    """
+    target = unwrap(model).state_dict()
+    file = Path(path) / MODEL_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            saved = set(f.keys())
+            if saved != set(target):
+                raise LoryTrainError(f"checkpoint {path} does not fit the model (missing {sorted(set(target) - saved)[:3]}"
+                                     f", unexpected {sorted(saved - set(target))[:3]})")
+            with torch.no_grad():
+                for name, tensor in target.items():
+                    if isinstance(tensor, DTensor):
+                        local = tensor.to_local()
+                        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                                             tensor.placements)
+                        if local.numel():
+                            rows = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+                            local.copy_(f.get_slice(name)[rows])
+                    else:
+                        tensor.copy_(f.get_tensor(name))
+    except (OSError, SafetensorError) as exc:
+        raise LoryTrainError(f"cannot read {file}: {exc}") from None
+
+
+def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint, on CPU (for evaluation and generation in one process).
+
+    Raises:
+        LoryTrainError: the file is unreadable.
+    """
+    file = Path(path) / MODEL_FILE
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise LoryTrainError(f"cannot read {file}: {exc}") from None
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Load a checkpoint's optimizer state, each rank reading only its shards.
+
+    Parameters without saved state (a top-k expert that never got a gradient) keep the
+    freshly initialised state.
+
+    Args:
+        model: the model the optimizer updates (wrapped or not).
+        optimizer: the optimizer to fill.
+        path: the checkpoint folder.
+    """
+    path = Path(path)
+    if (path / "optimizer.pt").is_file():  # a checkpoint written before sharded optimizer state
+        load_full_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True,
+                                                               map_location="cpu"))
+        return
+    state = get_optimizer_state_dict(unwrap(model), optimizer)
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(path / OPTIMIZER_DIR),
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state)
+
+
+def load_rng_state(path: str | Path, rank: int, device: torch.device) -> None:
+    """Restore this rank's RNG states from a checkpoint (rank 0's when the saving run had no
+    rank `rank`; see `lorytrain.training.rng`)."""
+    path = Path(path)
+    own = path / RNG_DIR / f"rank-{rank:05d}.pt"
+    source = own if own.is_file() else path / RNG_DIR / "rank-00000.pt"
+    if not source.is_file():
+        source = path / "rng.pt"  # a checkpoint written before per-rank RNG states
+    set_rng_state(torch.load(source, weights_only=True), device)

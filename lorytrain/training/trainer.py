@@ -27,7 +27,15 @@ from lorytrain.errors import LoryTrainError
 from lorytrain.evaluation import evaluate, loss_pad_id
 from lorytrain.runs import keep_tokenizer
 from lorytrain.training import model_setup
-from lorytrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from lorytrain.training.checkpoint import (
+    checkpoint_dirs,
+    find_checkpoint_on_all_ranks,
+    load_model_weights,
+    load_optimizer_state,
+    load_rng_state,
+    read_state,
+    save_checkpoint,
+)
 from lorytrain.training.config import TrainConfig
 from lorytrain.training.distributed import (
     DistEnv,
@@ -43,6 +51,7 @@ from lorytrain.training.distributed import (
     wrap_model,
 )
 from lorytrain.training.metrics_log import MetricsLog
+from lorytrain.training.preemption import Preempted, PreemptionGuard
 from lorytrain.training.schedule import lr_at, warmup_steps
 
 
@@ -141,24 +150,28 @@ class Trainer:
         return torch.bfloat16 if precision == "bf16" else None
 
     def _find_checkpoint(self) -> dict | None:
-        found = latest_checkpoint(self.out)
-        if found is None:
-            if self.config.resume:
-                self.log(f"no checkpoint in {self.out}: starting from scratch")
-            return None
+        """{"path", "state"} of the newest valid checkpoint to resume (verified by rank 0,
+        damaged newer ones reported and set aside), or None to start fresh."""
         if not self.config.resume:
-            raise LoryTrainError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        checkpoint = load_checkpoint(found)
-        model_setup.check_compatible(checkpoint["state"], self.config, self.tokenizer, self.seq_len)
+            if checkpoint_dirs(self.out):
+                raise LoryTrainError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                                     "another --out")
+            return None
+        found = find_checkpoint_on_all_ranks(self.out, self.log, self.env.rank)
+        if found is None:
+            self.log(f"no checkpoint in {self.out}: starting from scratch")
+            return None
+        state = read_state(found)
+        model_setup.check_compatible(state, self.config, self.tokenizer, self.seq_len)
         self.log(f"resuming from {found}")
-        return checkpoint
+        return {"path": found, "state": state}
 
     def _build(self, phase: str, checkpoint: dict | None) -> None:
         self.phase = phase
         model = model_setup.build(self.config, phase, self.tokenizer["vocab_size"], self.seq_len)
-        if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
         self._install(model)
+        if checkpoint is not None:  # after wrapping: under FSDP each rank reads only its shards
+            load_model_weights(self.model, checkpoint["path"])
 
     def _install(self, model: torch.nn.Module) -> None:
         model.to(self.env.device)
@@ -169,9 +182,9 @@ class Trainer:
 
     def _restore(self, checkpoint: dict) -> None:
         state = checkpoint["state"]
-        load_full_optimizer_state(self.raw_model, self.optimizer, checkpoint["optimizer"])
+        load_optimizer_state(self.raw_model, self.optimizer, checkpoint["path"])
         self.dataset.load_state_dict(state["data"])
-        set_rng_state(checkpoint["rng"])
+        load_rng_state(checkpoint["path"], self.env.rank, self.env.device)
         self.step, self.tokens = state["step"], state["tokens"]
 
     # ---- the loop ---------------------------------------------------------------------
@@ -220,6 +233,7 @@ class Trainer:
         batches = self._batches()
         last_record: dict = {}
         progress = _progress(self.plan.steps, self.step, self.env.is_main)
+        preemption = PreemptionGuard().install()
         try:
             while self.step < self.plan.steps:
                 if self.phase == "dense" and self.step >= self.plan.upcycle_step:
@@ -228,6 +242,9 @@ class Trainer:
                 if self.env.is_main and (self.step % self.config.log_every == 0 or self.step == self.plan.steps):
                     metrics.log(record)
                 last_record = dict(record)
+                if preemption.requested():  # every rank stops after this same step
+                    self.save()
+                    raise Preempted(preemption.signal_name, self.step)
                 if self.config.eval_data and self.config.eval_every and self.step % self.config.eval_every == 0:
                     last_record["eval"] = self._evaluate(metrics)["eval"]
                 if self.config.save_every and self.step % self.config.save_every == 0:
@@ -238,6 +255,7 @@ class Trainer:
             if self.config.save_final:
                 self.save()
         finally:
+            preemption.uninstall()
             progress.close()
             if metrics is not None:
                 metrics.close()
@@ -322,11 +340,9 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Checkpoint the current step (collective under FSDP; rank 0 writes)."""
+        """Checkpoint the current step (collective: rank 0 writes the weights, every rank its
+        optimizer shards and RNG state)."""
         weights = full_state_dict(self.model)
-        optimizer_state = full_optimizer_state(self.raw_model, self.optimizer)
-        if not self.env.is_main:
-            return None
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -337,7 +353,9 @@ class Trainer:
             "tokenizer": self.tokenizer,
             "seq_len": self.seq_len,
         }
-        return save_checkpoint(self.out, self.step, weights, optimizer_state, state, self.config.keep_last)
+        return save_checkpoint(self.out, self.step, weights if self.env.is_main else None, state, self.config.keep_last,
+                               model=self.raw_model, optimizer=self.optimizer, device=self.env.device,
+                               rank=self.env.rank)
 
 
 class _Progress:

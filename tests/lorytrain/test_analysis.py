@@ -158,7 +158,7 @@ def make_run(run_dir, config, tokenizer: dict) -> None:
     torch.manual_seed(0)
     model = build_model(config)
     state = {"step": 7, "model_config": config.to_dict(), "tokenizer": tokenizer}
-    save_checkpoint(run_dir, 7, model.state_dict(), {}, state)
+    save_checkpoint(run_dir, 7, model.state_dict(), state)
 
 
 def test_run_analysis_end_to_end(text_shards, tmp_path):
