@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lorydata.dataset import ShardDataset
-from lorytrain.training.distributed import max_over_ranks
+from lorytrain.training.agreement import max_over_ranks
 
 UNKNOWN_DOMAIN = "(unknown)"
 
@@ -116,7 +116,7 @@ def evaluate(model: torch.nn.Module, folder: str | Path, batch_size: int = 8, de
     # Every rank runs the same number of forward passes: under FSDP each one is a round of
     # all-gathers, and a rank with one batch more than the others would wait for them forever.
     local_batches = math.ceil(dataset.total_samples / batch_size)
-    passes = max_over_ranks(min(local_batches, max_batches) if max_batches else local_batches, device)
+    passes = max_over_ranks(min(local_batches, max_batches) if max_batches else local_batches)
     batches = iter(loader)
     for _ in range(passes):
         batch = next(batches, None)

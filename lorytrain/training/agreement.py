@@ -20,13 +20,22 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (all_reduce MAX, collective)."""
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of all ranks (all_reduce MAX, collective; itself without a process group).
+
+    Args:
+        value: this rank's number.
+    """
     if not _active():
-        return flag
-    value = torch.tensor([int(flag)], device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (collective)."""
+    return bool(max_over_ranks(int(flag)))
 
 
 def from_main(value):

@@ -198,17 +198,3 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
     return value
-
-
-def max_over_ranks(value: int, device: torch.device) -> int:
-    """The largest `value` of all ranks (itself without a process group).
-
-    Args:
-        value: this rank's number.
-        device: where the process group's collectives run (CUDA for NCCL).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor(value, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor)

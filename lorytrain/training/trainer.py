@@ -40,10 +40,8 @@ from lorytrain.training.config import TrainConfig
 from lorytrain.training.distributed import (
     DistEnv,
     all_reduce_mean,
-    full_optimizer_state,
     full_state_dict,
     init_distributed,
-    load_full_optimizer_state,
     shard_model,
     shards_in_place,
     synchronize,

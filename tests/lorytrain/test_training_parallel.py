@@ -46,7 +46,7 @@ def test_evaluation_runs_the_passes_the_ranks_agree_on_and_counts_only_real_rows
     alone = evaluate(model, heldout_21, batch_size=2, device=device, autocast_dtype=dtype)
     rows = []
     model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    monkeypatch.setattr(evaluation, "max_over_ranks", lambda value, device: value + 2)  # a rank with 2 more batches
+    monkeypatch.setattr(evaluation, "max_over_ranks", lambda value: value + 2)  # a rank with 2 more batches
     padded = evaluate(model, heldout_21, batch_size=2, device=device, autocast_dtype=dtype)
     assert rows == [2] * 10 + [1] + [1, 1]  # 21 rows in 11 batches, then 2 passes without rows
     assert padded == alone
