@@ -258,3 +258,33 @@ def domain_perplexity(moe: LoryLM, dense: LoryLM, data: str | Path, domain: str 
         rows.append((name, results["moe"]["domains"][name]["ppl"], results["dense"]["domains"][name]["ppl"]))
     rows.append(("overall", results["moe"]["overall"]["ppl"], results["dense"]["overall"]["ppl"]))
     return {**results, "rows": rows}
+
+
+def export_dense_run(run_dir: str | Path, out: str | Path, routing_from: str, domain: str | None = None,
+                     checkpoint: str | None = None, eval_data: str | Path | None = None, batch_size: int = 8,
+                     max_batches: int = 0, overwrite: bool = False) -> dict:
+    """`lory export-dense`: average a run's routing over `routing_from`, merge, write a LLaMA folder,
+    and (with `eval_data`) compare the dense model's perplexity with the MoE's.
+
+    Returns:
+        A report: the folder, the routing weights used and, with eval_data, the perplexities.
+    """
+    from lorydata.tokenizer import Tokenizer
+    from lorytrain.runs import load_run
+
+    run = load_run(run_dir, checkpoint)
+    check_mergeable(run.model)
+    tokenizer = Tokenizer(run.tokenizer_path) if run.tokenizer_path is not None else None
+    average = average_routing(run.model, routing_from, tokenizer, domain=domain, batch_size=batch_size,
+                              max_batches=max_batches)
+    dense = merge_to_dense(run.model, average.weights)
+    report = {"run": str(run_dir), "checkpoint": str(run.checkpoint), "routing": average.to_dict()}
+    if eval_data is not None:
+        compared = domain_perplexity(run.model, dense, eval_data, domain, batch_size=batch_size,
+                                     max_batches=max_batches, expected_tokenizer=run.tokenizer_sha256)
+        report["perplexity"] = [{"domain": name, "moe_ppl": moe, "dense_ppl": merged}
+                                for name, moe, merged in compared["rows"]]
+    seq_len = run.state.get("seq_len") or 4096
+    folder = export_llama(dense, out, run.tokenizer_path, max_positions=max(seq_len, 4096), overwrite=overwrite,
+                          extra=report)
+    return {**report, "out": str(folder)}

@@ -296,7 +296,6 @@ class LoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     config_class = LoryConfig
     base_model_prefix = "lory"
-    _no_split_modules = ("Block",)
     _supports_cache_class = True
 
     def __init__(self, config: LoryConfig):
