@@ -92,7 +92,8 @@ def average_routing(model: LoryLM, source: str | Path, tokenizer=None, domain: s
     check_mergeable(model)
     segment_len = model.config.segment_len
     path = Path(str(source))
-    if path.is_dir() and (path / "manifest.json").is_file():
+    is_shards, is_file = _kind_of(path)
+    if is_shards:
         sha = getattr(tokenizer, "sha256", None)
         batches, label = _shard_sequences(path, batch_size, sha), f"shards {path}"
     else:
@@ -101,7 +102,7 @@ def average_routing(model: LoryLM, source: str | Path, tokenizer=None, domain: s
         if domain is not None:
             raise LoryTrainError("--domain selects segments of shard folders; text has no domains")
         text, label = source, "text"
-        if path.is_file():
+        if is_file:
             try:
                 text, label = path.read_text(encoding="utf-8"), f"text file {path}"
             except (OSError, UnicodeDecodeError) as exc:
@@ -128,6 +129,14 @@ def average_routing(model: LoryLM, source: str | Path, tokenizer=None, domain: s
         raise LoryTrainError(f"no routing segment found in {label}")
     return RoutingAverage([None if s is None else s / count for s in sums], count,
                           label if domain is None else f"{label}, domain {domain}")
+
+
+def _kind_of(path: Path) -> tuple[bool, bool]:
+    """(is a shard folder, is a file); a string too long or odd to be a path is neither."""
+    try:
+        return path.is_dir() and (path / "manifest.json").is_file(), path.is_file()
+    except (OSError, ValueError):
+        return False, False
 
 
 def _segment_mask(names: list | None, length: int, segment_len: int, domain: str | None, seen: set) -> torch.Tensor:
