@@ -441,7 +441,7 @@ def benchmark_cmd(run_dir, tasks, data_dir, compare_run, routing, num_fewshot, l
 
     from rich.table import Table
 
-    from lorytrain.harness.benchmark import benchmark_run, compare, select_tasks
+    from lorytrain.harness.benchmark import benchmark_run, compare, plot, select_tasks
     from lorytrain.harness.suite import table_rows, write_json
 
     names, skipped = select_tasks(tasks, data_dir)
@@ -463,7 +463,9 @@ def benchmark_cmd(run_dir, tasks, data_dir, compare_run, routing, num_fewshot, l
         payload.update(compare_result=other, change=compare(result, other))
     out = out or str(Path(run_dir) / "benchmark.json")
     write_json(out, payload)
-    console.print(f"wrote {out}")
+    png = plot(result, Path(out).with_suffix(".png"), other,
+               (Path(run_dir).name, Path(compare_run).name if compare_run else ""))
+    console.print(f"wrote {out} and {png}")
 
 
 @lory.command("export-hf")

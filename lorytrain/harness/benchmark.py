@@ -48,3 +48,35 @@ def compare(first: dict, second: dict) -> dict:
              for n in first["tasks"] if n in second["tasks"]}
     groups = {g: second["groups"][g] - first["groups"][g] for g in first["groups"] if g in second["groups"]}
     return {"tasks": tasks, "groups": groups, "average": second["average"] - first["average"]}
+
+
+def plot(result: dict, path: str | Path, other: dict | None = None, labels: tuple[str, str] = ("run", "compare")) -> Path:
+    """Bar chart (PNG) of every task's headline value and the group averages, one bar per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lorytrain.harness.suite import GROUPS
+
+    names = [n for _, tasks in GROUPS.values() for n in tasks if n in result["tasks"]]
+    names += [f"{key} avg" for key in GROUPS if key in result["groups"]]
+    runs = [(labels[0], result)] + ([(labels[1], other)] if other else [])
+
+    def value(payload: dict, name: str) -> float:
+        if name.endswith(" avg"):
+            return 100 * payload["groups"].get(name[:-4], float("nan"))
+        return 100 * payload["tasks"].get(name, {}).get("value", float("nan"))
+
+    figure = Figure(figsize=(max(6.0, 0.6 * len(names) * len(runs)), 4.0))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / len(runs)
+    for index, (label, payload) in enumerate(runs):
+        axes.bar([i + index * width for i in range(len(names))], [value(payload, n) for n in names], width,
+                 label=label)
+    axes.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(names))], names, rotation=45, ha="right")
+    axes.set_ylabel("headline metric (%)")
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path

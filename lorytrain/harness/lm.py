@@ -49,14 +49,14 @@ class LoryHarnessLM(TemplateLM):
     """
 
     def __init__(self, run: str | None = None, checkpoint: str | None = None, routing: str = "prompt",
-                 device: str = "cpu", dtype: str | None = None, batch_size: int | str = 8,
+                 device: str | None = "cpu", dtype: str | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, model=None, tokenizer=None, **unused):
         super().__init__()
         if routing not in ROUTING_MODES:
             raise LoryTrainError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {routing!r}")
         if dtype is not None and dtype not in DTYPES:
             raise LoryTrainError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if device == "auto":
+        if device in (None, "auto"):  # lm-eval passes device=None unless told
             device = "cuda" if torch.cuda.is_available() else "cpu"
         seq_len = None
         if model is None:

@@ -90,6 +90,16 @@ def test_benchmark_command_compares_two_runs(lory_run, tmp_path):
     assert set(payload["result"]["tasks"]) == {"piqa", "boolq"}
     assert "nq" in payload["skipped"]
     assert payload["change"]["tasks"] == {"piqa": 0.0, "boolq": 0.0}  # a run against itself
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_lm_eval_builds_the_model_from_its_argument_string(lory_run):
+    from lorytrain.harness.lm import LoryHarnessLM
+
+    lm = LoryHarnessLM.create_from_arg_string(f"run={lory_run},routing=segment,dtype=float32",
+                                              {"batch_size": 4, "max_batch_size": None, "device": None})
+    assert (lm.routing, lm.batch_size, lm.max_length) == ("segment", 4, 64)
+    assert lm.eot_token_id == lm.tokenizer.eos_id
 
 
 @pytest.mark.parametrize("args, message", [
