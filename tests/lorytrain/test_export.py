@@ -101,7 +101,7 @@ def test_export_ships_a_working_tokenizer_and_refuses_to_overwrite(tmp_path, def
     tok = Tokenizer(default_tokenizer_path)
     model = tiny("lory", vocab=tok.vocab_size)
     folder = export_hf(model, tmp_path / "hf", default_tokenizer_path)
-    hf_tok = AutoTokenizer.from_pretrained(folder)
+    hf_tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     text = "git rebase --onto main"
     assert hf_tok(text)["input_ids"] == tok.encode(text)
     assert hf_tok.eos_token_id == tok.eos_id
