@@ -76,6 +76,7 @@ def test_export_dense_command_reports_domain_perplexity(lory_run, text_shards, t
     assert table.exit_code == 0 and "dense (merged)" in table.output
 
 
+@pytest.mark.slow
 def test_benchmark_command_compares_two_runs(lory_run, tmp_path):
     data = tmp_path / "data"
     write_task(data, "piqa", [{"goal": f"To undo commit {i}", "sol1": "git revert it.", "sol2": "unplug it.",
