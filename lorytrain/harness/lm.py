@@ -15,13 +15,14 @@ greedy unless the task asks for sampling) and cuts at the first stop string.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
 from lorytrain.errors import LoryTrainError
@@ -58,6 +59,10 @@ class LoryHarnessLM(TemplateLM):
             raise LoryTrainError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if device in (None, "auto"):  # lm-eval passes device=None unless told
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda by default, also on machines without one
+            logging.getLogger(__name__).warning("no CUDA device: the lory model runs on the CPU")
+            device = "cpu"
         seq_len = None
         if model is None:
             if run is None:
@@ -70,6 +75,18 @@ class LoryHarnessLM(TemplateLM):
         self._device = torch.device(device)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length or seq_len or 4096)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> LoryHarnessLM:
+        """Build from `--model_args` and lm-eval's own options; `--model_args` wins where both
+        name a value (e.g. batch_size), instead of the duplicate-keyword error of the default."""
+        merged = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        merged.update(arg_dict)
+        return cls(**merged)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LoryHarnessLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @property
     def device(self) -> torch.device:

@@ -101,6 +101,9 @@ def test_lm_eval_builds_the_model_from_its_argument_string(lory_run):
                                               {"batch_size": 4, "max_batch_size": None, "device": None})
     assert (lm.routing, lm.batch_size, lm.max_length) == ("segment", 4, 64)
     assert lm.eot_token_id == lm.tokenizer.eos_id
+    # batch_size in both --model_args and lm-eval's own options: the model argument wins
+    lm = LoryHarnessLM.create_from_arg_string(f"run={lory_run},batch_size=2", {"batch_size": 16, "device": "cpu"})
+    assert lm.batch_size == 2
 
 
 @pytest.mark.parametrize("args, message", [
