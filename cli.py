@@ -432,5 +432,108 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
 
 
+# ---- evaluation and export -------------------------------------------------------------
+@lory.command("benchmark")
+@click.argument("run_dir", type=click.Path())
+@click.option("--tasks", default="paper", show_default=True,
+              help="paper, a group (commonsense, reading, closed_book_qa, classification) or task names, comma-separated.")
+@click.option("--data-dir", required=True, type=click.Path(),
+              help="Folder of DATA_DIR/<task>/test.jsonl (and train.jsonl for few-shot tasks); see README.")
+@click.option("--compare", "compare_run", default=None, type=click.Path(), help="A second run, shown side by side.")
+@click.option("--routing", default="prompt", show_default=True, type=click.Choice(["prompt", "segment"]))
+@click.option("--num-fewshot", default=None, type=int, help="Override every task's shot count.")
+@click.option("--limit", default=None, type=int, help="Score only the first N examples of each task.")
+@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--out", default=None, help="JSON report (default: RUN_DIR/benchmark.json).")
+def benchmark_cmd(run_dir, tasks, data_dir, compare_run, routing, num_fewshot, limit, checkpoint, batch_size,
+                  device, out):
+    """Downstream tasks of the paper (lm-eval, in-context, local files) grouped like its Table 1."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from lorytrain.harness.benchmark import benchmark_run, compare, plot, select_tasks
+    from lorytrain.harness.suite import table_rows, write_json
+
+    names, skipped = select_tasks(tasks, data_dir)
+    console = _console()
+    if skipped:
+        console.print(f"no local data for: {', '.join(skipped)} (skipped)")
+    options = {"routing": routing, "device": _device(device), "batch_size": batch_size, "num_fewshot": num_fewshot,
+               "limit": limit}
+    result = benchmark_run(run_dir, names, data_dir, checkpoint=checkpoint, **options)
+    other = benchmark_run(compare_run, names, data_dir, **options) if compare_run else None
+    table = Table(title=f"{run_dir}" + (f" vs {compare_run}" if other else "") + f" ({routing} routing)")
+    for column in ("task", "metric", Path(run_dir).name, *((Path(compare_run).name, "change") if other else ())):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for row in table_rows(result, other):
+        table.add_row(*row)
+    console.print(table)
+    payload = {"result": result, "skipped": skipped}
+    if other:
+        payload.update(compare_result=other, change=compare(result, other))
+    out = out or str(Path(run_dir) / "benchmark.json")
+    write_json(out, payload)
+    png = plot(result, Path(out).with_suffix(".png"), other,
+               (Path(run_dir).name, Path(compare_run).name if compare_run else ""))
+    console.print(f"wrote {out} and {png}")
+
+
+@lory.command("export-hf")
+@click.argument("run_dir", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
+@click.option("--routing", default="prompt", show_default=True, type=click.Choice(["prompt", "segment"]),
+              help="Routing of generate(): prompt (route once on the prompt) or segment (re-route every segment).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty.")
+def export_hf_cmd(run_dir, out, checkpoint, routing, overwrite):
+    """Write a Hugging Face folder that AutoModelForCausalLM loads with trust_remote_code=True."""
+    from lorytrain.export.hf import export_hf
+    from lorytrain.runs import load_run
+
+    run = load_run(run_dir, checkpoint)
+    folder = export_hf(run.model, out, run.tokenizer_path, generation_routing=routing, overwrite=overwrite)
+    _console().print(f"wrote {folder} ({run.model.config.ffn}, step {run.state['step']})")
+
+
+@lory.command("export-dense")
+@click.argument("run_dir", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--routing-from", required=True,
+              help="Shard folder, text file or text whose mean routing weights merge the experts.")
+@click.option("--domain", default=None, help="With a shard folder: only segments of this domain.")
+@click.option("--eval-data", default=None, type=click.Path(), help="Shards to compare dense vs MoE perplexity on.")
+@click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-batches", default=0, show_default=True, type=int, help="Stop after this many batches (0: all).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_dense_cmd(run_dir, out, routing_from, domain, eval_data, checkpoint, batch_size, max_batches, overwrite,
+                     as_json):
+    """Merge every Lory layer's experts with averaged routing weights into a LlamaForCausalLM folder."""
+    from lorytrain.export.dense import export_dense_run
+
+    report = export_dense_run(run_dir, out, routing_from, domain=domain, checkpoint=checkpoint, eval_data=eval_data,
+                              batch_size=batch_size, max_batches=max_batches, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    console = _console()
+    console.print(f"wrote {report['out']} (routing averaged over {report['routing']['segments']} segments of "
+                  f"{report['routing']['source']})")
+    if "perplexity" in report:
+        from rich.table import Table
+
+        table = Table(title=f"perplexity on {eval_data}")
+        for column in ("domain", "MoE", "dense (merged)", "change"):
+            table.add_column(column, justify="left" if column == "domain" else "right")
+        for row in report["perplexity"]:
+            change = 100 * (row["dense_ppl"] / row["moe_ppl"] - 1)
+            table.add_row(row["domain"], f"{row['moe_ppl']:.2f}", f"{row['dense_ppl']:.2f}", f"{change:+.1f}%")
+        console.print(table)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,158 @@
+"""export-hf and export-dense: the exported models compute what lory computes."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from lorydata.tokenizer import Tokenizer
+from lorytrain.errors import LoryTrainError
+from lorytrain.export.dense import average_routing, export_llama, merge_to_dense
+from lorytrain.export.hf import export_hf
+from lorytrain.generation import SamplingConfig, generate
+from lorytrain.model import LoryLM, ModelConfig
+
+VOCAB = 97
+# every --ffn kind, with the variants that change the exported math
+KINDS = {
+    "dense": {"ffn": "dense"},
+    "lory": {"ffn": "lory"},
+    "lory-uniform-first": {"ffn": "lory", "first_segment": "uniform"},
+    "lory-samoe": {"ffn": "lory", "samoe_pool": 3},
+    "prefix": {"ffn": "prefix"},
+    "topk-1": {"ffn": "topk", "top_k": 1},
+    "topk-2": {"ffn": "topk", "top_k": 2},
+    "expert-choice-token": {"ffn": "expert-choice", "ec_level": "token"},
+    "expert-choice-segment": {"ffn": "expert-choice", "ec_level": "segment"},
+}
+
+
+def tiny(kind: str, vocab: int = VOCAB, seed: int = 0) -> LoryLM:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, ffn_dim=48, segment_len=8, n_experts=4,
+                         **KINDS[kind])
+    model = LoryLM(config).eval()
+    with torch.no_grad():  # sharp routers: routing decisions change the logits visibly
+        for block in model.layers:
+            ffn = block.ffn
+            router = getattr(getattr(ffn, "routing", None), "router", None) or getattr(ffn, "router", None)
+            if router is not None:
+                router.weight.mul_(40)
+    return model
+
+
+def load_hf(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_exported_logits_equal_lory_forward(kind, tmp_path):
+    model = tiny(kind)
+    hf = load_hf(export_hf(model, tmp_path / "hf"))
+    ids = torch.randint(0, VOCAB, (2, 29))  # 3 full segments and a partial one
+    with torch.no_grad():
+        expected, got = model(ids), hf(ids).logits
+        assert (expected - got).abs().max() <= 1e-4
+        # prompt routing of an uncached pass, too
+        expected = model(ids, routing="prompt")
+        assert (expected - hf(ids, routing="prompt").logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["lory", "prefix", "topk-2", "expert-choice-segment", "dense"])
+@pytest.mark.parametrize("routing", ["prompt", "segment"])
+def test_generate_equals_lory_generate(kind, routing, tmp_path):
+    model = tiny(kind)
+    hf = load_hf(export_hf(model, tmp_path / "hf", generation_routing=routing))
+    prompt = torch.randint(0, VOCAB, (1, 13))
+    steps = 22  # crosses several routing segments of 8 tokens
+    greedy = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=steps, temperature=0), routing=routing)
+    out = hf.generate(prompt, max_new_tokens=steps, do_sample=False)
+    assert out[0, 13:].tolist() == greedy[0]
+    # sampled: lory seeds its own generator, transformers draws from the global one with the same seed
+    sampled = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=steps, temperature=0.8, seed=5),
+                       routing=routing)
+    torch.manual_seed(5)
+    out = hf.generate(prompt, max_new_tokens=steps, do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
+    assert out[0, 13:].tolist() == sampled[0]
+
+
+def test_generate_batches_left_padded_prompts_with_prompt_routing(tmp_path):
+    model = tiny("lory")
+    hf = load_hf(export_hf(model, tmp_path / "hf"))
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
+    expected = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0), routing="prompt")
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 10 - len(prompt) :], mask[row, 10 - len(prompt) :] = torch.tensor(prompt), 1
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out[:, 10:].tolist() == expected
+
+
+def test_segment_routing_refuses_padded_batches(tmp_path):
+    hf = load_hf(export_hf(tiny("lory"), tmp_path / "hf", generation_routing="segment"))
+    ids, mask = torch.ones(2, 6, dtype=torch.long), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="unpadded"):
+        hf.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+def test_export_ships_a_working_tokenizer_and_refuses_to_overwrite(tmp_path, default_tokenizer_path):
+    tok = Tokenizer(default_tokenizer_path)
+    model = tiny("lory", vocab=tok.vocab_size)
+    folder = export_hf(model, tmp_path / "hf", default_tokenizer_path)
+    hf_tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    text = "git rebase --onto main"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lory.LoryForCausalLM"
+    for name in ("modeling_lory.py", "configuration_lory.py"):
+        assert "lory" + "train" not in (folder / name).read_text()  # runs without lory installed
+    with pytest.raises(LoryTrainError, match="not empty"):
+        export_hf(model, folder)
+
+
+def fix_routing(model: LoryLM, weights: list[torch.Tensor]) -> None:
+    """Make every Lory layer route every segment with the given fixed weights."""
+    for block, w in zip(model.layers, weights, strict=True):
+        routing = block.ffn.routing
+        routing.forward = lambda x, ctx, w=w, T=routing.segment_len: (w.expand(x.shape[0], -(-x.shape[1] // T), -1), T)
+
+
+@pytest.mark.parametrize("kind", ["lory", "lory-samoe", "prefix"])
+def test_dense_llama_equals_lory_under_fixed_routing(kind, tmp_path):
+    model = tiny(kind)
+    torch.manual_seed(1)
+    weights = [torch.softmax(2 * torch.randn(4), 0) for _ in model.layers]
+    folder = export_llama(merge_to_dense(model, weights), tmp_path / "llama")
+    llama = LlamaForCausalLM.from_pretrained(folder).eval()
+    fix_routing(model, weights)
+    ids = torch.randint(0, VOCAB, (2, 29))
+    with torch.no_grad():
+        assert (model(ids) - llama(ids).logits).abs().max() <= 1e-4
+
+
+def test_merge_refuses_token_level_moe():
+    with pytest.raises(LoryTrainError, match="per token"):
+        merge_to_dense(tiny("topk-2"), [None, None])
+
+
+def test_average_routing_over_text_is_the_mean_segment_weight(default_tokenizer_path):
+    tok = Tokenizer(default_tokenizer_path)
+    model = tiny("lory", vocab=tok.vocab_size)
+    text = "git rebase replays commits on top of another base. " * 6
+    average = average_routing(model, text, tok, seq_len=32)
+    ids = [tok.eos_id, *tok.encode(text)]
+    per_layer = [[] for _ in model.layers]
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 32):
+            model(torch.tensor([ids[start : start + 32]]))
+            for layer, stats in enumerate(model.routing_stats()):
+                per_layer[layer].append(stats.segment_weights[0])
+    for layer, weights in enumerate(per_layer):
+        expected = torch.cat(weights).mean(0)
+        assert torch.allclose(average.weights[layer], expected, atol=1e-6)
+    assert average.segments == sum(w.shape[0] for w in per_layer[0])
+    with pytest.raises(LoryTrainError, match="domains"):
+        average_routing(model, text, tok, domain="git")
