@@ -30,6 +30,7 @@ cannot see). Only the global window is supported (batch pipelines); windows are 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -107,10 +108,8 @@ def _take_dofn(run: str, key: str, fn_bytes: bytes):
         idle = _POOL["idle"].setdefault(key, [])
         fn = idle.pop() if idle else None
     for old in stale:
-        try:
+        with contextlib.suppress(Exception):  # teardown is best effort in Beam too
             old.teardown()
-        except Exception:  # teardown is best effort in Beam too
-            pass
     if fn is None:
         fn = pickler.loads(fn_bytes)
         fn.setup()

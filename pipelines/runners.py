@@ -3,6 +3,7 @@ connects to (`--dask-address`) or starts for the build (`--workers`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,6 +75,8 @@ def runner_session(runner: str | None, dask_address: str | None = None,
     if workers is not None and workers < 1:
         raise LoryDataError(f"--workers must be positive, got {workers}")
     ddist = _import_distributed()
+    # The scheduler of a local cluster runs in this process: its INFO lines are not for users.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if dask_address is not None:
         _check_scheduler(ddist, dask_address)
         yield DASK, [f"--dask_client_address={dask_address}"]
