@@ -7,7 +7,6 @@ import re
 import uuid
 
 import apache_beam as beam
-import distributed
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,9 +24,8 @@ from pipelines.runners import make_runner, runner_session
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
-        yield c
+def cluster(dask_cluster):
+    return dask_cluster
 
 
 def run(cluster, build, *flags):
