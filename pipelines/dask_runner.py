@@ -18,11 +18,15 @@ loses data or work in six ways, each fixed here (and pinned by `tests/pipelines/
   MetricsContainer and the counters come back with the results.
 
 Also: one DoFn instance per worker thread is set up once per pipeline run and reused across
-bundles (as Beam's runners do; RunInference loads its model once, not per partition), `Create`,
-`Reshuffle` and `GroupByKey` spread their elements over at least one partition per worker
-thread (stock: one partition for fewer than 128 elements, so one worker did everything), and
-the shuffle is dask's task-based one, never the disk one (local temp files a remote worker
-cannot see). Only the global window is supported (batch pipelines); windows are dropped.
+bundles (as Beam's runners do; RunInference loads its model once, not per partition), `Create`
+makes one partition per element (up to 1024) and `Reshuffle` and `GroupByKey` spread their
+elements over at least one partition per worker thread (stock: one partition for fewer than
+128 elements, so one worker did everything), and the shuffle is dask's task-based one, never
+the disk one (local temp files a remote worker cannot see). Only the global window is supported (batch pipelines); windows are dropped.
+
+Memory: a dask partition is one Beam bundle, and a ParDo's outputs for it are held as a list
+until its consumers ran, so a worker holds about one partition's data per running task. Keep
+per-document data inside a ParDo chain that writes files, and let bags carry metadata.
 
 `--runner dask` in `pipelines.runners` maps to `LoryDaskRunner` (the stock short name
 `DaskRunner` is unknown to Beam's `create_runner`).
@@ -61,6 +65,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 METRICS_TAG = "__lory_dask_metrics__"  # the tag under which a bundle's metric updates travel
 READ_BUNDLE_BYTES = 64 << 20  # largest bundle a Read is split into
+CREATE_PARTITIONS = 1024  # most partitions a Create is split into
 
 
 def _windowed(value: Any) -> WindowedValue:
@@ -279,7 +284,9 @@ class _BagGraph(PipelineVisitor):
         size = self.bag_kwargs.get("partition_size")
         if size:
             return db.from_sequence(values, partition_size=size)
-        npartitions = self.bag_kwargs.get("npartitions") or min(max(1, len(values)), self.partitions)
+        # One element per partition (up to CREATE_PARTITIONS): a Create usually lists files or
+        # buckets, each worth a task of its own, and a partition's outputs are held as a list.
+        npartitions = self.bag_kwargs.get("npartitions") or min(max(1, len(values)), CREATE_PARTITIONS)
         return db.from_sequence(values, npartitions=npartitions)
 
     def read(self, source):
