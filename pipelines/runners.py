@@ -82,7 +82,7 @@ def runner_session(runner: str | None, dask_address: str | None = None,
         yield DASK, [f"--dask_client_address={dask_address}"]
         return
     cluster = ddist.LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                                 dashboard_address=None)
+                                 dashboard_address=":0")
     try:
         yield DASK, [f"--dask_client_address={cluster.scheduler_address}"]
     finally:
