@@ -287,19 +287,25 @@ def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.option("--rows-per-shard", default=1024, show_default=True, type=int)
 @click.option("--min-chars", default=1, show_default=True, type=int)
 @click.option("--max-chars", default=1_000_000, show_default=True, type=int)
-@click.option("--runner", default=None, help="Beam runner (default: in-process FnApiRunner).")
+@click.option("--runner", default=None, help="Beam runner (default: in-process FnApiRunner); dask: see --workers.")
+@click.option("--dask-address", default=None, help="With --runner dask: tcp://host:port of a running Dask scheduler.")
+@click.option("--workers", default=None, type=int,
+              help="With --runner dask: worker processes of a local Dask cluster (default: one per core).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs built with other options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def build_corpus_cmd(inputs, as_json, runner, **kwargs):
+def build_corpus_cmd(inputs, as_json, runner, dask_address, workers, **kwargs):
     """Build similarity-batched (or random) shards from text dumps INPUT... (files, folders,
     globs). Extra `--flag=value` options are passed to Beam (e.g. --direct_num_workers=2)."""
     from pipelines.build_corpus import build_corpus
     from pipelines.options import LOCAL_RUNNER, BuildOptions
+    from pipelines.runners import runner_session
 
     paths, beam_args = _split_beam_args(inputs)
-    options = BuildOptions(inputs=paths, runner=runner or LOCAL_RUNNER, beam_args=beam_args, **kwargs)
     console = _console()
-    summary = build_corpus(options, log=console.print)
+    with runner_session(runner, dask_address, workers) as (runner, runner_args):
+        options = BuildOptions(inputs=paths, runner=runner or LOCAL_RUNNER, beam_args=[*beam_args, *runner_args],
+                               **kwargs)
+        summary = build_corpus(options, log=console.print)
     _print_build_summary(console, summary)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

@@ -119,4 +119,6 @@ def make_pipeline(options: BuildOptions):
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         return beam.Pipeline(runner=FnApiRunner(), options=pipeline_options)
-    return beam.Pipeline(options=pipeline_options)
+    from pipelines.runners import make_runner
+
+    return beam.Pipeline(runner=make_runner(options.runner), options=pipeline_options)
