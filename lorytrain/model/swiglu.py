@@ -77,6 +77,13 @@ def _unused(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
+def _only_y_differentiable(ctx, h1: Tensor, h3: Tensor) -> None:
+    """The pre-activations are outputs only to be saved for backward: no gradient flows into
+    them, and none is materialised (zeros of their size would double their memory in backward)."""
+    ctx.mark_non_differentiable(h1, h3)
+    ctx.set_materialize_grads(False)
+
+
 # ---- grouped experts (dense FFN = one group) ----
 
 @torch.library.custom_op("lory::grouped_swiglu", mutates_args=())
@@ -137,6 +144,7 @@ def _(dy, x, w, h1, h3, counts, need_x, need_w):
 def _grouped_setup(ctx, inputs, output):
     x, w, counts = inputs
     _, h1, h3 = output
+    _only_y_differentiable(ctx, h1, h3)
     ctx.save_for_backward(x, w, h1, h3)
     ctx.counts = counts
 
@@ -144,6 +152,8 @@ def _grouped_setup(ctx, inputs, output):
 def _grouped_grads(ctx, dy, _dh1, _dh3):
     x, w, h1, h3 = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
+    if dy is None:  # no gradient reached y (grads are not materialised)
+        return None, None, None
     dx, dw = _grouped_backward(dy, x, w, h1, h3, ctx.counts, need_x, need_w)
     return dx if need_x else None, dw if need_w else None, None
 
@@ -243,6 +253,7 @@ def _(dy, x, coef, w, h1, h3, chunk, tile, need_x, need_coef, need_w):
 def _merged_setup(ctx, inputs, output):
     x, coef, w, chunk, tile = inputs
     _, h1, h3 = output
+    _only_y_differentiable(ctx, h1, h3)
     ctx.save_for_backward(x, coef, w, h1, h3)
     ctx.chunk, ctx.tile = chunk, tile
 
@@ -250,6 +261,8 @@ def _merged_setup(ctx, inputs, output):
 def _merged_grads(ctx, dy, _dh1, _dh3):
     x, coef, w, h1, h3 = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
+    if dy is None:  # no gradient reached y (grads are not materialised)
+        return None, None, None, None, None
     grads = _merged_backward(dy, x, coef, w, h1, h3, ctx.chunk, ctx.tile, *need)
     return *(g if needed else None for g, needed in zip(grads, need, strict=True)), None, None
 
