@@ -220,8 +220,7 @@ def _new_index(d: int, spec: str, config: KnnConfig, gpu: bool):
 def _fill(index, x: np.ndarray, spec: str, config: KnnConfig) -> None:
     """Train the index if it needs it (on a seeded sample), then add `x`."""
     if not index.is_trained:
-        match = re.search(r"IVF(\d+)", spec)
-        wanted = max(config.train_points_per_list * int(match.group(1)) if match else 0, 65_536)
+        wanted = max(config.train_points_per_list * (_nlist(spec) or 0), 65_536)
         rng = np.random.default_rng(config.seed)
         sample = np.sort(rng.choice(len(x), min(len(x), wanted), replace=False))
         try:
@@ -326,7 +325,7 @@ def build_knn_graph(x: np.ndarray, config: KnnConfig | None = None) -> KnnGraph:
     k_search = min(n, (k if exact else config.rerank * k) + 1)
     nprobe = None
     if "IVF" in spec:  # probing more lists than exist probes them all
-        nprobe = default_nprobe(spec) if config.nprobe is None else min(config.nprobe, _nlist(spec))
+        nprobe = default_nprobe(spec) if config.nprobe is None else min(config.nprobe, _nlist(spec) or config.nprobe)
     index, device = _new_index(d, spec, config, use_faiss_gpu(config.device))
     if device == "cuda":  # checked before the vectors are added
         k_search = _gpu_search_width(k, n, k_search, nprobe)
