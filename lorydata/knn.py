@@ -14,6 +14,14 @@ nlist is the power of two nearest 4·√N, nprobe defaults to nlist/64 (at least
 neighbours in the In-Context Pretraining setup, is never used, and for lossy encodings
 the returned similarities are always recomputed from the exact vectors, so the graph
 holds true cosines. Measure quality with `knn_recall`.
+
+On GPU, exact storage stays exact: vectors are kept in float32 (FAISS's `useFloat16` would
+store a Flat index in fp16 and make "exact" search approximate); fp16 is used only for IVF-PQ
+lookup tables, whose candidates are re-scored anyway. GPU search returns at most 2048
+results per query and probes at most 2048 lists, so larger k or nprobe is a user error there
+(re-score candidates are capped, with a warning). Each process keeps one set of FAISS GPU
+resources per device and thread, reused by every graph it builds (e.g. one per cell of a
+partitioned corpus).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import contextlib
 import json
 import math
 import re
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +44,10 @@ IVF_FLAT_MAX_DOCS = 2_000_000
 IVF_SQ_MAX_DOCS = 20_000_000
 _EXACT_STORAGE = re.compile(r"(IVF\d+(_HNSW\d+)?,)?Flat|HNSW\d+(,Flat)?")
 _DEVICES = ("auto", "cpu", "cuda")
+# GPU FAISS selects at most this many results per query and probes at most this many IVF
+# lists (GPU_MAX_SELECTION_K in faiss/gpu/utils/DeviceDefs.cuh); above it search raises.
+GPU_MAX_K = 2048
+_gpu_cache = threading.local()  # StandardGpuResources by device id, per thread (they are not thread-safe)
 
 
 @dataclass
@@ -142,12 +156,16 @@ def choose_index(n: int, d: int) -> str:
     return f"IVF{nlist},PQ{m}"
 
 
+def _nlist(index: str) -> int | None:
+    match = re.search(r"IVF(\d+)", index)
+    return int(match.group(1)) if match else None
+
+
 def default_nprobe(index: str) -> int | None:
     """nlist/64 clipped to [8, 256] for IVF factory strings, None otherwise."""
-    match = re.search(r"IVF(\d+)", index)
-    if not match:
+    nlist = _nlist(index)
+    if nlist is None:
         return None
-    nlist = int(match.group(1))
     return min(nlist, max(8, min(256, nlist // 64)))
 
 
@@ -179,11 +197,10 @@ def use_faiss_gpu(device: str) -> bool:
     return device != "cpu" and gpus > 0
 
 
-def _make_index(x: np.ndarray, spec: str, config: KnnConfig, gpu: bool):
-    """Build, train and fill the index; returns (index, device actually used)."""
+def _new_index(d: int, spec: str, config: KnnConfig, gpu: bool):
+    """The empty index, on the GPUs when asked and possible; returns (index, device used)."""
     import faiss
 
-    d = x.shape[1]
     try:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -192,16 +209,18 @@ def _make_index(x: np.ndarray, spec: str, config: KnnConfig, gpu: bool):
         faiss.extract_index_ivf(index).cp.seed = config.seed
     device = "cpu"
     if gpu:
-        options = faiss.GpuMultipleClonerOptions()
-        options.useFloat16 = True  # PQ lookup tables above 48 bytes need it on GPU
         try:
-            index = faiss.index_cpu_to_all_gpus(index, co=options)
+            index = _to_all_gpus(index, spec)
             device = "cuda"
         except RuntimeError:
             pass  # e.g. HNSW has no GPU version: stay on CPU
+    return index, device
+
+
+def _fill(index, x: np.ndarray, spec: str, config: KnnConfig) -> None:
+    """Train the index if it needs it (on a seeded sample), then add `x`."""
     if not index.is_trained:
-        match = re.search(r"IVF(\d+)", spec)
-        wanted = max(config.train_points_per_list * int(match.group(1)) if match else 0, 65_536)
+        wanted = max(config.train_points_per_list * (_nlist(spec) or 0), 65_536)
         rng = np.random.default_rng(config.seed)
         sample = np.sort(rng.choice(len(x), min(len(x), wanted), replace=False))
         try:
@@ -210,7 +229,45 @@ def _make_index(x: np.ndarray, spec: str, config: KnnConfig, gpu: bool):
             raise LoryDataError(f"cannot train FAISS index {spec!r} on {len(sample)} vectors: "
                                 f"{str(exc).splitlines()[0]}") from exc
     index.add(x)
-    return index, device
+
+
+def gpu_resources(device_id: int):
+    """This thread's FAISS `StandardGpuResources` for GPU `device_id`, created on first use and
+    kept for the life of the process, so building many graphs (one per cell) does not allocate
+    fresh scratch memory and cuBLAS handles on every GPU each time."""
+    import faiss
+
+    cache = _gpu_cache.__dict__.setdefault("resources", {})
+    if device_id not in cache:
+        cache[device_id] = faiss.StandardGpuResources()
+    return cache[device_id]
+
+
+def _to_all_gpus(index, spec: str):
+    """`index` replicated on every visible GPU, with this thread's cached resources."""
+    import faiss
+
+    options = faiss.GpuMultipleClonerOptions()
+    # fp16 for IVF-PQ lookup tables only (GPU needs them above 48 bytes per vector; PQ
+    # candidates are re-scored exactly); on a Flat index it would store the vectors in fp16
+    options.useFloat16 = re.search(r"PQ\d", spec) is not None
+    gpus = list(range(faiss.get_num_gpus()))
+    return faiss.index_cpu_to_gpu_multiple_py([gpu_resources(g) for g in gpus], index, options, gpus)
+
+
+def _gpu_search_width(k: int, n: int, k_search: int, nprobe: int | None) -> int:
+    """`k_search` within what GPU FAISS can return: an error for k (of n documents) or nprobe
+    above its limit, fewer re-score candidates (with a warning) when only those exceed it."""
+    if min(n, k + 1) > GPU_MAX_K:
+        raise LoryDataError(f"k={k} is above what FAISS GPU search returns ({GPU_MAX_K - 1} neighbours "
+                            "plus self): use a smaller k or the CPU")
+    if nprobe is not None and nprobe > GPU_MAX_K:
+        raise LoryDataError(f"nprobe={nprobe} is above what FAISS GPU search probes ({GPU_MAX_K}): "
+                            "use a smaller nprobe or the CPU")
+    if k_search > GPU_MAX_K:
+        warnings.warn(f"FAISS GPU search returns at most {GPU_MAX_K} results: re-scoring {GPU_MAX_K} "
+                      f"candidates per document instead of {k_search}", stacklevel=3)
+    return min(k_search, GPU_MAX_K)
 
 
 def _set_search_params(index, spec: str, nprobe: int | None, k_search: int, device: str) -> None:
@@ -264,12 +321,15 @@ def build_knn_graph(x: np.ndarray, config: KnnConfig | None = None) -> KnnGraph:
     k = config.k
     if n < 2:
         return KnnGraph(np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32), spec, None, "cpu")
-    index, device = _make_index(x, spec, config, use_faiss_gpu(config.device))
     exact = _EXACT_STORAGE.fullmatch(spec) is not None
     k_search = min(n, (k if exact else config.rerank * k) + 1)
     nprobe = None
-    if "IVF" in spec:
-        nprobe = config.nprobe if config.nprobe is not None else default_nprobe(spec)
+    if "IVF" in spec:  # probing more lists than exist probes them all
+        nprobe = default_nprobe(spec) if config.nprobe is None else min(config.nprobe, _nlist(spec) or config.nprobe)
+    index, device = _new_index(d, spec, config, use_faiss_gpu(config.device))
+    if device == "cuda":  # checked before the vectors are added
+        k_search = _gpu_search_width(k, n, k_search, nprobe)
+    _fill(index, x, spec, config)
     _set_search_params(index, spec, nprobe, k_search, device)
     neighbors = np.full((n, k), -1, dtype=np.int64)
     similarities = np.full((n, k), -np.inf, dtype=np.float32)

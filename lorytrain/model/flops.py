@@ -1,7 +1,8 @@
-"""Parameter counts and training FLOPs per token of a config (for presets and MFU)."""
+"""Parameter counts and training FLOPs per token of a config, and accelerator peaks (for presets and MFU)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lorytrain.model.config import SEGMENT_ROUTED, ModelConfig
@@ -83,3 +84,61 @@ def flops_per_token(config: ModelConfig, seq_len: int, batch_tokens: int | None 
     elif config.samoe_pool:
         routing += 18 * n_exp * sources * d * f / (batch_tokens or seq_len)
     return float(flops + layers * routing)
+
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s, by normalised device name (see
+# `normalise_device_name`). Vendor datasheets print the sparse figure for Hopper, Ada and
+# Blackwell (marked "with sparsity"); the dense one is half of it:
+# - NVIDIA H100 datasheet: SXM 1,979, PCIe 1,513, NVL 1,671 sparse; H800 is an H100 with
+#   narrower NVLink (same SXM/PCIe figures); GH200 carries the H100 SXM chip.
+# - NVIDIA H200 datasheet: SXM 1,979, NVL 1,671 sparse.
+# - NVIDIA A100 datasheet: 312 dense for SXM4 and PCIe, 40 and 80 GB alike (A800 likewise).
+# - NVIDIA L40S / L40 datasheet: 362.05 / 181.05 dense; L4 and A10 datasheets: 242 / 250 sparse.
+# - NVIDIA HGX B200 (8 GPUs): 36 PFLOP/s sparse, i.e. 2,250 dense per GPU.
+# - NVIDIA Ada architecture whitepaper, RTX 4090: 165.2 with fp32 accumulation, dense.
+# - AMD Instinct MI300X datasheet: 1,307.4 dense.
+# Names not listed (other cards, MIG slices, which own a fraction of the SMs) get no peak,
+# and no MFU is reported, rather than a wrong figure.
+PEAK_BF16_TFLOPS = {
+    "H100": 989.4,  # SXM5: "NVIDIA H100 80GB HBM3"
+    "H100 SXM": 989.4,
+    "H100 SXM5": 989.4,
+    "H100 PCIE": 756.0,
+    "H100 NVL": 835.5,
+    "H800": 989.4,
+    "H800 PCIE": 756.0,
+    "GH200": 989.4,
+    "H200": 989.4,
+    "H200 SXM": 989.4,
+    "H200 NVL": 835.5,
+    "A100": 312.0,
+    "A100 SXM4": 312.0,
+    "A100 PCIE": 312.0,
+    "A800 SXM4": 312.0,
+    "A800 PCIE": 312.0,
+    "L40S": 362.05,
+    "L40": 181.05,
+    "L4": 121.0,
+    "A10": 125.0,
+    "B200": 2250.0,
+    "RTX 4090": 165.2,
+    "INSTINCT MI300X": 1307.4,
+}
+
+
+def normalise_device_name(name: str) -> str:
+    """A device name as `PEAK_BF16_TFLOPS` keys it: upper case, vendor and memory size dropped.
+
+    "NVIDIA A100-SXM4-80GB" → "A100 SXM4", "NVIDIA H100 80GB HBM3" → "H100",
+    "NVIDIA GeForce RTX 4090" → "RTX 4090", "AMD Instinct MI300X" → "INSTINCT MI300X".
+    """
+    words = re.sub(r"[-_]", " ", name.upper()).split()
+    drop = {"NVIDIA", "AMD", "GEFORCE", "TESLA"}
+    return " ".join(w for w in words if w not in drop and not re.fullmatch(r"\d+GB|HBM\w*", w))
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the accelerator called `device_name` (as
+    `torch.cuda.get_device_name` reports it), or None when it is not one we know exactly."""
+    tflops = PEAK_BF16_TFLOPS.get(normalise_device_name(device_name))
+    return None if tflops is None else tflops * 1e12

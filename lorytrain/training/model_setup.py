@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lorytrain.errors import LoryTrainError
-from lorytrain.model import LoryLM, ModelConfig, build_model, flops_per_token, upcycle
+from lorytrain.model import LoryLM, ModelConfig, build_model, flops_per_token, peak_bf16_flops, upcycle
 from lorytrain.model.shards import fill_shard_, full_tensor
 from lorytrain.training.config import TrainConfig
 from lorytrain.training.distributed import unwrap
@@ -25,9 +25,6 @@ RESUME_FIELDS = ("preset", "ffn", "experts", "segment_len", "model_overrides", "
                  "seed", "dense_warmup")
 
 # Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
 def model_config(config: TrainConfig, vocab_size: int, phase: str = "moe") -> ModelConfig:
     """The `ModelConfig` of a run: preset, then the run's FFN options and overrides.
 
@@ -161,8 +158,7 @@ def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of the GPU, when it is one we know."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 def mfu(model: nn.Module, tokens_per_s: float, device: torch.device, seq_len: int) -> float | None:
