@@ -275,6 +275,14 @@ def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.option("--min-chars", default=1, show_default=True, type=int)
 @click.option("--max-chars", default=1_000_000, show_default=True, type=int)
 @click.option("--runner", default=None, help="Beam runner (default: in-process FnApiRunner).")
+@click.option("--near-dedup", default="on", show_default=True, type=click.Choice(["on", "off"]),
+              help="Drop near-duplicates (MinHash LSH on word shingles) before embedding.")
+@click.option("--near-dedup-threshold", default=0.8, show_default=True, type=float,
+              help="Estimated Jaccard at or above which two documents are near-duplicates.")
+@click.option("--near-dedup-shingle", default=5, show_default=True, type=int, help="Words per shingle.")
+@click.option("--near-dedup-bands", default=16, show_default=True, type=int, help="LSH bands.")
+@click.option("--near-dedup-rows", default=8, show_default=True, type=int,
+              help="MinHash values per band (bands × rows = permutations).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs built with other options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build_corpus_cmd(inputs, as_json, runner, **kwargs):
