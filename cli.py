@@ -274,6 +274,8 @@ def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.option("--rows-per-shard", default=1024, show_default=True, type=int)
 @click.option("--min-chars", default=1, show_default=True, type=int)
 @click.option("--max-chars", default=1_000_000, show_default=True, type=int)
+@click.option("--buckets", default=None, type=int,
+              help="Content-hash buckets of the documents stage (default: one per 16 MiB of input).")
 @click.option("--runner", default=None, help="Beam runner (default: in-process FnApiRunner).")
 @click.option("--near-dedup", default="on", show_default=True, type=click.Choice(["on", "off"]),
               help="Drop near-duplicates (MinHash LSH on word shingles) before embedding.")

@@ -26,7 +26,7 @@ import numpy as np
 from lorydata.errors import LoryDataError
 from lorydata.readers import expand_inputs
 from lorydata.tokenizer import Tokenizer
-from pipelines.documents_stage import SPLITS, run_documents_stage
+from pipelines.documents_stage import DEAD_LETTERS, SPLITS, run_documents_stage
 from pipelines.markers import Stage
 from pipelines.options import BuildOptions
 from pipelines.order_stage import compute_order
@@ -34,7 +34,6 @@ from pipelines.shards_stage import write_split_shards
 from pipelines.split_data import load_split
 
 WORK = "_work"
-DEAD_LETTERS = "dead_letters"
 
 
 @dataclass
@@ -111,7 +110,8 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     summary = BuildSummary(str(out))
     log(f"{len(files)} input file(s), tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}), order {options.order}")
 
-    doc_fp = options.fingerprint("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction")
+    doc_fp = options.fingerprint("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction",
+                                 "buckets")
     doc_fp = f"{doc_fp}:{hash_json([_input_identity(files), tokenizer.sha256])}"
     documents = Stage(work / "documents", doc_fp, options.overwrite)
     counts = documents.result()
@@ -125,6 +125,7 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
             documents.finish(counts)
             dead = out / DEAD_LETTERS
             shutil.rmtree(dead, ignore_errors=True)
+            (documents.folder / DEAD_LETTERS).mkdir(exist_ok=True)  # absent when nothing was dropped
             (documents.folder / DEAD_LETTERS).rename(dead)
     documents_dir = work / "documents"
     if options.near_dedup == "on":

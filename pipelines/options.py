@@ -37,6 +37,8 @@ class BuildOptions:
         nprobe: IVF cells searched (None = the index's default rule).
         partitions: 1 = one global walk; P > 1 = k-means cells walked in parallel.
         heldout_fraction: share of documents (by id hash) written to `heldout/`.
+        buckets: content-hash buckets of the documents stage (None = by input size); each
+            worker holds one bucket at a time.
         seed: seed of the random order, k-means and the sequence shuffle.
         rows_per_shard: sequences per shard file.
         runner: Beam runner name; default the in-process FnApiRunner.
@@ -70,6 +72,7 @@ class BuildOptions:
     nprobe: int | None = None
     partitions: int = 1
     heldout_fraction: float = 0.0
+    buckets: int | None = None
     seed: int = 0
     rows_per_shard: int = 1024
     runner: str = LOCAL_RUNNER
@@ -92,6 +95,7 @@ class BuildOptions:
             (self.k >= 1, f"--k must be positive, got {self.k}"),
             (self.partitions >= 1, f"--partitions must be positive, got {self.partitions}"),
             (0.0 <= self.heldout_fraction < 1.0, f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}"),
+            (self.buckets is None or 1 <= self.buckets <= 65536, f"--buckets must be in [1, 65536], got {self.buckets}"),
             (self.rows_per_shard >= 1, f"--rows-per-shard must be positive, got {self.rows_per_shard}"),
             (self.embed_batch_size >= 1, f"--embed-batch-size must be positive, got {self.embed_batch_size}"),
             (0 <= self.min_chars <= self.max_chars, f"need 0 <= --min-chars <= --max-chars, got {self.min_chars}, {self.max_chars}"),

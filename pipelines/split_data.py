@@ -47,10 +47,14 @@ def _parquet_files(folder: Path, prefix: str) -> list[Path]:
 
 
 def load_split(documents_dir: str | Path, split: str) -> SplitDocuments:
-    """Read `documents_dir/<split>-*.parquet` (hash, domain, tokens) sorted by hash."""
-    files = _parquet_files(Path(documents_dir), split)
-    columns = ["content_hash", "domain", "tokens"]
-    tables = [pq.read_table(f, columns=columns) for f in files]
+    """Read the split's documents (hash, domain, tokens) of every bucket, sorted by hash."""
+    import pyarrow.compute as pc
+
+    from pipelines.documents_stage import bucket_files
+
+    columns = ["content_hash", "domain", "tokens", "split"]
+    tables = [pq.read_table(f, columns=columns) for f in bucket_files(documents_dir)]
+    tables = [t.filter(pc.equal(t.column("split"), split)) for t in tables]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         empty = np.array([], dtype=object)

@@ -3,78 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from lorydata.clean import CleanConfig, clean_document
-from lorydata.documents import DeadLetter, Document, DropReason
-from lorydata.readers import ReaderConfig, read_file
-
 NAMESPACE = "lory"
-DEAD = "dead"
 
 
 def count(name: str, n: int = 1) -> None:
     Metrics.counter(NAMESPACE, name).inc(n)
-
-
-def drop(letter: DeadLetter):
-    """Count a dead letter by reason and route it to the dead-letter output."""
-    count(f"dropped.{letter.reason}")
-    return beam.pvalue.TaggedOutput(DEAD, letter)
-
-
-class ReadFileFn(beam.DoFn):
-    """path → Documents (main output) and DeadLetters (`dead` output)."""
-
-    def __init__(self, config: ReaderConfig):
-        self.config = config
-
-    def process(self, path: str):
-        for record in read_file(path, self.config):
-            count("records_read")
-            if isinstance(record, DeadLetter):
-                yield drop(record)
-            else:
-                yield record
-
-
-class CleanFn(beam.DoFn):
-    """Document → cleaned Document, or a DeadLetter (`dead` output)."""
-
-    def __init__(self, config: CleanConfig):
-        self.config = config
-
-    def process(self, doc: Document):
-        result = clean_document(doc, self.config)
-        if isinstance(result, DeadLetter):
-            yield drop(result)
-            return
-        if result.replacements:
-            count("utf8_replacements", result.replacements)
-            count("documents_with_replacements")
-        yield result
-
-
-class KeepFirstFn(beam.DoFn):
-    """(content_hash, [copies]) → the copy that comes first by (source, line).
-
-    Choosing by position, not by arrival, keeps the output independent of the runner's
-    scheduling. The other copies become `duplicate` dead letters that name the kept one.
-    """
-
-    def process(self, element: tuple[str, Iterable[Document]]):
-        _, copies = element
-        copies = sorted(copies, key=lambda d: (d.source, d.line))
-        kept = copies[0]
-        for dup in copies[1:]:
-            detail = f"same text as {kept.source}:{kept.line}"
-            yield drop(DeadLetter(dup.source, dup.line, DropReason.DUPLICATE, detail, dup.text[:200]))
-        count("documents_kept")
-        yield kept
 
 
 def heldout_split(doc_id: str, fraction: float) -> str:
@@ -83,36 +22,6 @@ def heldout_split(doc_id: str, fraction: float) -> str:
         return "train"
     value = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
     return "heldout" if value < fraction * 2**64 else "train"
-
-
-class TokenizeFn(beam.DoFn):
-    """Document → a row of the documents table (with tokens and its split)."""
-
-    def __init__(self, tokenizer_path: str | None, heldout_fraction: float):
-        self.tokenizer_path = tokenizer_path
-        self.heldout_fraction = heldout_fraction
-        self.tokenizer = None
-
-    def setup(self):
-        from lorydata.tokenizer import Tokenizer
-
-        self.tokenizer = Tokenizer(self.tokenizer_path)
-
-    def process(self, doc: Document):
-        tokens = self.tokenizer.encode(doc.text)
-        count("tokens", len(tokens))
-        split = heldout_split(doc.id, self.heldout_fraction)
-        count(f"documents.{split}")
-        yield {
-            "content_hash": doc.content_hash,
-            "id": doc.id,
-            "domain": doc.domain,
-            "source": doc.source,
-            "line": doc.line,
-            "split": split,
-            "text": doc.text,
-            "tokens": tokens,
-        }
 
 
 def embedding_bucket(content_hash: str, buckets: int) -> int:
