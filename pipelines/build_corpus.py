@@ -5,7 +5,8 @@ Stages, each resumable (see `pipelines.markers`):
 1. documents (Beam): read → clean → dedup → tokenize → `_work/documents/*.parquet`,
    dead letters → `dead_letters/`.
 1b. near_dedup (Beam, unless `--near-dedup off`): MinHash LSH near-duplicates dropped →
-   `_work/near_dedup/*.parquet`, which the later stages read instead.
+   `_work/near_dedup/b*.parquet` (same files, fewer documents), which the later stages
+   read instead; dead letters added to `dead_letters/`.
 2. embeddings (Beam, similarity order only): RunInference with sentence-transformers →
    `_work/embeddings/*.parquet`.
 3. order, per split: kNN graph + walk (one worker, or per k-means cell on Beam with
@@ -255,8 +256,7 @@ def _near_dedup(options, work: Path, dead: Path, doc_fp: str, counts: dict, summ
     else:
         with timer:
             tmp = stage.start()
-            files = sorted(str(f) for f in (work / "documents").glob("*.parquet"))
-            found = stage.finish(run_near_dedup_stage(options, files, str(tmp), counts["documents_kept"]))
+            found = stage.finish(run_near_dedup_stage(options, str(work / "documents"), str(tmp), counts))
     dead.mkdir(parents=True, exist_ok=True)
     for letters in sorted((stage.folder / DEAD_LETTERS).glob("*.jsonl")):
         shutil.copyfile(letters, dead / letters.name)
@@ -265,5 +265,5 @@ def _near_dedup(options, work: Path, dead: Path, doc_fp: str, counts: dict, summ
         dropped["near_duplicate"] = found["dropped"]
     counts = {**counts, "near_dedup": found, "documents_kept": counts["documents_kept"] - found["dropped"],
               "tokens": counts["tokens"] - found["dropped_tokens"], "dropped": dict(sorted(dropped.items())),
-              "documents_per_split": {s: found["documents_per_split"].get(s, 0) for s in SPLITS}}
+              "documents_per_split": found["documents_per_split"], "tokens_per_split": found["tokens_per_split"]}
     return stage.folder, fp, counts
