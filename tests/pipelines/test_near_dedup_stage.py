@@ -1,0 +1,141 @@
+"""The near-dedup stage of `build-corpus`: planted near-duplicates dropped (with dead letters
+and counts), the same result for any bucket count and worker count, `--near-dedup off`."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.build_corpus import build_corpus
+from pipelines.documents_stage import bucket_files, run_documents_stage
+from pipelines.near_dedup_stage import run_near_dedup_stage
+from pipelines.options import BuildOptions
+from tests.lorydata.test_near_dedup import edited, paragraphs, prose
+from tests.pipelines.test_build_random import all_text
+
+TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def planted_documents() -> list[dict]:
+    """Three copies of one text (edited, reordered: the reordered one is longest), two
+    documents that share a licence header but not their bodies, and unrelated ones."""
+    base = paragraphs(1)
+    licence = " ".join(prose(99, 200)) + "."
+    docs = [
+        {"id": "base", "text": "\n\n".join(base)},
+        {"id": "edits", "text": edited("\n\n".join(base), 100, seed=2)},
+        {"id": "reordered", "text": "\n\n".join([base[2], base[0], base[3], base[1]])
+         + " See the appendix on page twelve for the details."},
+        {"id": "header-a", "text": licence + "\n\n" + "\n\n".join(paragraphs(2, 2))},
+        {"id": "header-b", "text": licence + "\n\n" + "\n\n".join(paragraphs(3, 2))},
+        {"id": "other-copy", "text": edited("\n\n".join(paragraphs(10)), 120, seed=3)},
+    ]
+    docs += [{"id": f"other{i}", "text": "\n\n".join(paragraphs(10 + i))} for i in range(5)]
+    return docs
+
+
+# dropped id → kept id (the longest of each group; an edit makes a text longer here)
+DROPPED = {"base": "reordered", "edits": "reordered", "other0": "other-copy"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted")
+    path = folder / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in planted_documents()))
+    return path
+
+
+def options(corpus, out, **changes) -> BuildOptions:
+    base = dict(inputs=[str(corpus)], out=str(out), order="random", seq_len=64, tail="pad", id_field="id",
+                heldout_fraction=0.3)
+    return BuildOptions(**{**base, **changes})
+
+
+def letters(folder) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_planted_copies_are_dropped_with_dead_letters_and_counts(corpus, tmp_path):
+    out = tmp_path / "corpus"
+    summary = build_corpus(options(corpus, out), log=lambda *_: None)
+    docs = {d["id"]: d for d in planted_documents()}
+    by_line = {i + 1: d for i, d in enumerate(planted_documents())}
+    dead = [d for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate"]
+    assert sorted((by_line[d["line"]]["id"], d["detail"].split()[3].rstrip(",")) for d in dead) == sorted(DROPPED.items())
+    assert all(d["snippet"] == by_line[d["line"]]["text"][:200] for d in dead)
+    counts = summary.documents
+    assert counts["dropped"] == {"near_duplicate": 3}
+    assert counts["documents_kept"] == len(docs) - 3 == sum(counts["documents_per_split"].values())
+    assert counts["tokens"] == sum(counts["tokens_per_split"].values())
+    assert counts["near_dedup"]["groups"] == 2 and counts["near_dedup"]["documents_signed"] == len(docs)
+    assert sum(info["documents"] for info in summary.splits.values()) == len(docs) - 3
+    text = "".join(all_text(out / split) for split in summary.splits)
+    for doc_id, doc in docs.items():
+        assert text.count(doc["text"]) == (0 if doc_id in DROPPED else 1), doc_id
+
+
+def test_near_dedup_off_keeps_everything(corpus, tmp_path):
+    out = tmp_path / "corpus"
+    summary = build_corpus(options(corpus, out, near_dedup="off"), log=lambda *_: None)
+    assert summary.documents["documents_kept"] == len(planted_documents())
+    assert "near_dedup" not in summary.stages and "near_dedup" not in summary.documents
+    assert not [d for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate"]
+
+
+def _documents(tmp_path, corpus, buckets):
+    out = tmp_path / f"documents-{buckets}"
+    out.mkdir()
+    opts = options(corpus, tmp_path, buckets=buckets)
+    return opts, str(out), run_documents_stage(opts, [str(corpus)], None, out)
+
+
+def _dedup(opts, documents, counts, out, **kwargs):
+    out.mkdir()
+    result = run_near_dedup_stage(opts, documents, str(out), counts, **kwargs)
+    rows = pa.concat_tables([pq.read_table(f) for f in bucket_files(str(out))])
+    dead = sorted((d["line"], d["detail"]) for d in letters(out / "dead_letters"))
+    return result, rows, dead
+
+
+DROP_KEYS = ("dropped", "groups", "dropped_tokens", "documents_per_split", "tokens_per_split")
+
+
+@pytest.fixture(scope="module")
+def one_bucket(corpus, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("one")
+    opts, documents, counts = _documents(tmp_path, corpus, buckets=1)
+    result, rows, dead = _dedup(opts, documents, counts, tmp_path / "one")
+    assert result["dropped"] == 3 and len(dead) == 3
+    return result, rows, dead
+
+
+def _same(found, expected) -> None:
+    assert found[1].sort_by("content_hash").equals(expected[1].sort_by("content_hash"))
+    assert found[2] == expected[2]
+    assert {k: found[0][k] for k in DROP_KEYS} == {k: expected[0][k] for k in DROP_KEYS}
+
+
+def test_same_result_for_any_bucket_count(corpus, tmp_path, one_bucket):
+    opts, documents, counts = _documents(tmp_path, corpus, buckets=4)
+    # 4 documents buckets, 3 LSH buckets, group leaders instead of all pairs.
+    many = _dedup(opts, documents, counts, tmp_path / "many", lsh_buckets=3, pairwise_limit=1)
+    assert len(bucket_files(str(tmp_path / "many"))) > 1 and many[0]["lsh_buckets"] == 3
+    _same(many, one_bucket)
+
+
+@pytest.mark.slow
+def test_same_result_on_two_worker_processes(corpus, tmp_path, one_bucket):
+    opts, documents, counts = _documents(tmp_path, corpus, buckets=1)
+    two = BuildOptions(**{**opts.to_dict(), "beam_args": TWO_WORKERS})
+    _same(_dedup(two, documents, counts, tmp_path / "two", lsh_buckets=2), one_bucket)
+
+
+def test_rerun_skips_the_stage_and_keeps_its_dead_letters(corpus, tmp_path):
+    out = tmp_path / "corpus"
+    build_corpus(options(corpus, out), log=lambda *_: None)
+    again = build_corpus(options(corpus, out), log=lambda *_: None)
+    assert again.stages["near_dedup"]["status"].startswith("skipped")
+    assert again.documents["dropped"] == {"near_duplicate": 3}
+    assert len([d for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate"]) == 3
