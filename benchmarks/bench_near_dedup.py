@@ -37,26 +37,9 @@ from bench_pipeline import SAMPLE, load_documents, time_encode
 
 from lorydata.clean import content_hash
 from lorydata.minhash import MinHashConfig, MinHasher
-from lorydata.near_dedup import DocRef, bucket_pairs, group_duplicates
+from lorydata.near_dedup import DocRef, group_duplicates, verified_pairs
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-
-
-def verified_pairs(refs: list[DocRef], signatures: list, hasher: MinHasher, threshold: float) -> list:
-    """(ref, ref, Jaccard) of every LSH candidate pair at or above `threshold`."""
-    buckets: dict[int, list[int]] = {}
-    for i, signature in enumerate(signatures):
-        if signature is not None:
-            for key in hasher.band_keys(signature).tolist():
-                buckets.setdefault(key, []).append(i)
-    pairs = {}
-    for members in buckets.values():
-        if len(members) > 1:
-            members.sort(key=lambda i: refs[i].key)
-            for i, j, jac in bucket_pairs(np.stack([signatures[m] for m in members]), threshold):
-                a, b = refs[members[i]], refs[members[j]]
-                pairs[(a.key, b.key)] = (a, b, jac)
-    return list(pairs.values())
 
 
 def all_pairs(refs: list[DocRef], signatures: list, threshold: float, block: int = 64) -> list:
@@ -111,7 +94,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     signatures = [hasher.signature(d["text"]) for d in docs]
     sign_s = time.perf_counter() - start
-    found = verified_pairs(refs, signatures, hasher, args.threshold)
+    found = verified_pairs(refs, signatures, hasher.config)
     dropped = group_duplicates((a, b) for a, b, _ in found)
     dedup_s = time.perf_counter() - start
     print(f"signatures      : {sign_s:8.2f} s  {n / sign_s:8.1f} docs/s")

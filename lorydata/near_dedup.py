@@ -141,6 +141,36 @@ def group_duplicates(pairs: Iterable[tuple[DocRef, DocRef]]) -> list[NearDuplica
     return sorted(dropped, key=lambda d: d.dropped.key)
 
 
+def verified_pairs(refs: Sequence[DocRef], signatures: Sequence[np.ndarray | None], config: MinHashConfig,
+                   pairwise_limit: int = PAIRWISE_LIMIT) -> list[tuple[DocRef, DocRef, float]]:
+    """Every LSH candidate pair whose estimated Jaccard is at least `config.threshold`.
+
+    Args:
+        refs: the documents; keys must be unique.
+        signatures: their signatures (None: a text without words, never paired).
+        config: the parameters the signatures were made with.
+        pairwise_limit: see `bucket_pairs`.
+
+    Returns:
+        (ref, ref, estimated Jaccard), each pair once.
+    """
+    hasher = MinHasher(config)
+    buckets: dict[int, list[int]] = {}
+    for i, signature in enumerate(signatures):
+        if signature is not None:
+            for key in hasher.band_keys(signature).tolist():
+                buckets.setdefault(key, []).append(i)
+    pairs: dict[tuple[str, str], tuple[DocRef, DocRef, float]] = {}
+    for members in buckets.values():
+        if len(members) > 1:
+            members.sort(key=lambda i: refs[i].key)
+            found = bucket_pairs(np.stack([signatures[m] for m in members]), config.threshold, pairwise_limit)
+            for i, j, jaccard in found:
+                a, b = refs[members[i]], refs[members[j]]
+                pairs[(a.key, b.key)] = (a, b, jaccard)
+    return list(pairs.values())
+
+
 def find_near_duplicates(docs: Sequence[tuple[DocRef, str]], config: MinHashConfig = MinHashConfig(),
                          pairwise_limit: int = PAIRWISE_LIMIT) -> list[NearDuplicate]:
     """MinHash LSH near-dedup of documents held in memory (the Beam stage does the same with
@@ -156,20 +186,9 @@ def find_near_duplicates(docs: Sequence[tuple[DocRef, str]], config: MinHashConf
         word are never near-duplicates (exact dedup handles identical ones).
     """
     hasher = MinHasher(config)
-    buckets: dict[int, list[tuple[DocRef, np.ndarray]]] = {}
-    for ref, text in docs:
-        signature = hasher.signature(text)
-        if signature is None:
-            continue
-        for key in hasher.band_keys(signature).tolist():
-            buckets.setdefault(key, []).append((ref, signature))
-    pairs = []
-    for members in buckets.values():
-        if len(members) > 1:
-            members.sort(key=lambda member: member[0].key)
-            found = bucket_pairs(np.stack([s for _, s in members]), config.threshold, pairwise_limit)
-            pairs.extend((members[i][0], members[j][0]) for i, j, _ in found)
-    return group_duplicates(pairs)
+    refs = [ref for ref, _ in docs]
+    signatures = [hasher.signature(text) for _, text in docs]
+    return group_duplicates((a, b) for a, b, _ in verified_pairs(refs, signatures, config, pairwise_limit))
 
 
 def semantic_pairs(neighbors: np.ndarray, similarities: np.ndarray, signatures: np.ndarray, cos: float,
