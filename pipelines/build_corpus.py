@@ -4,9 +4,6 @@ Stages, each resumable (see `pipelines.markers`):
 
 1. documents (Beam): read → clean → dedup → tokenize → `_work/documents/*.parquet`,
    dead letters → `dead_letters/`.
-1b. near_dedup (Beam, unless `--near-dedup off`): MinHash LSH near-duplicates dropped →
-   `_work/near_dedup/b*.parquet` (same files, fewer documents), which the later stages
-   read instead; dead letters added to `dead_letters/`.
 2. embeddings (Beam, similarity order only): RunInference with sentence-transformers →
    `_work/embeddings/*.parquet`.
 3. order, per split: kNN graph + walk (one worker, or per k-means cell on Beam with
@@ -114,6 +111,9 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     doc_fp = options.fingerprint("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction",
                                  "buckets")
     doc_fp = f"{doc_fp}:{hash_json([_input_identity(files), tokenizer.sha256])}"
+    if options.near_dedup == "on":  # off keeps the fingerprint of builds made before near-dedup existed
+        doc_fp += ":" + options.fingerprint("near_dedup_threshold", "near_dedup_shingle", "near_dedup_bands",
+                                            "near_dedup_rows")
     documents = Stage(work / "documents", doc_fp, options.overwrite)
     counts = documents.result()
     timer = _Timer(summary, "documents", log)
@@ -128,9 +128,6 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
             shutil.rmtree(dead, ignore_errors=True)
             (documents.folder / DEAD_LETTERS).mkdir(exist_ok=True)  # absent when nothing was dropped
             (documents.folder / DEAD_LETTERS).rename(dead)
-    documents_dir = work / "documents"
-    if options.near_dedup == "on":
-        documents_dir, doc_fp, counts = _near_dedup(options, work, out / DEAD_LETTERS, doc_fp, counts, summary, log)
     summary.documents = counts
 
     embeddings_dir = None
@@ -145,7 +142,7 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
         else:
             with timer:
                 tmp = embed.start()
-                embed.finish(run_embed_stage(options, documents_dir, tmp, counts))
+                embed.finish(run_embed_stage(options, work / "documents", tmp, counts))
         embeddings_dir = embed.folder
         prior_fp = embed_fp
     else:
@@ -154,8 +151,7 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     for split in SPLITS:
         if counts["documents_per_split"].get(split, 0) == 0:
             continue
-        summary.splits[split] = _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log,
-                                             documents_dir=documents_dir)
+        summary.splits[split] = _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log)
     if not summary.splits:
         raise LoryDataError("no document survived reading and cleaning; see the dead letters in " + str(out / DEAD_LETTERS))
     return summary
@@ -188,9 +184,8 @@ def hash_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log,
-                 documents_dir=None) -> dict:
-    docs = load_split(documents_dir or work / "documents", split)
+def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log) -> dict:
+    docs = load_split(work / "documents", split)
     order_fp = f"{prior_fp}:{options.fingerprint('order', 'index', 'k', 'nprobe', 'partitions', 'seed', 'seq_len')}"
     order_stage = Stage(work / "order" / split, order_fp, options.overwrite)
     timer = _Timer(summary, f"order/{split}", log)
@@ -236,34 +231,3 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
             "folder": str(out / split),
         }
         return shards_stage.finish(result)
-
-
-def _near_dedup(options, work: Path, dead: Path, doc_fp: str, counts: dict, summary, log):
-    """Run (or skip, when done) the near-dedup stage on the documents stage's files.
-
-    Returns:
-        (folder the later stages read documents from, the fingerprint they build on, the
-        documents counts with the near-duplicates moved from kept to dropped).
-    """
-    from pipelines.near_dedup_stage import run_near_dedup_stage
-
-    fp = f"{doc_fp}:{options.fingerprint('near_dedup_threshold', 'near_dedup_shingle', 'near_dedup_bands', 'near_dedup_rows')}"
-    stage = Stage(work / "near_dedup", fp, options.overwrite)
-    timer = _Timer(summary, "near_dedup", log)
-    found = stage.result()
-    if found is not None:
-        timer.skipped()
-    else:
-        with timer:
-            tmp = stage.start()
-            found = stage.finish(run_near_dedup_stage(options, str(work / "documents"), str(tmp), counts))
-    dead.mkdir(parents=True, exist_ok=True)
-    for letters in sorted((stage.folder / DEAD_LETTERS).glob("*.jsonl")):
-        shutil.copyfile(letters, dead / letters.name)
-    dropped = dict(counts["dropped"])
-    if found["dropped"]:
-        dropped["near_duplicate"] = found["dropped"]
-    counts = {**counts, "near_dedup": found, "documents_kept": counts["documents_kept"] - found["dropped"],
-              "tokens": counts["tokens"] - found["dropped_tokens"], "dropped": dict(sorted(dropped.items())),
-              "documents_per_split": found["documents_per_split"], "tokens_per_split": found["tokens_per_split"]}
-    return stage.folder, fp, counts

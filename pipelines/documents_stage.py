@@ -23,6 +23,10 @@ Output of the stage, the seam for the stages after it (`_work/documents/`):
   stage adds its reasons by writing its own files (see `write_dead_letters`).
 - the stage result (`_DONE.json`): counts, with `buckets`.
 
+Unless `--near-dedup off`, a last step drops near-duplicates from the bucket files
+(`pipelines.near_dedup_stage`; its dead letters are `near_dedup-*.jsonl`, its counts under
+`near_dedup`).
+
 Per worker, memory is bounded by one bucket (`buckets_for` aims at `BUCKET_BYTES` of input
 per bucket) or one read buffer; the driver holds only counters.
 """
@@ -291,6 +295,15 @@ def run_documents_stage(options: BuildOptions, files: list[str], tokenizer_path:
     totals = read_into_buckets(options, files, folder, buckets)
     for name, value in dedup_buckets(options, tokenizer_path, folder, buckets).items():
         totals[name] = totals.get(name, 0) + value
+    near_dedup = None
+    if options.near_dedup == "on":
+        from pipelines.near_dedup_stage import FOLDER, drop_near_duplicates
+
+        near_dedup, changes = drop_near_duplicates(options, bucket_files(folder), totals.get("documents_kept", 0),
+                                                   fileio.join(folder, DEAD_LETTERS), fileio.join(folder, FOLDER),
+                                                   _run_each)
+        for name, value in changes.items():
+            totals[name] = totals.get(name, 0) + value
     dropped = {k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("dropped.")}
     return {
         "input_files": len(files),
@@ -303,4 +316,5 @@ def run_documents_stage(options: BuildOptions, files: list[str], tokenizer_path:
         "tokens": totals.get("tokens", 0),
         "documents_per_split": {s: totals.get(f"documents.{s}", 0) for s in SPLITS},
         "tokens_per_split": {s: totals.get(f"tokens.{s}", 0) for s in SPLITS},
+        **({"near_dedup": near_dedup} if near_dedup else {}),
     }

@@ -1,33 +1,33 @@
 """Near-duplicate removal on Beam: MinHash LSH over the exactly deduplicated documents.
 
-Runs after the documents stage (exact dedup) and before embedding, for both orders (so
-similarity and random builds of one input hold the same documents, and copies are never
-embedded). It reads the documents stage's bucket files (`documents_stage.bucket_files`) and
-writes the same files without the near-duplicates, so the stages after it read its folder
-instead. Documents move between steps through files partitioned by destination, never
-through an in-memory shuffle, and Beam carries only file names and bucket numbers:
+The last step of the documents stage (`documents_stage.run_documents_stage` calls
+`drop_near_duplicates` after exact dedup), so it runs before embedding for both orders:
+similarity and random builds of one input hold the same documents, copies are never
+embedded, and every later stage reads the documents files as before. Documents move
+between steps through files partitioned by destination, never through an in-memory
+shuffle, and Beam carries only file names and bucket numbers:
 
 1. sign (`SignFileFn`, one documents file per element): MinHash signature and band keys of
-   every document; each (band key, content hash, length, id, signature) record goes to the
-   LSH bucket file of `band key % lsh_buckets` (`lsh/l<bucket>/<file>-<part>.arrow`).
+   every document; each (band key, content hash, length, id, file, signature) record goes
+   to the LSH bucket file of `band key % lsh_buckets` (`near_dedup/lsh/l<bucket>/...`).
 2. verify (`VerifyBucketFn`, one LSH bucket per element): records sorted by (band key,
    content hash), candidate pairs within each band key verified by estimated Jaccard, and a
    spanning forest of the verified pairs (at most m - 1 edges per band key of m members)
-   written to `edges/l<bucket>.jsonl`.
+   written to `near_dedup/edges/l<bucket>.jsonl`.
 3. driver: connected components over the (few) edges, one keeper per component
-   (`lorydata.near_dedup.group_duplicates`); the drop list is written per documents file
-   (`drops/<file>.json`: dropped hash → [kept id, group size]), so a worker loads only the
-   drops of the file it filters.
-4. apply (`ApplyDropsFn`, one documents file per element): the file rewritten without its
-   dropped documents, which become `near_duplicate` dead letters naming the id they
-   duplicate (`dead_letters/near_dedup-<file>.jsonl`).
+   (`lorydata.near_dedup.group_duplicates`); drop lists written per documents file
+   (`near_dedup/drops/<file>.json`: dropped hash → [kept id, group size]).
+4. apply (`ApplyDropsFn`, one documents file with drops per element): the file without its
+   dropped documents, staged and then moved over the original by the driver, so a retried
+   bundle reads the unchanged original; the dropped documents become `near_duplicate` dead
+   letters naming the id they duplicate (`dead_letters/near_dedup-<file>.jsonl`).
 
 Dedup spans both splits, so a held-out document never has a near-copy in training. Every
 output depends on the documents only (members sorted, keeper by length then hash, files
-named after their input), so any runner and worker count gives the same result, and a
-retried bundle rewrites its own files. Memory: a worker holds one documents file or one LSH
-bucket (`RECORDS_PER_BUCKET`); the driver holds the edges and the drop list, both
-proportional to the near-duplicates, not to the corpus.
+named after their input), so any runner and worker count gives the same result. Memory: a
+worker holds one documents file or one LSH bucket (`RECORDS_PER_BUCKET`); the driver holds
+the edges and the drop lists, which grow with the near-duplicates, not with the corpus.
+Edges and drop lists stay in `near_dedup/` for inspection.
 """
 
 from __future__ import annotations
@@ -35,34 +35,28 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import time
+from collections.abc import Callable
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
 
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.minhash import MinHashConfig, MinHasher
 from lorydata.near_dedup import PAIRWISE_LIMIT, DocRef, bucket_pairs, group_duplicates
 from pipelines import fileio
-from pipelines.documents_stage import (
-    DEAD_LETTERS,
-    SPLITS,
-    _run_each,
-    bucket_files,
-    bucket_name,
-    bucket_of,
-    write_dead_letters,
-)
 from pipelines.options import BuildOptions
 from pipelines.transforms import count
 
-# Band records per LSH bucket the stage aims for: ≈ 100k × (4·128 + ~100) bytes ≈ 60 MB for
+# Band records per LSH bucket the step aims for: ≈ 100k × (4·128 + ~100) bytes ≈ 60 MB for
 # one verifying worker at the default 128 permutations.
 RECORDS_PER_BUCKET = 100_000
 # A signing worker writes its buffered records out every this many records.
 FLUSH_RECORDS = 50_000
-LSH, EDGES, DROPS = "lsh", "edges", "drops"
+FOLDER, LSH, EDGES, DROPS, STAGED = "near_dedup", "lsh", "edges", "drops", "staged"
 
 
 def minhash_config(options: BuildOptions) -> MinHashConfig:
@@ -78,7 +72,7 @@ def lsh_bucket_count(documents: int, bands: int) -> int:
 
 def band_schema(num_perm: int) -> pa.Schema:
     return pa.schema([("band", pa.uint64()), ("key", pa.string()), ("length", pa.int64()), ("id", pa.string()),
-                      ("signature", pa.list_(pa.uint32(), num_perm))])
+                      ("file", pa.string()), ("signature", pa.list_(pa.uint32(), num_perm))])
 
 
 def _stem(path: str) -> str:
@@ -93,7 +87,7 @@ class SignFileFn(beam.DoFn):
     """documents file → its band records in LSH bucket files.
 
     Args:
-        folder: the stage folder.
+        folder: the near-dedup work folder.
         config: MinHash LSH parameters.
         buckets: LSH buckets (a band key modulo this picks the bucket).
     """
@@ -115,12 +109,12 @@ class SignFileFn(beam.DoFn):
             count("near_dedup.signed")
             pending.append((key, len(text), doc_id, signature))
             if len(pending) * self.config.bands >= FLUSH_RECORDS:
-                self._write(pending, f"{stem}-{part:04d}")
+                self._write(pending, stem, part)
                 pending, part = [], part + 1
         if pending:
-            self._write(pending, f"{stem}-{part:04d}")
+            self._write(pending, stem, part)
 
-    def _write(self, docs: list[tuple], name: str) -> None:
+    def _write(self, docs: list[tuple], stem: str, part: int) -> None:
         signatures = np.stack([d[3] for d in docs])
         bands = np.stack([self.hasher.band_keys(s) for s in signatures])  # (documents, bands)
         destination = bands % np.uint64(self.buckets)
@@ -133,6 +127,7 @@ class SignFileFn(beam.DoFn):
                     pa.array([docs[r][0] for r in rows], pa.string()),
                     pa.array([docs[r][1] for r in rows], pa.int64()),
                     pa.array([docs[r][2] for r in rows], pa.string()),
+                    pa.array([stem] * len(rows), pa.string()),
                     pa.FixedSizeListArray.from_arrays(pa.array(signatures[rows].ravel(), pa.uint32()),
                                                       self.config.num_perm),
                 ],
@@ -141,15 +136,15 @@ class SignFileFn(beam.DoFn):
             sink = pa.BufferOutputStream()
             with pa.ipc.new_file(sink, schema) as writer:
                 writer.write_table(table)
-            fileio.write_bytes(fileio.join(self.folder, LSH, _lsh_name(bucket), name + ".arrow"),
-                               sink.getvalue().to_pybytes())
+            name = f"{stem}-{part:04d}.arrow"
+            fileio.write_bytes(fileio.join(self.folder, LSH, _lsh_name(bucket), name), sink.getvalue().to_pybytes())
 
 
 class VerifyBucketFn(beam.DoFn):
     """LSH bucket → its verified near-duplicate edges (a spanning forest per band key).
 
     Args:
-        folder: the stage folder.
+        folder: the near-dedup work folder.
         threshold: minimum estimated Jaccard of a duplicate pair.
         pairwise_limit: see `lorydata.near_dedup.bucket_pairs`.
     """
@@ -172,7 +167,7 @@ class VerifyBucketFn(beam.DoFn):
             return
         num_perm = table.schema.field("signature").type.list_size
         signatures = table.column("signature").combine_chunks().flatten().to_numpy().reshape(-1, num_perm)
-        keys, lengths, ids = (table.column(c).to_pylist() for c in ("key", "length", "id"))
+        columns = [table.column(c).to_pylist() for c in ("key", "length", "id", "file")]
         lines = []
         for start, end in shared:
             count("near_dedup.candidate_pairs", (end - start) * (end - start - 1) // 2)
@@ -182,8 +177,7 @@ class VerifyBucketFn(beam.DoFn):
                 if ri == rj:
                     continue  # already connected within this band key: the edge adds nothing
                 parent[max(ri, rj)] = min(ri, rj)
-                a, b = start + i, start + j
-                lines.append(json.dumps([keys[a], lengths[a], ids[a], keys[b], lengths[b], ids[b]]) + "\n")
+                lines.append(json.dumps([[c[start + i] for c in columns], [c[start + j] for c in columns]]) + "\n")
         count("near_dedup.edges", len(lines))
         if lines:
             fileio.write_bytes(fileio.join(self.folder, EDGES, _lsh_name(bucket) + ".jsonl"), "".join(lines).encode())
@@ -197,106 +191,112 @@ def _root(parent: list[int], x: int) -> int:
 
 
 class ApplyDropsFn(beam.DoFn):
-    """documents file → the same file in the stage folder without its dropped documents,
-    which become `near_duplicate` dead letters. A file left empty is not written (as the
-    documents stage writes no file for an empty bucket).
+    """documents file → the file without its dropped documents, staged in
+    `<folder>/staged/` (not written when nothing is left), and `near_duplicate` dead letters.
+
+    The counters it bumps are the documents stage's own (`documents_kept`, `tokens`,
+    `documents.<split>`, `tokens.<split>`: down by what it drops; `dropped.near_duplicate`:
+    up), so the stage's counts come out right by adding them.
 
     Args:
-        folder: the stage folder (drop lists in `drops/`, output files at the top).
+        folder: the near-dedup work folder (drop lists in `drops/`).
+        dead_folder: where the stage's dead-letter files go.
     """
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, dead_folder: str):
+        self.folder, self.dead_folder = folder, dead_folder
 
     def process(self, path: str):
         stem = _stem(path)
-        drops_path = fileio.join(self.folder, DROPS, stem + ".json")
-        drops = fileio.load_json(drops_path) if fileio.exists(drops_path) else {}
+        drops = fileio.load_json(fileio.join(self.folder, DROPS, stem + ".json"))
         table = fileio.read_table(path)
         hashes = table.column("content_hash").to_pylist()
         keep = np.array([h not in drops for h in hashes], dtype=bool)
+        sources, lines, splits = (table.column(c).to_pylist() for c in ("source", "line", "split"))
+        tokens = pc.list_value_length(table.column("tokens")).to_numpy()
         letters = []
-        if drops:
-            sources, lines = table.column("source").to_pylist(), table.column("line").to_pylist()
-            texts, tokens = table.column("text"), table.column("tokens")
-            for i in np.flatnonzero(~keep).tolist():
-                kept_id, group = drops[hashes[i]]
-                count(f"dropped.{DropReason.NEAR_DUPLICATE}")
-                count("near_dedup.dropped_tokens", len(tokens[i].values))
-                letters.append(DeadLetter(sources[i], lines[i], DropReason.NEAR_DUPLICATE,
-                                          f"near-duplicate of id {kept_id}, the document kept of a group of {group}",
-                                          texts[i].as_py()[:200]))
-        write_dead_letters(fileio.join(self.folder, DEAD_LETTERS, f"near_dedup-{stem}.jsonl"), letters)
-        kept = table.filter(pa.array(keep))
-        splits = kept.column("split").to_pylist()
-        token_counts = pc.list_value_length(kept.column("tokens")).to_numpy()
-        for split in SPLITS:
-            chosen = np.fromiter((s == split for s in splits), bool, len(splits))
-            count(f"near_dedup.documents.{split}", int(chosen.sum()))
-            count(f"near_dedup.tokens.{split}", int(token_counts[chosen].sum()))
-        if kept.num_rows:
-            fileio.write_table(fileio.join(self.folder, posixpath.basename(path)), kept)
+        for i in np.flatnonzero(~keep).tolist():
+            kept_id, group = drops[hashes[i]]
+            count(f"dropped.{DropReason.NEAR_DUPLICATE}")
+            for name, n in (("documents_kept", 1), (f"documents.{splits[i]}", 1), ("tokens", tokens[i]),
+                            (f"tokens.{splits[i]}", tokens[i])):
+                count(name, -int(n))
+            letters.append(DeadLetter(sources[i], lines[i], DropReason.NEAR_DUPLICATE,
+                                      f"near-duplicate of id {kept_id}, the document kept of a group of {group}",
+                                      table.column("text")[i].as_py()[:200]))
+        fileio.write_bytes(fileio.join(self.dead_folder, f"near_dedup-{stem}.jsonl"),
+                           "".join(letter.to_json() + "\n" for letter in letters).encode())
+        if keep.any():
+            fileio.write_table(fileio.join(self.folder, STAGED, posixpath.basename(path)), table.filter(pa.array(keep)))
 
 
 def read_edges(folder: str):
-    """The (DocRef, DocRef) pairs of the stage's edge files."""
+    """The verified pairs of the edge files, as ((DocRef, file), (DocRef, file))."""
     for path in fileio.match(fileio.join(folder, EDGES, "*.jsonl")):
         for line in fileio.read_bytes(path).decode("utf-8").splitlines():
-            ka, la, ia, kb, lb, ib = json.loads(line)
-            yield DocRef(ka, la, ia), DocRef(kb, lb, ib)
+            (ka, la, ia, fa), (kb, lb, ib, fb) = json.loads(line)
+            yield (DocRef(ka, la, ia), fa), (DocRef(kb, lb, ib), fb)
 
 
-def run_near_dedup_stage(options: BuildOptions, documents_dir: str, out: str, counts: dict,
-                         lsh_buckets: int | None = None, pairwise_limit: int = PAIRWISE_LIMIT) -> dict:
-    """Drop the near-duplicates of the documents stage's files into `out` (same file names),
-    with `out/dead_letters/near_dedup-*.jsonl`.
+RunEach = Callable[[BuildOptions, str, list, beam.DoFn], dict]
+
+
+def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int, dead_folder: str, work: str,
+                         run_each: RunEach, lsh_buckets: int | None = None,
+                         pairwise_limit: int = PAIRWISE_LIMIT) -> tuple[dict, dict[str, int]]:
+    """Remove near-duplicates from the documents files in place (each file replaced whole).
 
     Args:
         options: the build options (MinHash parameters, runner).
-        documents_dir: the finished documents stage's folder.
-        out: the stage's temp folder.
-        counts: the documents stage's counts (documents kept, buckets).
+        files: the documents files.
+        documents: how many documents they hold (sizes the LSH buckets).
+        dead_folder: where `near_dedup-<file>.jsonl` dead letters go.
+        work: a folder for the step's files (LSH buckets are removed at the end; edges and
+            drop lists stay).
+        run_each: runs a DoFn over a list of elements on the build's runner and returns the
+            Beam counters (the documents stage's helper).
         lsh_buckets: override the LSH bucket count (default: `lsh_bucket_count`).
         pairwise_limit: see `lorydata.near_dedup.bucket_pairs`.
 
     Returns:
-        Counts: documents signed and without words, LSH buckets, band records, edges,
-        documents dropped and their groups and tokens, documents and tokens kept per split,
-        and the MinHash parameters.
+        (what the step found: documents signed and without words, LSH buckets, band records,
+        edges, groups, dropped, seconds, parameters; counter changes for the documents stage).
     """
+    started = time.perf_counter()
     config = minhash_config(options)
-    lsh_buckets = lsh_buckets or lsh_bucket_count(counts["documents_kept"], config.bands)
-    files = bucket_files(documents_dir)
-    found = _run_each(options, "Sign", files, SignFileFn(out, config, lsh_buckets))
-    for name, value in _run_each(options, "Verify", list(range(lsh_buckets)),
-                                 VerifyBucketFn(out, config.threshold, pairwise_limit)).items():
+    lsh_buckets = lsh_buckets or lsh_bucket_count(documents, config.bands)
+    found = run_each(options, "Sign", files, SignFileFn(work, config, lsh_buckets))
+    for name, value in run_each(options, "Verify", list(range(lsh_buckets)),
+                                VerifyBucketFn(work, config.threshold, pairwise_limit)).items():
         found[name] = found.get(name, 0) + value
 
-    dropped = group_duplicates(read_edges(out))
+    pairs = list(read_edges(work))
+    file_of = {ref.key: file for pair in pairs for ref, file in pair}
+    dropped = group_duplicates((a, b) for (a, _), (b, _) in pairs)
     per_file: dict[str, dict[str, list]] = {}
     for d in dropped:
-        stem = bucket_name(bucket_of(d.dropped.key, counts["buckets"]))
-        per_file.setdefault(stem, {})[d.dropped.key] = [d.kept.id, d.group_size]
-    for path in files:
-        drops = per_file.pop(_stem(path), None)
-        if drops:
-            fileio.save_json(fileio.join(out, DROPS, _stem(path) + ".json"), drops)
-    if per_file:  # a documents bucket with no file cannot hold a document: a stage-order bug
-        raise ValueError(f"near-duplicates in documents buckets without a file: {sorted(per_file)}")
-
-    applied = _run_each(options, "Apply", files, ApplyDropsFn(out))
-    fileio.delete_tree(fileio.join(out, LSH))
-    return {
+        per_file.setdefault(file_of[d.dropped.key], {})[d.dropped.key] = [d.kept.id, d.group_size]
+    for stem, drops in per_file.items():
+        fileio.save_json(fileio.join(work, DROPS, stem + ".json"), drops)
+    changed = [path for path in files if _stem(path) in per_file]
+    changes = run_each(options, "Apply", changed, ApplyDropsFn(work, dead_folder)) if changed else {}
+    for path in changed:  # the driver swaps files in only once every one is staged
+        staged = fileio.join(work, STAGED, posixpath.basename(path))
+        fileio.delete_tree(path)
+        if fileio.exists(staged):
+            FileSystems.rename([staged], [path])
+    fileio.delete_tree(fileio.join(work, LSH))
+    fileio.delete_tree(fileio.join(work, STAGED))
+    info = {
         "documents_signed": found.get("near_dedup.signed", 0),
         "documents_without_words": found.get("near_dedup.no_words", 0),
         "lsh_buckets": lsh_buckets,
         "band_records": found.get("near_dedup.band_records", 0),
         "edges": found.get("near_dedup.edges", 0),
-        "dropped": applied.get(f"dropped.{DropReason.NEAR_DUPLICATE}", 0),
         "groups": len({d.kept.key for d in dropped}),
-        "dropped_tokens": applied.get("near_dedup.dropped_tokens", 0),
-        "documents_per_split": {s: applied.get(f"near_dedup.documents.{s}", 0) for s in SPLITS},
-        "tokens_per_split": {s: applied.get(f"near_dedup.tokens.{s}", 0) for s in SPLITS},
+        "dropped": len(dropped),
+        "seconds": round(time.perf_counter() - started, 2),
         "config": {"shingle_words": config.shingle_words, "num_perm": config.num_perm, "bands": config.bands,
                    "rows": config.rows, "threshold": config.threshold, "seed": config.seed},
     }
+    return info, changes

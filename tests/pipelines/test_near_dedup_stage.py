@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.build_corpus import build_corpus
-from pipelines.documents_stage import bucket_files, run_documents_stage
-from pipelines.near_dedup_stage import run_near_dedup_stage
+from pipelines.documents_stage import _run_each, bucket_files, run_documents_stage
+from pipelines.near_dedup_stage import drop_near_duplicates
 from pipelines.options import BuildOptions
 from tests.lorydata.test_near_dedup import edited, paragraphs, prose
 from tests.pipelines.test_build_random import all_text
@@ -70,6 +70,7 @@ def test_planted_copies_are_dropped_with_dead_letters_and_counts(corpus, tmp_pat
     assert counts["documents_kept"] == len(docs) - 3 == sum(counts["documents_per_split"].values())
     assert counts["tokens"] == sum(counts["tokens_per_split"].values())
     assert counts["near_dedup"]["groups"] == 2 and counts["near_dedup"]["documents_signed"] == len(docs)
+    assert counts["near_dedup"]["dropped"] == 3
     assert sum(info["documents"] for info in summary.splits.values()) == len(docs) - 3
     text = "".join(all_text(out / split) for split in summary.splits)
     for doc_id, doc in docs.items():
@@ -80,62 +81,51 @@ def test_near_dedup_off_keeps_everything(corpus, tmp_path):
     out = tmp_path / "corpus"
     summary = build_corpus(options(corpus, out, near_dedup="off"), log=lambda *_: None)
     assert summary.documents["documents_kept"] == len(planted_documents())
-    assert "near_dedup" not in summary.stages and "near_dedup" not in summary.documents
+    assert "near_dedup" not in summary.documents and "near_duplicate" not in summary.documents["dropped"]
     assert not [d for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate"]
-
-
-def _documents(tmp_path, corpus, buckets):
-    out = tmp_path / f"documents-{buckets}"
-    out.mkdir()
-    opts = options(corpus, tmp_path, buckets=buckets)
-    return opts, str(out), run_documents_stage(opts, [str(corpus)], None, out)
-
-
-def _dedup(opts, documents, counts, out, **kwargs):
-    out.mkdir()
-    result = run_near_dedup_stage(opts, documents, str(out), counts, **kwargs)
-    rows = pa.concat_tables([pq.read_table(f) for f in bucket_files(str(out))])
-    dead = sorted((d["line"], d["detail"]) for d in letters(out / "dead_letters"))
-    return result, rows, dead
-
-
-DROP_KEYS = ("dropped", "groups", "dropped_tokens", "documents_per_split", "tokens_per_split")
-
-
-@pytest.fixture(scope="module")
-def one_bucket(corpus, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("one")
-    opts, documents, counts = _documents(tmp_path, corpus, buckets=1)
-    result, rows, dead = _dedup(opts, documents, counts, tmp_path / "one")
-    assert result["dropped"] == 3 and len(dead) == 3
-    return result, rows, dead
-
-
-def _same(found, expected) -> None:
-    assert found[1].sort_by("content_hash").equals(expected[1].sort_by("content_hash"))
-    assert found[2] == expected[2]
-    assert {k: found[0][k] for k in DROP_KEYS} == {k: expected[0][k] for k in DROP_KEYS}
-
-
-def test_same_result_for_any_bucket_count(corpus, tmp_path, one_bucket):
-    opts, documents, counts = _documents(tmp_path, corpus, buckets=4)
-    # 4 documents buckets, 3 LSH buckets, group leaders instead of all pairs.
-    many = _dedup(opts, documents, counts, tmp_path / "many", lsh_buckets=3, pairwise_limit=1)
-    assert len(bucket_files(str(tmp_path / "many"))) > 1 and many[0]["lsh_buckets"] == 3
-    _same(many, one_bucket)
-
-
-@pytest.mark.slow
-def test_same_result_on_two_worker_processes(corpus, tmp_path, one_bucket):
-    opts, documents, counts = _documents(tmp_path, corpus, buckets=1)
-    two = BuildOptions(**{**opts.to_dict(), "beam_args": TWO_WORKERS})
-    _same(_dedup(two, documents, counts, tmp_path / "two", lsh_buckets=2), one_bucket)
 
 
 def test_rerun_skips_the_stage_and_keeps_its_dead_letters(corpus, tmp_path):
     out = tmp_path / "corpus"
     build_corpus(options(corpus, out), log=lambda *_: None)
     again = build_corpus(options(corpus, out), log=lambda *_: None)
-    assert again.stages["near_dedup"]["status"].startswith("skipped")
+    assert again.stages["documents"]["status"].startswith("skipped")
     assert again.documents["dropped"] == {"near_duplicate": 3}
     assert len([d for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate"]) == 3
+
+
+def _dedup(tmp_path, corpus, name, buckets, beam_args=(), **kwargs):
+    """The documents stage without near-dedup, then the near-dedup step on its files."""
+    out = tmp_path / name
+    out.mkdir()
+    opts = options(corpus, tmp_path, buckets=buckets, near_dedup="off", beam_args=list(beam_args))
+    counts = run_documents_stage(opts, [str(corpus)], None, out)
+    info, changes = drop_near_duplicates(opts, bucket_files(str(out)), counts["documents_kept"],
+                                         str(out / "dead_letters"), str(out / "near_dedup"), _run_each, **kwargs)
+    rows = pa.concat_tables([pq.read_table(f) for f in bucket_files(str(out))]).sort_by("content_hash")
+    dead = sorted((d["line"], d["detail"]) for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate")
+    return {k: info[k] for k in ("groups", "dropped", "documents_signed")}, changes, rows, dead
+
+
+@pytest.fixture(scope="module")
+def one_bucket(corpus, tmp_path_factory):
+    found = _dedup(tmp_path_factory.mktemp("one"), corpus, "one", buckets=1)
+    info, changes, rows, dead = found
+    assert info["dropped"] == 3 and len(dead) == 3 and rows.num_rows == len(planted_documents()) - 3
+    assert changes["documents_kept"] == -3 and changes["dropped.near_duplicate"] == 3
+    return found
+
+
+def test_same_result_for_any_bucket_count(corpus, tmp_path, one_bucket):
+    # 4 documents buckets, 3 LSH buckets, group leaders instead of all pairs.
+    many = _dedup(tmp_path, corpus, "many", buckets=4, lsh_buckets=3, pairwise_limit=1)
+    assert len(bucket_files(str(tmp_path / "many"))) > 1
+    assert many[0] == one_bucket[0] and many[1] == one_bucket[1] and many[3] == one_bucket[3]
+    assert many[2].equals(one_bucket[2])
+
+
+@pytest.mark.slow
+def test_same_result_on_two_worker_processes(corpus, tmp_path, one_bucket):
+    two = _dedup(tmp_path, corpus, "two", buckets=1, beam_args=TWO_WORKERS, lsh_buckets=2)
+    assert two[0] == one_bucket[0] and two[1] == one_bucket[1] and two[3] == one_bucket[3]
+    assert two[2].equals(one_bucket[2])
