@@ -249,7 +249,9 @@ def seed_table(by_seed: dict[str, dict[int, dict]], runs: list) -> str:
     corpora = list(dict.fromkeys(order for _, order, _, _ in runs))
     models = list(dict.fromkeys(ffn for _, _, ffn, _ in runs))
     cell = {(order, ffn): name for name, order, ffn, _ in runs}
-    lines = ["| training corpus | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    # A column is named after its runs without the corpus suffixes: "lory-8E-random-dedup" → "lory-8E".
+    labels = {ffn: name.replace("-random", "").replace("-dedup", "") for name, _, ffn, _ in reversed(runs)}
+    lines = ["| training corpus | " + " | ".join(labels[m] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
     for order in corpora:
         cells = []
         for ffn in models:

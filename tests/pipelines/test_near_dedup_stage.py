@@ -98,8 +98,9 @@ def _dedup(tmp_path, corpus, name, buckets, beam_args=(), **kwargs):
     """The documents stage without near-dedup, then the near-dedup step on its files."""
     out = tmp_path / name
     out.mkdir()
-    opts = options(corpus, tmp_path, buckets=buckets, near_dedup="off", beam_args=list(beam_args))
+    opts = options(corpus, tmp_path, buckets=buckets, near_dedup="off")
     counts = run_documents_stage(opts, [str(corpus)], None, out)
+    opts.beam_args = list(beam_args)  # worker processes for the near-dedup step only
     info, changes = drop_near_duplicates(opts, bucket_files(str(out)), counts["documents_kept"],
                                          str(out / "dead_letters"), str(out / "near_dedup"), _run_each, **kwargs)
     rows = pa.concat_tables([pq.read_table(f) for f in bucket_files(str(out))]).sort_by("content_hash")
