@@ -36,14 +36,13 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.metrics.metric import MetricsFilter
 
 from lorydata.clean import CleanConfig, clean_document
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.readers import ReaderConfig, file_format, read_file
 from pipelines import fileio
-from pipelines.options import BuildOptions, make_pipeline
-from pipelines.transforms import NAMESPACE, count, heldout_split, run_pipeline
+from pipelines.options import BuildOptions
+from pipelines.transforms import count, heldout_split, run_each
 
 SPLITS = ("train", "heldout")
 RAW = "raw"
@@ -236,38 +235,16 @@ class DedupBucketFn(beam.DoFn):
         yield bucket
 
 
-def counters(result) -> dict[str, int]:
-    """The committed values of the `lory` Beam counters of a finished pipeline."""
-    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    totals: dict[str, int] = {}
-    for counter in found:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
-    return totals
-
-
-def _run_each(options: BuildOptions, label: str, elements: list, fn: beam.DoFn) -> dict[str, int]:
-    """One Beam pipeline that spreads `elements` over the workers and runs `fn` on each."""
-    pipeline = make_pipeline(options)
-    (
-        pipeline
-        | f"{label}Elements" >> beam.Create(elements)
-        | f"Spread{label}" >> beam.Reshuffle()
-        | label >> beam.ParDo(fn)
-    )
-    return counters(run_pipeline(pipeline))
-
-
 def read_into_buckets(options: BuildOptions, files: list[str], folder: str, buckets: int) -> dict[str, int]:
     """Step 1: every input file into raw bucket files; returns the Beam counters."""
     reader = ReaderConfig(options.text_field, options.domain_field, options.id_field, options.max_chars)
     cleaner = CleanConfig(min_chars=options.min_chars, max_chars=options.max_chars)
-    return _run_each(options, "Read", list(enumerate(files)), ReadToBucketsFn(folder, reader, cleaner, buckets))
+    return run_each(options, "Read", list(enumerate(files)), ReadToBucketsFn(folder, reader, cleaner, buckets))
 
 
 def dedup_buckets(options: BuildOptions, tokenizer_path: str | None, folder: str, buckets: int) -> dict[str, int]:
     """Step 2: every bucket deduplicated and tokenized; the raw files are removed after."""
-    totals = _run_each(options, "Dedup", list(range(buckets)),
+    totals = run_each(options, "Dedup", list(range(buckets)),
                        DedupBucketFn(folder, tokenizer_path, options.heldout_fraction))
     fileio.delete_tree(fileio.join(folder, RAW))
     return totals
