@@ -42,7 +42,7 @@ from lorydata.documents import DeadLetter, DropReason
 from lorydata.readers import ReaderConfig, file_format, read_file
 from pipelines import fileio
 from pipelines.options import BuildOptions
-from pipelines.transforms import count, heldout_split, run_each
+from pipelines.transforms import count, heldout_split, run_steps
 
 SPLITS = ("train", "heldout")
 RAW = "raw"
@@ -208,7 +208,7 @@ class DedupBucketFn(beam.DoFn):
 
         self.tokenizer = Tokenizer(self.tokenizer_path)
 
-    def process(self, bucket: int):
+    def process(self, bucket: int, after=None):
         parts = fileio.match(fileio.join(self.folder, RAW, bucket_name(bucket), "*.parquet"))
         if not parts:
             return
@@ -235,17 +235,16 @@ class DedupBucketFn(beam.DoFn):
         yield bucket
 
 
-def read_into_buckets(options: BuildOptions, files: list[str], folder: str, buckets: int) -> dict[str, int]:
-    """Step 1: every input file into raw bucket files; returns the Beam counters."""
+def read_and_dedup(options: BuildOptions, files: list[str], tokenizer_path: str | None, folder: str,
+                   buckets: int) -> dict[str, int]:
+    """Both steps, the second after the first (see the module docstring); the raw files are
+    removed after. Returns the Beam counters."""
     reader = ReaderConfig(options.text_field, options.domain_field, options.id_field, options.max_chars)
     cleaner = CleanConfig(min_chars=options.min_chars, max_chars=options.max_chars)
-    return run_each(options, "Read", list(enumerate(files)), ReadToBucketsFn(folder, reader, cleaner, buckets))
-
-
-def dedup_buckets(options: BuildOptions, tokenizer_path: str | None, folder: str, buckets: int) -> dict[str, int]:
-    """Step 2: every bucket deduplicated and tokenized; the raw files are removed after."""
-    totals = run_each(options, "Dedup", list(range(buckets)),
-                       DedupBucketFn(folder, tokenizer_path, options.heldout_fraction))
+    totals = run_steps(options, [
+        ("Read", list(enumerate(files)), ReadToBucketsFn(folder, reader, cleaner, buckets)),
+        ("Dedup", list(range(buckets)), DedupBucketFn(folder, tokenizer_path, options.heldout_fraction)),
+    ])
     fileio.delete_tree(fileio.join(folder, RAW))
     return totals
 
@@ -265,9 +264,7 @@ def run_documents_stage(options: BuildOptions, files: list[str], tokenizer_path:
     """
     folder = str(out)
     buckets = buckets_for(files, options.buckets)
-    totals = read_into_buckets(options, files, folder, buckets)
-    for name, value in dedup_buckets(options, tokenizer_path, folder, buckets).items():
-        totals[name] = totals.get(name, 0) + value
+    totals = read_and_dedup(options, files, tokenizer_path, folder, buckets)
     dropped = {k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("dropped.")}
     return {
         "input_files": len(files),

@@ -34,7 +34,7 @@ from pipelines import fileio
 from pipelines.documents_stage import bucket_files
 from pipelines.options import BuildOptions
 from pipelines.split_data import routes_file
-from pipelines.transforms import count, run_each
+from pipelines.transforms import count, run_steps
 
 SCRATCH = "_scratch"
 UNIT_SCHEMA = pa.schema([("key", pa.int64()), ("tokens", pa.list_(pa.int32())), ("domain", pa.string())])
@@ -94,7 +94,7 @@ class PackUnitFn(beam.DoFn):
         self.scratch, self.seq_len, self.eos_id, self.pad_id, self.tail = scratch, seq_len, eos_id, pad_id, tail
         self.total, self.rows_per_shard, self.seed = total, rows_per_shard, seed
 
-    def process(self, element: tuple[int, int, int]):
+    def process(self, element: tuple[int, int, int], after=None):
         unit, first, expected = element
         parts = fileio.match(fileio.join(self.scratch, "units", unit_name(unit), "*.parquet"))
         table = fileio.read_tables(parts, schema=UNIT_SCHEMA).sort_by("key")
@@ -135,7 +135,7 @@ class AssembleShardFn(beam.DoFn):
         self.scratch, self.folder = scratch, folder
         self.total, self.rows_per_shard, self.seed = total, rows_per_shard, seed
 
-    def process(self, shard: int):
+    def process(self, shard: int, after=None):
         import hashlib
 
         parts = fileio.match(fileio.join(self.scratch, "parts", f"s{shard:05d}", "*.arrow"))
@@ -177,16 +177,16 @@ def write_split_shards(options: BuildOptions, tokenizer: Tokenizer, documents_di
     total = int(per_unit.sum())
     rows = options.rows_per_shard
     files = bucket_files(str(documents_dir))
-    run_each(options, "Route", files, RouteTokensFn(order_dir, scratch))
-    work = [(u, int(first[u]), int(per_unit[u])) for u in np.flatnonzero(units[:, 0] > 0)]
+    work = [(int(u), int(first[u]), int(per_unit[u])) for u in np.flatnonzero(units[:, 0] > 0)]
     # Largest units first, so the longest task is not the last one a worker picks up.
     work.sort(key=lambda e: -units[e[0], 1])
-    run_each(options, "Pack", work, PackUnitFn(scratch, options.seq_len, tokenizer.eos_id, tokenizer.pad_id,
-                                               options.tail, total, rows, options.seed))
     shard_count = math.ceil(total / rows)
-    if shard_count:
-        run_each(options, "Assemble", list(range(shard_count)),
-                 AssembleShardFn(scratch, folder, total, rows, options.seed))
+    run_steps(options, [
+        ("Route", files, RouteTokensFn(order_dir, scratch)),
+        ("Pack", work, PackUnitFn(scratch, options.seq_len, tokenizer.eos_id, tokenizer.pad_id, options.tail, total,
+                                  rows, options.seed)),
+        ("Assemble", list(range(shard_count)), AssembleShardFn(scratch, folder, total, rows, options.seed)),
+    ])
     shards = [ShardInfo(**fileio.load_json(fileio.join(scratch, "shardinfo", f"s{s:05d}.json")))
               for s in range(shard_count)]
     stats = PackStats()

@@ -23,7 +23,7 @@ from pipelines.documents_stage import bucket_files
 from pipelines.embed_stage import embeddings_file
 
 ROUTES = "routes"
-UNIT_TOKENS = 1 << 24  # tokens per packing block of a global or random order (64 MB of int32)
+UNIT_TOKENS = 1 << 22  # tokens per packing block of a global or random order (16 MB of int32)
 
 
 def hash_keys(content_hashes: pa.Array | list[str]) -> np.ndarray:

@@ -51,15 +51,32 @@ def run_pipeline(pipeline):
 def run_each(options, label: str, elements: list, fn) -> dict[str, int]:
     """One Beam pipeline that spreads `elements` (small: file names, bucket or cell numbers)
     over the workers and runs the DoFn `fn` on each; returns the `lory` counters."""
+    return run_steps(options, [(label, elements, fn)])
+
+
+def run_steps(options, steps: list[tuple[str, list, beam.DoFn]]) -> dict[str, int]:
+    """Steps that each need all files of the step before, in one Beam pipeline.
+
+    Every step spreads its elements over the workers and runs its DoFn on each. From the
+    second step on, the DoFn gets the number of outputs of the previous step as a side
+    input (its `process(element, after)`): a runner computes a side input in full before
+    the step that reads it starts, so the side input is a barrier that carries one number.
+
+    Args:
+        options: build options (runner and Beam flags).
+        steps: (label, elements, DoFn) in order.
+
+    Returns:
+        The `lory` counters of the whole pipeline.
+    """
     from pipelines.options import make_pipeline
 
     pipeline = make_pipeline(options)
-    (
-        pipeline
-        | f"{label}Elements" >> beam.Create(elements)
-        | f"Spread{label}" >> beam.Reshuffle()
-        | label >> beam.ParDo(fn)
-    )
+    done = None
+    for label, elements, fn in steps:
+        spread = pipeline | f"{label}Elements" >> beam.Create(elements) | f"Spread{label}" >> beam.Reshuffle()
+        after = [] if done is None else [beam.pvalue.AsSingleton(done)]
+        done = spread | label >> beam.ParDo(fn, *after) | f"{label}Done" >> beam.combiners.Count.Globally()
     return counters(run_pipeline(pipeline))
 
 
