@@ -113,10 +113,6 @@ def main(argv=None) -> None:
     print(f"ratio pipeline/bare: {pipe_rate / raw_rate:.2f}  (goal >= 0.80)")
     for name, stage in summary.stages.items():
         print(f"  {name:16s} {stage['seconds']:8.1f} s  {stage['status']}")
-    near_dedup = summary.documents.get("near_dedup")
-    if near_dedup:  # the last step of the documents stage
-        print(f"  near-dedup step  {near_dedup['seconds']:8.1f} s  ({100 * near_dedup['seconds'] / pipeline:.1f}% of the "
-              f"build, goal <= 10%; {near_dedup['dropped']} near-duplicates dropped)")
     if args.json:
         print(json.dumps({"documents": n, "bare_seconds": raw, "pipeline_seconds": pipeline,
                           "bare_docs_per_s": raw_rate, "pipeline_docs_per_s": pipe_rate,

@@ -2,13 +2,17 @@
 
 Stages, each resumable (see `pipelines.markers`):
 
-1. documents (Beam): read → clean → dedup → tokenize → `_work/documents/*.parquet`,
-   dead letters → `dead_letters/`.
-2. embeddings (Beam, similarity order only): RunInference with sentence-transformers →
-   `_work/embeddings/*.parquet`.
-3. order, per split: kNN graph + walk (one worker, or per k-means cell on Beam with
-   `--partitions`), or a seeded random permutation → `_work/order/<split>/`.
-4. shards, per split: pack in order, shuffle sequences, write `<split>/` shards + manifest.
+1. documents (Beam): read → clean → content-hash buckets → exact dedup → tokenize →
+   `_work/documents/b<bucket>.parquet`, dead letters → `dead_letters/`.
+2. embeddings (Beam, similarity order only): sentence-transformers per bucket →
+   `_work/embeddings/b<bucket>.npy`.
+3. order, per split: kNN graph + walk (in this process, or per k-means cell on Beam with
+   `--partitions`), or seeded hash keys → routes and packing units in `_work/order/<split>/`.
+4. shards, per split (Beam): route tokens to units, pack each unit, spread the sequences
+   over shuffled shards → `<split>/` shards + manifest.
+
+Per-document data moves between steps only as files partitioned by destination; see the
+module docstrings of each stage for what one worker holds.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lorydata.errors import LoryDataError
 from lorydata.readers import expand_inputs
 from lorydata.tokenizer import Tokenizer
@@ -29,7 +31,6 @@ from pipelines.markers import Stage
 from pipelines.options import BuildOptions
 from pipelines.order_stage import compute_order
 from pipelines.shards_stage import write_split_shards
-from pipelines.split_data import load_split
 
 WORK = "_work"
 
@@ -185,7 +186,6 @@ def hash_json(value) -> str:
 
 
 def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log) -> dict:
-    docs = load_split(work / "documents", split)
     order_fp = f"{prior_fp}:{options.fingerprint('order', 'index', 'k', 'nprobe', 'partitions', 'seed', 'seq_len')}"
     order_stage = Stage(work / "order" / split, order_fp, options.overwrite)
     timer = _Timer(summary, f"order/{split}", log)
@@ -195,8 +195,8 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
     else:
         with timer:
             tmp = order_stage.start()
-            order_info = order_stage.finish(compute_order(docs, options, embeddings_dir, split, tmp))
-    order = np.load(order_stage.folder / "order.npy")
+            order_info = order_stage.finish(compute_order(options, work / "documents", embeddings_dir, split, tmp,
+                                                          counts))
 
     shards_fp = f"{order_fp}:{options.fingerprint('seq_len', 'tail', 'rows_per_shard', 'seed')}:{tokenizer.sha256}"
     shards_stage = Stage(out / split, shards_fp, options.overwrite)
@@ -208,10 +208,10 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
     with timer:
         tmp = shards_stage.start()
         manifest = write_split_shards(
-            docs,
-            order,
             options,
             tokenizer,
+            work / "documents",
+            order_stage.folder,
             tmp,
             split,
             {
@@ -224,7 +224,7 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
             },
         )
         result = {
-            "documents": len(docs),
+            "documents": manifest.counts["documents"],
             "sequences": manifest.num_rows,
             "tokens": manifest.counts["tokens"],
             "shards": len(manifest.shards),

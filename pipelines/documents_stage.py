@@ -40,14 +40,13 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.metrics.metric import MetricsFilter
 
 from lorydata.clean import CleanConfig, clean_document
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.readers import ReaderConfig, file_format, read_file
 from pipelines import fileio
-from pipelines.options import BuildOptions, make_pipeline
-from pipelines.transforms import NAMESPACE, count, heldout_split, run_pipeline
+from pipelines.options import BuildOptions
+from pipelines.transforms import count, heldout_split, run_steps
 
 SPLITS = ("train", "heldout")
 RAW = "raw"
@@ -213,7 +212,7 @@ class DedupBucketFn(beam.DoFn):
 
         self.tokenizer = Tokenizer(self.tokenizer_path)
 
-    def process(self, bucket: int):
+    def process(self, bucket: int, after=None):
         parts = fileio.match(fileio.join(self.folder, RAW, bucket_name(bucket), "*.parquet"))
         if not parts:
             return
@@ -240,39 +239,16 @@ class DedupBucketFn(beam.DoFn):
         yield bucket
 
 
-def counters(result) -> dict[str, int]:
-    """The committed values of the `lory` Beam counters of a finished pipeline."""
-    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    totals: dict[str, int] = {}
-    for counter in found:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
-    return totals
-
-
-def _run_each(options: BuildOptions, label: str, elements: list, fn: beam.DoFn) -> dict[str, int]:
-    """One Beam pipeline that spreads `elements` over the workers and runs `fn` on each."""
-    pipeline = make_pipeline(options)
-    (
-        pipeline
-        | f"{label}Elements" >> beam.Create(elements)
-        | f"Spread{label}" >> beam.Reshuffle()
-        | label >> beam.ParDo(fn)
-    )
-    return counters(run_pipeline(pipeline))
-
-
-def read_into_buckets(options: BuildOptions, files: list[str], folder: str, buckets: int) -> dict[str, int]:
-    """Step 1: every input file into raw bucket files; returns the Beam counters."""
+def read_and_dedup(options: BuildOptions, files: list[str], tokenizer_path: str | None, folder: str,
+                   buckets: int) -> dict[str, int]:
+    """Both steps, the second after the first (see the module docstring); the raw files are
+    removed after. Returns the Beam counters."""
     reader = ReaderConfig(options.text_field, options.domain_field, options.id_field, options.max_chars)
     cleaner = CleanConfig(min_chars=options.min_chars, max_chars=options.max_chars)
-    return _run_each(options, "Read", list(enumerate(files)), ReadToBucketsFn(folder, reader, cleaner, buckets))
-
-
-def dedup_buckets(options: BuildOptions, tokenizer_path: str | None, folder: str, buckets: int) -> dict[str, int]:
-    """Step 2: every bucket deduplicated and tokenized; the raw files are removed after."""
-    totals = _run_each(options, "Dedup", list(range(buckets)),
-                       DedupBucketFn(folder, tokenizer_path, options.heldout_fraction))
+    totals = run_steps(options, [
+        ("Read", list(enumerate(files)), ReadToBucketsFn(folder, reader, cleaner, buckets)),
+        ("Dedup", list(range(buckets)), DedupBucketFn(folder, tokenizer_path, options.heldout_fraction)),
+    ])
     fileio.delete_tree(fileio.join(folder, RAW))
     return totals
 
@@ -292,16 +268,13 @@ def run_documents_stage(options: BuildOptions, files: list[str], tokenizer_path:
     """
     folder = str(out)
     buckets = buckets_for(files, options.buckets)
-    totals = read_into_buckets(options, files, folder, buckets)
-    for name, value in dedup_buckets(options, tokenizer_path, folder, buckets).items():
-        totals[name] = totals.get(name, 0) + value
+    totals = read_and_dedup(options, files, tokenizer_path, folder, buckets)
     near_dedup = None
     if options.near_dedup == "on":
         from pipelines.near_dedup_stage import FOLDER, drop_near_duplicates
 
         near_dedup, changes = drop_near_duplicates(options, bucket_files(folder), totals.get("documents_kept", 0),
-                                                   fileio.join(folder, DEAD_LETTERS), fileio.join(folder, FOLDER),
-                                                   _run_each)
+                                                   fileio.join(folder, DEAD_LETTERS), fileio.join(folder, FOLDER))
         for name, value in changes.items():
             totals[name] = totals.get(name, 0) + value
     dropped = {k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("dropped.")}

@@ -35,8 +35,13 @@ def write_bytes(path: str, data: bytes) -> None:
     FileSystems.rename([tmp], [path])
 
 
+def open_read(path: str):
+    """A seekable binary file object for reading."""
+    return FileSystems.open(path, compression_type=_RAW)
+
+
 def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type=_RAW) as f:
+    with open_read(path) as f:
         return f.read()
 
 
@@ -64,7 +69,7 @@ def write_table(path: str, table: pa.Table, row_group_rows: int = 1024) -> None:
 
 
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
-    with FileSystems.open(path, compression_type=_RAW) as f:
+    with open_read(path) as f:
         return pq.read_table(f, columns=columns)
 
 
@@ -87,6 +92,17 @@ def save_npy(path: str, array: np.ndarray) -> None:
 
 def load_npy(path: str) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
 
 
 def save_json(path: str, value) -> None:

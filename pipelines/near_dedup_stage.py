@@ -14,6 +14,8 @@ shuffle, and Beam carries only file names and bucket numbers:
    content hash), candidate pairs within each band key verified by estimated Jaccard, and a
    spanning forest of the verified pairs (at most m - 1 edges per band key of m members)
    written to `near_dedup/edges/l<bucket>.jsonl`.
+   Steps 1 and 2 run as one Beam pipeline (`transforms.run_steps`: verify starts when every
+   file is signed).
 3. driver: connected components over the (few) edges, one keeper per component
    (`lorydata.near_dedup.group_duplicates`); drop lists written per documents file
    (`near_dedup/drops/<file>.json`: dropped hash → [kept id, group size]).
@@ -35,8 +37,6 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import time
-from collections.abc import Callable
 
 import apache_beam as beam
 import numpy as np
@@ -49,7 +49,7 @@ from lorydata.minhash import MinHashConfig, MinHasher
 from lorydata.near_dedup import PAIRWISE_LIMIT, DocRef, bucket_pairs, group_duplicates
 from pipelines import fileio
 from pipelines.options import BuildOptions
-from pipelines.transforms import count
+from pipelines.transforms import count, run_each, run_steps
 
 # Band records per LSH bucket the step aims for: ≈ 100k × (4·128 + ~100) bytes ≈ 60 MB for
 # one verifying worker at the default 128 permutations.
@@ -152,7 +152,7 @@ class VerifyBucketFn(beam.DoFn):
     def __init__(self, folder: str, threshold: float, pairwise_limit: int = PAIRWISE_LIMIT):
         self.folder, self.threshold, self.pairwise_limit = folder, threshold, pairwise_limit
 
-    def process(self, bucket: int):
+    def process(self, bucket: int, after=None):
         paths = fileio.match(fileio.join(self.folder, LSH, _lsh_name(bucket), "*.arrow"))
         if not paths:
             return
@@ -238,11 +238,8 @@ def read_edges(folder: str):
             yield (DocRef(ka, la, ia), fa), (DocRef(kb, lb, ib), fb)
 
 
-RunEach = Callable[[BuildOptions, str, list, beam.DoFn], dict]
-
-
 def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int, dead_folder: str, work: str,
-                         run_each: RunEach, lsh_buckets: int | None = None,
+                         lsh_buckets: int | None = None,
                          pairwise_limit: int = PAIRWISE_LIMIT) -> tuple[dict, dict[str, int]]:
     """Remove near-duplicates from the documents files in place (each file replaced whole).
 
@@ -253,22 +250,19 @@ def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int
         dead_folder: where `near_dedup-<file>.jsonl` dead letters go.
         work: a folder for the step's files (LSH buckets are removed at the end; edges and
             drop lists stay).
-        run_each: runs a DoFn over a list of elements on the build's runner and returns the
-            Beam counters (the documents stage's helper).
         lsh_buckets: override the LSH bucket count (default: `lsh_bucket_count`).
         pairwise_limit: see `lorydata.near_dedup.bucket_pairs`.
 
     Returns:
         (what the step found: documents signed and without words, LSH buckets, band records,
-        edges, groups, dropped, seconds, parameters; counter changes for the documents stage).
+        edges, groups, dropped, parameters; counter changes for the documents stage).
     """
-    started = time.perf_counter()
     config = minhash_config(options)
     lsh_buckets = lsh_buckets or lsh_bucket_count(documents, config.bands)
-    found = run_each(options, "Sign", files, SignFileFn(work, config, lsh_buckets))
-    for name, value in run_each(options, "Verify", list(range(lsh_buckets)),
-                                VerifyBucketFn(work, config.threshold, pairwise_limit)).items():
-        found[name] = found.get(name, 0) + value
+    found = run_steps(options, [
+        ("Sign", files, SignFileFn(work, config, lsh_buckets)),
+        ("Verify", list(range(lsh_buckets)), VerifyBucketFn(work, config.threshold, pairwise_limit)),
+    ])
 
     pairs = list(read_edges(work))
     file_of = {ref.key: file for pair in pairs for ref, file in pair}
@@ -295,7 +289,6 @@ def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int
         "edges": found.get("near_dedup.edges", 0),
         "groups": len({d.kept.key for d in dropped}),
         "dropped": len(dropped),
-        "seconds": round(time.perf_counter() - started, 2),
         "config": {"shingle_words": config.shingle_words, "num_perm": config.num_perm, "bands": config.bands,
                    "rows": config.rows, "threshold": config.threshold, "seed": config.seed},
     }

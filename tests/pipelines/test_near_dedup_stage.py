@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.build_corpus import build_corpus
-from pipelines.documents_stage import _run_each, bucket_files, run_documents_stage
+from pipelines.documents_stage import bucket_files, run_documents_stage
 from pipelines.near_dedup_stage import drop_near_duplicates
 from pipelines.options import BuildOptions
 from tests.lorydata.test_near_dedup import edited, paragraphs, prose
@@ -102,7 +102,7 @@ def _dedup(tmp_path, corpus, name, buckets, beam_args=(), **kwargs):
     counts = run_documents_stage(opts, [str(corpus)], None, out)
     opts.beam_args = list(beam_args)  # worker processes for the near-dedup step only
     info, changes = drop_near_duplicates(opts, bucket_files(str(out)), counts["documents_kept"],
-                                         str(out / "dead_letters"), str(out / "near_dedup"), _run_each, **kwargs)
+                                         str(out / "dead_letters"), str(out / "near_dedup"), **kwargs)
     rows = pa.concat_tables([pq.read_table(f) for f in bucket_files(str(out))]).sort_by("content_hash")
     dead = sorted((d["line"], d["detail"]) for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate")
     return {k: info[k] for k in ("groups", "dropped", "documents_signed")}, changes, rows, dead
