@@ -255,7 +255,8 @@ def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int
 
     Returns:
         (what the step found: documents signed and without words, LSH buckets, band records,
-        edges, groups, dropped, parameters; counter changes for the documents stage).
+        candidate pairs, edges kept, groups, dropped, parameters; counter changes for the
+        documents stage).
     """
     config = minhash_config(options)
     lsh_buckets = lsh_buckets or lsh_bucket_count(documents, config.bands)
@@ -286,6 +287,7 @@ def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int
         "documents_without_words": found.get("near_dedup.no_words", 0),
         "lsh_buckets": lsh_buckets,
         "band_records": found.get("near_dedup.band_records", 0),
+        "candidate_pairs": found.get("near_dedup.candidate_pairs", 0),
         "edges": found.get("near_dedup.edges", 0),
         "groups": len({d.kept.key for d in dropped}),
         "dropped": len(dropped),
