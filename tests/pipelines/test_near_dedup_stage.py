@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lorydata.errors import LoryDataError
 from pipelines.build_corpus import build_corpus
 from pipelines.documents_stage import bucket_files, run_documents_stage
 from pipelines.near_dedup_stage import drop_near_duplicates
@@ -130,3 +131,10 @@ def test_same_result_on_two_worker_processes(corpus, tmp_path, one_bucket):
     two = _dedup(tmp_path, corpus, "two", buckets=1, beam_args=TWO_WORKERS, lsh_buckets=2)
     assert two[0] == one_bucket[0] and two[1] == one_bucket[1] and two[3] == one_bucket[3]
     assert two[2].equals(one_bucket[2])
+
+
+@pytest.mark.parametrize("bad", [dict(near_dedup="maybe"), dict(near_dedup_threshold=1.5),
+                                 dict(near_dedup_threshold=0.0), dict(near_dedup_bands=0)])
+def test_bad_near_dedup_options_are_refused_in_one_line(corpus, tmp_path, bad):
+    with pytest.raises(LoryDataError, match="--near-dedup"):
+        options(corpus, tmp_path, **bad).validate()
