@@ -78,9 +78,11 @@ def test_rerun_skips_finished_stages_and_refuses_other_options(bad_build, capsys
     assert Manifest.read(out / "train").seq_len == 8
 
 
-def test_same_input_and_seed_give_identical_shards_with_two_workers(tmp_path, sample_corpus, capsys):
+def test_same_input_and_seed_give_identical_shards_with_two_workers(tmp_path, sample_corpus, capsys, monkeypatch):
+    # Several buckets, packing units and shards, so that every step has work to spread.
+    monkeypatch.setattr("pipelines.split_data.UNIT_TOKENS", 50_000)
     common = ["build-corpus", sample_corpus, "--order", "random", "--seq-len", 256, "--domain-field", "domain",
-              "--heldout-fraction", 0.2, "--rows-per-shard", 300, "--seed", 3]
+              "--heldout-fraction", 0.2, "--rows-per-shard", 300, "--seed", 3, "--buckets", 3]
     assert run_cli([*common, "--out", tmp_path / "a"], capsys)[0] == 0
     code, _, err = run_cli([*common, "--out", tmp_path / "b", "--direct_num_workers=2",
                             "--direct_running_mode=multi_processing"], capsys)
@@ -88,6 +90,10 @@ def test_same_input_and_seed_give_identical_shards_with_two_workers(tmp_path, sa
     for split in ("train", "heldout"):
         a, b = Manifest.read(tmp_path / "a" / split), Manifest.read(tmp_path / "b" / split)
         assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    train = Manifest.read(tmp_path / "a" / "train")
+    assert train.counts["packing_units"] > 2 and len(train.shards) > 2
+    assert [s.rows for s in train.shards[:-1]] == [300] * (len(train.shards) - 1)
+    assert train.counts["sequences"] == train.num_rows
     train, heldout = all_text(tmp_path / "a" / "train"), all_text(tmp_path / "a" / "heldout")
     docs = [json.loads(line) for line in _jsonl_lines(sample_corpus)]
     held = [d for d in docs if d["text"][:200] in heldout]
