@@ -123,6 +123,7 @@ class MinHasher:
         found = words(text)
         if not found:
             return np.zeros(0, dtype=np.uint64)
+        # Words repeat: CRC-32 each distinct word once (+ 1, so no word hashes to 0).
         cache: dict[str, int] = {}
         ids = np.fromiter(
             (cache.get(w) or cache.setdefault(w, zlib.crc32(w.encode("utf-8")) + 1) for w in found),
