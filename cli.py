@@ -287,10 +287,20 @@ def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.option("--rows-per-shard", default=1024, show_default=True, type=int)
 @click.option("--min-chars", default=1, show_default=True, type=int)
 @click.option("--max-chars", default=1_000_000, show_default=True, type=int)
+@click.option("--buckets", default=None, type=int,
+              help="Content-hash buckets of the documents stage (default: one per 16 MiB of input).")
 @click.option("--runner", default=None, help="Beam runner (default: in-process FnApiRunner); dask: see --workers.")
 @click.option("--dask-address", default=None, help="With --runner dask: tcp://host:port of a running Dask scheduler.")
 @click.option("--workers", default=None, type=int,
               help="With --runner dask: worker processes of a local Dask cluster (default: one per core).")
+@click.option("--near-dedup", default="on", show_default=True, type=click.Choice(["on", "off"]),
+              help="Drop near-duplicates (MinHash LSH on word shingles) before embedding.")
+@click.option("--near-dedup-threshold", default=0.8, show_default=True, type=float,
+              help="Estimated Jaccard at or above which two documents are near-duplicates.")
+@click.option("--near-dedup-shingle", default=5, show_default=True, type=int, help="Words per shingle.")
+@click.option("--near-dedup-bands", default=16, show_default=True, type=int, help="LSH bands.")
+@click.option("--near-dedup-rows", default=8, show_default=True, type=int,
+              help="MinHash values per band (bands × rows = permutations).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs built with other options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build_corpus_cmd(inputs, as_json, runner, dask_address, workers, **kwargs):

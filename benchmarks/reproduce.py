@@ -7,6 +7,9 @@ Builds a similarity-ordered and a random-ordered training corpus from the same d
 - lory-8E                 (similarity corpus)
 - expert-choice-8E, token (similarity corpus)
 - dense, lory-8E          (random corpus)
+- with `--dedup`: dense and lory-8E again on both orders of the near-deduplicated corpus
+  (`build-corpus --near-dedup on`; the runs above use `--near-dedup off`), the issue-14
+  axis: does dedup remove the dense penalty of similarity order?
 
 then evaluates every run per domain on the held-out text (packed in similarity order, so
 sequences stay within a domain as in the paper's per-domain held-out sets, and in random
@@ -15,10 +18,15 @@ relative to the dense run trained on the same corpus), writes
 `results.json`, `table.md`, `loss_curves.png`, and the routing analysis of both lory runs
 (heatmaps + JSON) under `--out`.
 
+`--seeds 0,1` trains every run once per seed and adds a table of the overall held-out
+perplexity as mean ± standard deviation over the seeds (training corpus × model).
+
 Every stage is skipped when its output exists, so an interrupted reproduction continues
 where it stopped. Usage:
 
     python benchmarks/reproduce.py --corpus /path/to/dev_corpus --out runs/reproduce [--preset cpu|gpu]
+    python benchmarks/reproduce.py --corpus ... --out runs/dedup --dedup --seeds 0,1 --runs dense,lory-8E,\
+        dense-random,lory-8E-random,dense-dedup,lory-8E-dedup,dense-random-dedup,lory-8E-random-dedup
 
 `--corpus` is a folder with `train.jsonl.zst` and `heldout.jsonl.zst` (fields text, domain).
 """
@@ -68,6 +76,14 @@ class Preset:
         ("lory-8E-random", "random", "lory", "dense-random"),
     ])
 
+
+# The near-dedup axis (`--dedup`): the same models on the near-deduplicated corpus.
+DEDUP_RUNS = [
+    ("dense-dedup", "similarity-dedup", "dense", "dense-dedup"),
+    ("lory-8E-dedup", "similarity-dedup", "lory", "dense-dedup"),
+    ("dense-random-dedup", "random-dedup", "dense", "dense-random-dedup"),
+    ("lory-8E-random-dedup", "random-dedup", "lory", "dense-random-dedup"),
+]
 
 PRESETS = {
     # 2-core CPU, under an hour for all four runs: 4 layers of d=128, 4 segments of 64 per sequence
@@ -122,39 +138,64 @@ def short_document_corpus(corpus: Path, out: Path, piece_chars: int, keep_every:
     return target
 
 
-def build_corpora(corpus: Path, out: Path, preset: Preset) -> dict[str, Path]:
-    """Similarity and random training corpora and the held-out corpus (cached)."""
+def build_corpora(corpus: Path, out: Path, preset: Preset) -> tuple[dict[str, Path], dict[str, dict]]:
+    """The training corpora the runs need and the held-out corpora (cached).
+
+    Returns:
+        (corpus name → shard folder, corpus name → the build's document counts).
+    """
     from pipelines.build_corpus import build_corpus
     from pipelines.options import BuildOptions
 
-    folders = {}
+    folders, counts = {}, {}
     train, heldout = corpus / "train.jsonl.zst", corpus / "heldout.jsonl.zst"
     # Held-out text packed both ways: similarity order keeps sequences within a domain (like
     # the paper's per-domain held-out sets), random order mixes domains inside sequences.
-    jobs = [("similarity", train, "similarity"), ("random", train, "random"),
-            ("heldout-similarity", heldout, "similarity"), ("heldout-random", heldout, "random")]
+    # Held-out corpora are never near-deduplicated: every run is scored on the same text.
+    needed = {order for _, order, _, _ in preset.runs}
+    jobs = [(name, train, name.removesuffix("-dedup")) for name in
+            ("similarity", "random", "similarity-dedup", "random-dedup") if name in needed]
+    jobs += [("heldout-similarity", heldout, "similarity"), ("heldout-random", heldout, "random")]
     for name, source, order in jobs:
         target = out / "corpora" / name
         options = BuildOptions(inputs=[str(source)], out=str(target), domain_field=DOMAINS_FIELD,
-                               seq_len=preset.seq_len, order=order, rows_per_shard=512, tail="pad")
+                               seq_len=preset.seq_len, order=order, rows_per_shard=512, tail="pad",
+                               near_dedup="on" if name.endswith("-dedup") else "off")
         started = time.perf_counter()
         summary = build_corpus(options, log=lambda *a, **k: None)
         log(f"corpus {name}: {summary.splits['train']['sequences']} sequences "
             f"({time.perf_counter() - started:.0f} s)")
-        folders[name] = target / "train"
-    return folders
+        folders[name], counts[name] = target / "train", summary.documents
+    return folders, counts
 
 
-def train_run(name: str, data: Path, ffn: str, preset: Preset, out: Path) -> Path:
+def near_duplicate_rate(counts: dict[str, dict]) -> str | None:
+    """'N of M documents (x%)' dropped as near-duplicates by a deduplicated build, or None."""
+    for name, documents in counts.items():
+        found = documents.get("near_dedup")
+        if name.endswith("-dedup") and found:
+            total = documents["documents_kept"] + found["dropped"]
+            return (f"{found['dropped']} of {total} training documents ({100 * found['dropped'] / max(1, total):.1f}%) "
+                    f"in {found['groups']} groups, estimated Jaccard >= {found['config']['threshold']}")
+    return None
+
+
+def seed_name(name: str, seed: int) -> str:
+    """A run's name for one seed (seed 0 keeps the plain name, so earlier runs are reused)."""
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def train_run(name: str, data: Path, ffn: str, preset: Preset, out: Path, seed: int = 0) -> Path:
     """Train one run unless its final checkpoint exists (resumes an interrupted one)."""
     from lorytrain.training.config import make_config
     from lorytrain.training.trainer import Trainer
 
+    name = seed_name(name, seed)
     run_dir = out / "runs" / name
     config = make_config(None, {
         "data": str(data), "out": str(run_dir), "preset": preset.base, "ffn": ffn, "experts": preset.experts,
         "segment_len": preset.segment_len, "model_overrides": preset.model, "batch_size": preset.batch_size,
-        "tokens": preset.tokens, "lr": preset.lr, "save_every": 100, "log_every": 5, "resume": True, "seed": 0,
+        "tokens": preset.tokens, "lr": preset.lr, "save_every": 100, "log_every": 5, "resume": True, "seed": seed,
     })
     trainer = Trainer(config, log=lambda *a, **k: None)
     if trainer.step >= trainer.plan.steps:
@@ -184,17 +225,45 @@ def evaluate_run(run_dir: Path, heldout: Path, name: str, sequences: int) -> dic
 
 def table(results: dict[str, dict], references: dict[str, str]) -> str:
     """Markdown table: perplexity per domain, and % change vs the run's dense reference."""
-    domains = sorted(results["dense"]["domains"])
+    domains = sorted(next(iter(results.values()))["domains"])
     lines = ["| model | " + " | ".join(domains) + " | overall |", "|---" * (len(domains) + 2) + "|"]
     for name, result in results.items():
         cells = []
         for domain in [*domains, None]:
-            reference = results[references[name]]
             entry = result["overall"] if domain is None else result["domains"][domain]
+            reference = results.get(references[name])  # absent when --runs left it out
+            if reference is None or references[name] == name:
+                cells.append(f"{entry['ppl']:.2f}")
+                continue
             base = reference["overall"] if domain is None else reference["domains"][domain]
-            change = 100 * (entry["ppl"] / base["ppl"] - 1)
-            cells.append(f"{entry['ppl']:.2f}" + ("" if references[name] == name else f" ({change:+.1f}%)"))
+            cells.append(f"{entry['ppl']:.2f} ({100 * (entry['ppl'] / base['ppl'] - 1):+.1f}%)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_table(by_seed: dict[str, dict[int, dict]], runs: list) -> str:
+    """Markdown table of overall held-out perplexity, mean ± standard deviation over seeds:
+    one row per training corpus, one column per model."""
+    import numpy as np
+
+    corpora = list(dict.fromkeys(order for _, order, _, _ in runs))
+    models = list(dict.fromkeys(ffn for _, _, ffn, _ in runs))
+    cell = {(order, ffn): name for name, order, ffn, _ in runs}
+    # A column is named after its runs without the corpus suffixes: "lory-8E-random-dedup" → "lory-8E".
+    labels = {ffn: name.replace("-random", "").replace("-dedup", "") for name, _, ffn, _ in reversed(runs)}
+    lines = ["| training corpus | " + " | ".join(labels[m] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+    for order in corpora:
+        cells = []
+        for ffn in models:
+            found = by_seed.get(cell.get((order, ffn)), {})
+            ppl = np.array([result["overall"]["ppl"] for result in found.values()])
+            if len(ppl) == 0:
+                cells.append("—")
+            elif len(ppl) == 1:
+                cells.append(f"{ppl[0]:.2f} (1 seed)")
+            else:
+                cells.append(f"{ppl.mean():.2f} ± {ppl.std(ddof=1):.2f} ({len(ppl)} seeds)")
+        lines.append(f"| {order} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -248,6 +317,9 @@ def main() -> None:
                         help="cut documents into pieces of about this many characters first (0: off)")
     parser.add_argument("--keep-every", type=int, default=1, help="with --piece-chars: keep every k-th document")
     parser.add_argument("--runs", default=None, help="comma-separated run names to train (default: all)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="add the near-dedup axis: dense and lory-8E on both orders of the deduplicated corpus")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; each run once per seed")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -263,26 +335,41 @@ def main() -> None:
         if not (corpus / name).is_file():
             raise SystemExit(f"error: {corpus / name} not found; pass --corpus")
     started = time.perf_counter()
+    if args.dedup:
+        preset.runs = [*preset.runs, *DEDUP_RUNS]
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.runs:
         wanted = set(args.runs.split(","))
         preset.runs = [run for run in preset.runs if run[0] in wanted]
     if args.piece_chars:
         corpus = short_document_corpus(corpus, out, args.piece_chars, args.keep_every)
-    folders = build_corpora(corpus, out, preset)
-    run_dirs = {name: train_run(name, folders[order], ffn, preset, out) for name, order, ffn, _ in preset.runs}
+    folders, corpus_counts = build_corpora(corpus, out, preset)
+    run_dirs = {(name, seed): train_run(name, folders[order], ffn, preset, out, seed)
+                for name, order, ffn, _ in preset.runs for seed in seeds}
     references = {name: reference for name, _, _, reference in preset.runs}
-    results, texts = {}, []
+    results, by_seed, texts = {}, {}, []
+    rate = near_duplicate_rate(corpus_counts)
+    if rate:
+        texts.append(f"near-duplicates in the training split: {rate}")
     for heldout in ("heldout-similarity", "heldout-random"):
-        results[heldout] = {name: evaluate_run(run_dir, folders[heldout], heldout, preset.eval_sequences)
-                            for name, run_dir in run_dirs.items()}
-        texts.append(f"held-out perplexity, {heldout} packing ({preset.tokens:,} training tokens per run; "
-                     f"in parentheses: change vs the dense run on the same training corpus)\n\n"
+        by_seed[heldout] = {}
+        for (name, seed), run_dir in run_dirs.items():
+            result = evaluate_run(run_dir, folders[heldout], heldout, preset.eval_sequences)
+            by_seed[heldout].setdefault(name, {})[seed] = result
+        results[heldout] = {name: found[seeds[0]] for name, found in by_seed[heldout].items()}
+        texts.append(f"held-out perplexity, {heldout} packing ({preset.tokens:,} training tokens per run, "
+                     f"seed {seeds[0]}; in parentheses: change vs the dense run on the same training corpus)\n\n"
                      + table(results[heldout], references))
+        if len(seeds) > 1 or args.dedup:
+            texts.append(f"overall held-out perplexity, {heldout} packing, mean ± standard deviation over seeds "
+                         f"{args.seeds}\n\n" + seed_table(by_seed[heldout], preset.runs))
     text = "\n\n".join(texts)
+    run_dirs = {seed_name(name, seed): run_dir for (name, seed), run_dir in run_dirs.items()}
     plot_losses(run_dirs, out / "loss_curves.png")
     analysis = analyse(run_dirs, folders["heldout-similarity"], out)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "eval": results,
+                                                   "eval_by_seed": by_seed, "near_duplicates": rate,
                                                    "analysis": analysis}, indent=2, default=_json_default))
     print(text)
     for name, summary in analysis.items():

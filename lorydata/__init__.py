@@ -31,6 +31,9 @@ _LAZY = {
     "CleanConfig": "lorydata.clean",
     "clean_document": "lorydata.clean",
     "ExactDeduper": "lorydata.clean",
+    "MinHashConfig": "lorydata.minhash",
+    "MinHasher": "lorydata.minhash",
+    "find_near_duplicates": "lorydata.near_dedup",
     # tokens
     "Tokenizer": "lorydata.tokenizer",
     "train_tokenizer": "lorydata.tokenizer",

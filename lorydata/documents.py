@@ -18,6 +18,7 @@ class DropReason:
     TOO_SHORT = "too_short"
     UNREADABLE = "unreadable"
     DUPLICATE = "duplicate"
+    NEAR_DUPLICATE = "near_duplicate"
 
 
 @dataclass

@@ -109,6 +109,35 @@ def _summary(values: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "p5": float(q[0]), "median": float(q[1]), "p95": float(q[2])}
 
 
+def adjacent_metrics(adjacent: np.ndarray, threshold: float, part_sizes: np.ndarray | None = None) -> dict:
+    """The metrics that depend only on the similarities of adjacent documents.
+
+    Args:
+        adjacent: similarities of adjacent pairs; for an order made of parts packed apart
+            (cells), the parts' arrays one after the other (no pair across a border).
+        threshold: the break threshold.
+        part_sizes: documents in each part (None: one part); chains end at part borders.
+
+    Returns:
+        {"adjacent_similarity", "unrelated_pair_share", "chain_length"}.
+    """
+    adjacent = np.asarray(adjacent, dtype=np.float32)
+    if part_sizes is None:
+        part_sizes = np.array([len(adjacent) + 1 if len(adjacent) else 0])
+    chains, start = [], 0
+    for size in np.asarray(part_sizes, dtype=np.int64):
+        if size:
+            chains.append(chain_lengths(adjacent[start: start + size - 1], threshold))
+            start += size - 1
+    chains = np.concatenate(chains) if chains else np.zeros(0, np.int64)
+    return {
+        "adjacent_similarity": _summary(adjacent),
+        "unrelated_pair_share": float((adjacent < threshold).mean()) if len(adjacent) else 0.0,
+        "chain_length": {**_summary(chains), "count": len(chains), "max": int(chains.max(initial=0)),
+                         "single_document_share": float((chains == 1).mean()) if len(chains) else 0.0},
+    }
+
+
 def ordering_metrics(
     order: np.ndarray,
     embeddings: np.ndarray,
@@ -157,19 +186,15 @@ def ordering_metrics(
         lengths, seq_len = np.zeros(n, np.int64), window_docs
         unit = {"window_docs": int(window_docs)}
     rate, broken, sequences = break_rate(adjacent, threshold, lengths, seq_len)
-    chains = chain_lengths(adjacent, threshold) if n else np.zeros(0, np.int64)
     metrics = {
         "documents": int(n),
-        "adjacent_similarity": _summary(adjacent),
         "break_threshold": float(threshold),
         "break_rule": rule,
-        "unrelated_pair_share": float((adjacent < threshold).mean()) if len(adjacent) else 0.0,
         "break_rate": float(rate),
         "broken_sequences": broken,
         "sequences": sequences,
         **unit,
-        "chain_length": {**_summary(chains), "count": len(chains), "max": int(chains.max(initial=0)),
-                         "single_document_share": float((chains == 1).mean()) if len(chains) else 0.0},
+        **adjacent_metrics(adjacent, threshold, np.array([n])),
     }
     if neighbors is not None:
         metrics["hubness"] = hubness(neighbors)

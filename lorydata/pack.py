@@ -154,3 +154,35 @@ def pack_documents(
     for tokens, domain in documents:
         yield from packer.add(tokens, domain)
     yield from packer.finish()
+
+
+def block_starts(lengths_in_order: np.ndarray, seq_len: int, block_tokens: int) -> np.ndarray:
+    """Where to cut an ordered stream into blocks that are packed independently.
+
+    A block ends once it holds `block_tokens` tokens (one EOS per document counted), at the
+    first document that then starts exactly on a sequence boundary of the block, so the
+    block loses no tail and the next one keeps the stream's sequence alignment (what a
+    token-aware walk planned for). When no document starts on a boundary before twice
+    `block_tokens`, the block is cut there anyway (its tail then follows `--tail`).
+
+    Args:
+        lengths_in_order: tokens of each document in packing order (EOS excluded).
+        seq_len: tokens per sequence.
+        block_tokens: tokens per block, at least.
+
+    Returns:
+        Sorted document indices where blocks begin (always starting with 0 when non-empty).
+    """
+    sizes = np.asarray(lengths_in_order, dtype=np.int64) + 1
+    starts = np.cumsum(sizes) - sizes
+    n, cuts, begin = len(sizes), [], 0
+    while begin < n:
+        cuts.append(begin)
+        base = starts[begin]
+        first = max(begin + 1, int(np.searchsorted(starts, base + block_tokens)))
+        limit = max(first, int(np.searchsorted(starts, base + 2 * block_tokens)))
+        if first >= n:
+            break
+        aligned = np.flatnonzero((starts[first:limit] - base) % seq_len == 0)
+        begin = first + int(aligned[0]) if len(aligned) else min(limit, n)
+    return np.asarray(cuts, dtype=np.int64)

@@ -2,13 +2,17 @@
 
 Stages, each resumable (see `pipelines.markers`):
 
-1. documents (Beam): read → clean → dedup → tokenize → `_work/documents/*.parquet`,
-   dead letters → `dead_letters/`.
-2. embeddings (Beam, similarity order only): RunInference with sentence-transformers →
-   `_work/embeddings/*.parquet`.
-3. order, per split: kNN graph + walk (one worker, or per k-means cell on Beam with
-   `--partitions`), or a seeded random permutation → `_work/order/<split>/`.
-4. shards, per split: pack in order, shuffle sequences, write `<split>/` shards + manifest.
+1. documents (Beam): read → clean → content-hash buckets → exact dedup → tokenize →
+   `_work/documents/b<bucket>.parquet`, dead letters → `dead_letters/`.
+2. embeddings (Beam, similarity order only): sentence-transformers per bucket →
+   `_work/embeddings/b<bucket>.npy`.
+3. order, per split: kNN graph + walk (in this process, or per k-means cell on Beam with
+   `--partitions`), or seeded hash keys → routes and packing units in `_work/order/<split>/`.
+4. shards, per split (Beam): route tokens to units, pack each unit, spread the sequences
+   over shuffled shards → `<split>/` shards + manifest.
+
+Per-document data moves between steps only as files partitioned by destination; see the
+module docstrings of each stage for what one worker holds.
 """
 
 from __future__ import annotations
@@ -19,20 +23,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lorydata.errors import LoryDataError
 from lorydata.readers import expand_inputs
 from lorydata.tokenizer import Tokenizer
-from pipelines.documents_stage import SPLITS, run_documents_stage
+from pipelines.documents_stage import DEAD_LETTERS, SPLITS, run_documents_stage
 from pipelines.markers import Stage
 from pipelines.options import BuildOptions
 from pipelines.order_stage import compute_order
 from pipelines.shards_stage import write_split_shards
-from pipelines.split_data import load_split
 
 WORK = "_work"
-DEAD_LETTERS = "dead_letters"
 
 
 @dataclass
@@ -109,8 +109,12 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     summary = BuildSummary(str(out))
     log(f"{len(files)} input file(s), tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}), order {options.order}")
 
-    doc_fp = options.fingerprint("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction")
+    doc_fp = options.fingerprint("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction",
+                                 "buckets")
     doc_fp = f"{doc_fp}:{hash_json([_input_identity(files), tokenizer.sha256])}"
+    if options.near_dedup == "on":  # off keeps the fingerprint of builds made before near-dedup existed
+        doc_fp += ":" + options.fingerprint("near_dedup_threshold", "near_dedup_shingle", "near_dedup_bands",
+                                            "near_dedup_rows")
     documents = Stage(work / "documents", doc_fp, options.overwrite)
     counts = documents.result()
     timer = _Timer(summary, "documents", log)
@@ -123,6 +127,7 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
             documents.finish(counts)
             dead = out / DEAD_LETTERS
             shutil.rmtree(dead, ignore_errors=True)
+            (documents.folder / DEAD_LETTERS).mkdir(exist_ok=True)  # absent when nothing was dropped
             (documents.folder / DEAD_LETTERS).rename(dead)
     summary.documents = counts
 
@@ -181,7 +186,6 @@ def hash_json(value) -> str:
 
 
 def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log) -> dict:
-    docs = load_split(work / "documents", split)
     order_fp = f"{prior_fp}:{options.fingerprint('order', 'index', 'k', 'nprobe', 'partitions', 'seed', 'seq_len')}"
     order_stage = Stage(work / "order" / split, order_fp, options.overwrite)
     timer = _Timer(summary, f"order/{split}", log)
@@ -191,8 +195,8 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
     else:
         with timer:
             tmp = order_stage.start()
-            order_info = order_stage.finish(compute_order(docs, options, embeddings_dir, split, tmp))
-    order = np.load(order_stage.folder / "order.npy")
+            order_info = order_stage.finish(compute_order(options, work / "documents", embeddings_dir, split, tmp,
+                                                          counts))
 
     shards_fp = f"{order_fp}:{options.fingerprint('seq_len', 'tail', 'rows_per_shard', 'seed')}:{tokenizer.sha256}"
     shards_stage = Stage(out / split, shards_fp, options.overwrite)
@@ -204,10 +208,10 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
     with timer:
         tmp = shards_stage.start()
         manifest = write_split_shards(
-            docs,
-            order,
             options,
             tokenizer,
+            work / "documents",
+            order_stage.folder,
             tmp,
             split,
             {
@@ -220,7 +224,7 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
             },
         )
         result = {
-            "documents": len(docs),
+            "documents": manifest.counts["documents"],
             "sequences": manifest.num_rows,
             "tokens": manifest.counts["tokens"],
             "shards": len(manifest.shards),

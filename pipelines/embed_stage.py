@@ -1,16 +1,28 @@
-"""Stage 2 on Beam: embed every document with RunInference → `_work/embeddings/*.parquet`."""
+"""Stage 2 on Beam: embed the documents of every bucket → `_work/embeddings/b<bucket>.npy`.
+
+One element per documents bucket file; its worker reads the texts a chunk at a time and
+writes one (n, d) float32 `.npy`, row-aligned with the bucket's documents file. Chunks are
+`CHUNK_BATCHES` embedding batches of consecutive documents in hash order (the encoder sorts
+each chunk by length, so batches carry little padding), so which documents share a batch,
+and with it every embedding bit, depends on the documents alone, never on the runner or the
+worker count. Memory per worker: one chunk of texts plus the bucket's vectors.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import apache_beam as beam
-import pyarrow as pa
-from apache_beam.ml.inference.base import RunInference
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.utils import shared
 
-from pipelines.documents_stage import SPLITS, counters
-from pipelines.options import BuildOptions, make_pipeline
-from pipelines.transforms import EmbedModelHandler, embedding_bucket, run_pipeline
+from pipelines import fileio
+from pipelines.documents_stage import bucket_files
+from pipelines.options import BuildOptions
+from pipelines.transforms import run_each
+
+CHUNK_BATCHES = 16
 
 
 def embedder_config(options: BuildOptions):
@@ -26,45 +38,66 @@ def embedder_config(options: BuildOptions):
     )
 
 
-def embedding_schema() -> pa.Schema:
-    return pa.schema([("content_hash", pa.string()), ("split", pa.string()), ("embedding", pa.list_(pa.float32()))])
+def embeddings_file(embeddings_dir: str, documents_file: str) -> str:
+    """The `.npy` of a documents bucket file."""
+    return fileio.join(str(embeddings_dir), documents_file.rsplit("/", 1)[-1].replace(".parquet", ".npy"))
+
+
+class _Model:
+    """A holder that `beam.utils.shared` can keep one of per worker process."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+
+
+class EmbedBucketFn(beam.DoFn):
+    """documents file → its embeddings `.npy` (see the module docstring). Yields the count.
+
+    Args:
+        out: the stage folder.
+        config: the embedder config.
+    """
+
+    def __init__(self, out: str, config):
+        self.out, self.config = out, config
+        self._shared = shared.Shared()
+        self.embedder = None
+
+    def setup(self):
+        from lorydata.embed import Embedder
+
+        self.embedder = self._shared.acquire(lambda: _Model(Embedder(self.config))).embedder
+
+    def process(self, path: str):
+        from pipelines.transforms import count
+
+        chunk = CHUNK_BATCHES * self.config.batch_size
+        vectors, texts = [], []
+        with fileio.open_read(path) as f:
+            # Batches of the reader may end at row-group ends: chunks are cut here, exactly.
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=["text"]):
+                texts.extend(batch.column(0).to_pylist())
+                while len(texts) >= chunk:
+                    vectors.append(self.embedder.encode(texts[:chunk]))
+                    del texts[:chunk]
+        if texts:
+            vectors.append(self.embedder.encode(texts))
+        x = np.concatenate(vectors) if vectors else np.zeros((0, self.embedder.dim), np.float32)
+        fileio.save_npy(embeddings_file(self.out, path), x.astype(np.float32, copy=False))
+        count("documents_embedded", len(x))
+        yield len(x)
 
 
 def run_embed_stage(options: BuildOptions, documents_dir: Path, out: Path, counts: dict) -> dict:
-    """Embed the documents of every split into `out/<split>-*.parquet`.
-
-    Documents are grouped into batches by their hash (`embedding_bucket`), so batch
-    composition, and with it every embedding bit, is the same on any runner and worker
-    count. The model is loaded once per worker by RunInference (shared across processes on
-    a GPU).
+    """Embed the documents of every bucket into `out/b<bucket>.npy`.
 
     Returns:
         {"documents_embedded", "embedder": identity dict}.
     """
-    config = embedder_config(options)
-    total = sum(counts["documents_per_split"].values())
-    buckets = max(1, total // options.embed_batch_size)
-    on_gpu = options.device == "cuda"
-    pipeline = make_pipeline(options)
-    embedded = (
-        pipeline
-        | "ReadDocs" >> beam.io.ReadFromParquet(str(documents_dir / "*.parquet"), columns=["content_hash", "split", "text"])
-        | "ToBucket" >> beam.Map(lambda r: (embedding_bucket(r["content_hash"], buckets),
-                                            (r["content_hash"], r["split"], r["text"])))
-        | "GroupBatches" >> beam.GroupByKey()
-        | "Batch" >> beam.Map(lambda kv: list(kv[1]))
-        | "Embed" >> RunInference(EmbedModelHandler(config, large_model=on_gpu))
-    )
-    for split in SPLITS:
-        (
-            embedded
-            | f"Only{split}" >> beam.Filter(lambda row, s=split: row["split"] == s)
-            | f"Write{split}" >> beam.io.WriteToParquet(str(out / split), embedding_schema(), file_name_suffix=".parquet")
-        )
-    result = run_pipeline(pipeline)
     from lorydata.embed import Embedder
 
-    return {
-        "documents_embedded": counters(result).get("documents_embedded", 0),
-        "embedder": Embedder.describe(config),
-    }
+    config = embedder_config(options)
+    files = bucket_files(str(documents_dir))
+    # Largest buckets first would need their sizes; hash buckets are of even size anyway.
+    totals = run_each(options, "Embed", files, EmbedBucketFn(str(out), config))
+    return {"documents_embedded": totals.get("documents_embedded", 0), "embedder": Embedder.describe(config)}

@@ -37,11 +37,18 @@ class BuildOptions:
         nprobe: IVF cells searched (None = the index's default rule).
         partitions: 1 = one global walk; P > 1 = k-means cells walked in parallel.
         heldout_fraction: share of documents (by id hash) written to `heldout/`.
+        buckets: content-hash buckets of the documents stage (None = by input size); each
+            worker holds one bucket at a time.
         seed: seed of the random order, k-means and the sequence shuffle.
         rows_per_shard: sequences per shard file.
         runner: Beam runner name; default the in-process FnApiRunner.
         beam_args: extra Beam pipeline flags, passed through verbatim.
         overwrite: allow replacing outputs built with other options.
+        near_dedup: "on" (default) or "off": MinHash LSH near-duplicate removal after exact
+            dedup, before embedding (see `lorydata.minhash` for the defaults and why).
+        near_dedup_threshold: estimated Jaccard at or above which two documents are copies.
+        near_dedup_shingle: words per shingle.
+        near_dedup_bands / near_dedup_rows: LSH bands × rows per band = permutations.
     """
 
     inputs: list[str]
@@ -65,11 +72,17 @@ class BuildOptions:
     nprobe: int | None = None
     partitions: int = 1
     heldout_fraction: float = 0.0
+    buckets: int | None = None
     seed: int = 0
     rows_per_shard: int = 1024
     runner: str = LOCAL_RUNNER
     beam_args: list[str] = field(default_factory=list)
     overwrite: bool = False
+    near_dedup: str = "on"
+    near_dedup_threshold: float = 0.8
+    near_dedup_shingle: int = 5
+    near_dedup_bands: int = 16
+    near_dedup_rows: int = 8
 
     def validate(self) -> None:
         """Raise `LoryDataError` for option values that cannot work."""
@@ -82,9 +95,15 @@ class BuildOptions:
             (self.k >= 1, f"--k must be positive, got {self.k}"),
             (self.partitions >= 1, f"--partitions must be positive, got {self.partitions}"),
             (0.0 <= self.heldout_fraction < 1.0, f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}"),
+            (self.buckets is None or 1 <= self.buckets <= 65536, f"--buckets must be in [1, 65536], got {self.buckets}"),
             (self.rows_per_shard >= 1, f"--rows-per-shard must be positive, got {self.rows_per_shard}"),
             (self.embed_batch_size >= 1, f"--embed-batch-size must be positive, got {self.embed_batch_size}"),
             (0 <= self.min_chars <= self.max_chars, f"need 0 <= --min-chars <= --max-chars, got {self.min_chars}, {self.max_chars}"),
+            (self.near_dedup in ("on", "off"), f"--near-dedup must be on or off, got {self.near_dedup!r}"),
+            (0.0 < self.near_dedup_threshold <= 1.0,
+             f"--near-dedup-threshold must be in (0, 1], got {self.near_dedup_threshold}"),
+            (min(self.near_dedup_shingle, self.near_dedup_bands, self.near_dedup_rows) >= 1,
+             "--near-dedup-shingle, --near-dedup-bands and --near-dedup-rows must be positive"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,36 +1,41 @@
 """Stage 3, similarity order of one split: kNN graph + walk over the document embeddings.
 
-With `--partitions 1` the graph and the walk cover the whole split in this process (the
-walk is compiled and takes seconds per million documents; the graph is the costly part).
-With P > 1 the split is cut into k-means cells; each cell's graph and walk is one element
-of a Beam pipeline (`OrderCellFn`), the cells are chained by a walk over their centroids
-and their orders stitched together. Neighbours across cell borders are lost: the recorded
-kNN recall is always measured against exact search over the whole split, so the manifest
-shows what partitioning cost.
+`--partitions 1`, for splits whose embeddings fit in one process: the graph and the walk
+cover the whole split in the driver (the walk is compiled and takes seconds per million
+documents; the graph is the costly part), then the walk is cut into blocks of about
+`split_data.UNIT_TOKENS` tokens at sequence boundaries (`lorydata.pack.block_starts`), the units
+that the shards stage packs one per worker. The graph is kept in `knn/` for inspection.
 
-Output in the stage folder: `order.npy` (the permutation, read by the shards stage) and
-`knn/` (the graph as `neighbors.npy` / `similarities.npy` / `knn.json`, for inspection).
+P > 1, for any size: k-means centroids trained on a hash-chosen sample (256 per cell);
+`AssignCellsFn` writes every document to its cell's files; `OrderCellFn` builds each
+cell's graph and walk on one worker; the cells are chained by a walk over their centroids
+in the driver, and each cell is one unit. The driver holds the sample, O(cells) state and
+the adjacent similarities (4 bytes per document) for the metrics. Neighbours across cell
+borders are lost: the recorded kNN recall is measured against exact search over the whole
+split (streamed a bucket at a time), so the manifest shows what partitioning cost.
+
+Both end with the routes files and `units.npy` of `pipelines.split_data`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from lorydata.errors import LoryDataError
-from lorydata.knn import KnnConfig, KnnGraph, build_knn_graph, knn_recall
-from lorydata.order_metrics import ordering_metrics
+from lorydata.knn import KnnConfig, build_knn_graph, knn_recall
+from lorydata.order_metrics import adjacent_metrics, break_threshold, ordering_metrics
 from lorydata.walk import WalkConfig, walk
+from pipelines import fileio
 from pipelines.markers import MARKER
 from pipelines.options import BuildOptions
-from pipelines.split_data import SplitDocuments, load_embeddings
 
 RECALL_SAMPLE = 1000  # queries checked against exact search
-CELLS = "cells"
+KMEANS_POINTS_PER_CELL = 256
+UNITS = "units.npy"  # (units, 2): documents and tokens (EOS included) of each packing unit
 _INT_STATS = ("chains_walked", "short_chains_rehomed", "documents_rehomed", "ends_joined", "chains",
               "leftover_documents")
 
@@ -102,118 +107,182 @@ def _sum_stats(all_stats: list[dict]) -> dict:
     return total
 
 
-def similarity_order(docs: SplitDocuments, options: BuildOptions, embeddings_dir: Path, split: str,
-                     out: Path) -> dict:
-    """Order one split by similarity, save `out/order.npy` and `out/knn/`, and describe it.
+
+
+def _empty_order(options: BuildOptions, out: str, embeddings_dir) -> dict:
+    fileio.save_npy(fileio.join(out, UNITS), np.zeros((0, 2), np.int64))
+    return {"order": {"method": "similarity", "seed": options.seed, "metrics": {"documents": 0}, "units": 0},
+            "embedder": _embedder_identity(embeddings_dir), "index": None}
+
+
+def similarity_order(options: BuildOptions, documents_dir, embeddings_dir, split: str, out, n: int) -> dict:
+    """Order one split by similarity: routes and units in `out` (see the module docstring).
 
     Args:
-        docs: the split's documents (hash order), for their token counts.
         options: build options (k, index, nprobe, device, partitions, seq_len, seed).
+        documents_dir: the finished documents stage folder.
         embeddings_dir: the finished embeddings stage folder.
         split: "train" or "heldout".
         out: the order stage's temp folder.
+        n: documents in the split.
 
     Returns:
-        {"order": {"method", "seed", "metrics", "walk", "partitions"}, "embedder": ..., "index": ...}
+        {"order": {"method", "seed", "metrics", "walk", "partitions", "units"}, "embedder", "index"}
     """
-    n = len(docs)
-    lengths = docs.token_counts.astype(np.int64)
+    documents_dir, embeddings_dir, out = str(documents_dir), str(embeddings_dir), str(out)
     if n == 0:
-        np.save(out / "order.npy", np.zeros(0, np.int64))
-        return {"order": {"method": "similarity", "seed": options.seed, "metrics": {"documents": 0}},
-                "embedder": _embedder_identity(embeddings_dir), "index": None}
-    x = load_embeddings(embeddings_dir, split, docs.hashes)
+        return _empty_order(options, out, embeddings_dir)
     parts = partitions_for(options.partitions, n, options.k)
-    if parts == 1:
-        graph = build_knn_graph(x, knn_config(options, n))
-        result = walk(graph.neighbors, graph.similarities, walk_config(options), embeddings=x, token_lengths=lengths)
-        order, stats, cells = result.order, result.stats, None
-    else:
-        order, graph, stats, cells = order_by_cells(x, lengths, options, parts, out / CELLS)
-    graph.save(out / "knn")
-    np.save(out / "order.npy", order)
+    if parts > 1:
+        from pipelines.split_data import sample_split_vectors
+
+        fraction = min(1.0, KMEANS_POINTS_PER_CELL * parts / n)
+        sample = sample_split_vectors(documents_dir, embeddings_dir, split, fraction, options.seed)
+        if len(sample) >= 2 * parts:
+            return _cells_order(options, documents_dir, embeddings_dir, split, out, n, parts, sample)
+    return _global_order(options, documents_dir, embeddings_dir, split, out)
+
+
+def _global_order(options: BuildOptions, documents_dir: str, embeddings_dir: str, split: str, out: str) -> dict:
+    """`--partitions 1`: one graph and one walk in this process, cut into packing blocks."""
+    from lorydata.pack import block_starts
+    from pipelines import split_data
+    from pipelines.cells import unit_counts
+
+    data = split_data.load_split_vectors(documents_dir, embeddings_dir, split)
+    x, lengths, n = data.x, data.lengths, len(data.x)
+    graph = build_knn_graph(x, knn_config(options, n))
+    result = walk(graph.neighbors, graph.similarities, walk_config(options), embeddings=x, token_lengths=lengths)
+    order = result.order
+    graph.save(Path(out) / "knn")
     recall = knn_recall(x, graph.neighbors, sample=RECALL_SAMPLE, seed=options.seed)
     metrics = ordering_metrics(order, x, token_lengths=lengths, seq_len=options.seq_len, neighbors=graph.neighbors,
                                knn_recall=recall, seed=options.seed)
-    partitions = {"requested": options.partitions, "used": parts, **(cells or {})}
+    cuts = block_starts(lengths[order], options.seq_len, split_data.UNIT_TOKENS)
+    unit_at = np.repeat(np.arange(len(cuts)), np.diff(np.append(cuts, n)))  # unit of each walk position
+    position = np.empty(n, np.int64)
+    position[order] = np.arange(n)
+    start = 0
+    for path, rows, size in zip(data.files, data.rows, data.sizes, strict=True):
+        routes = split_data.empty_routes(size)
+        mine = position[start: start + len(rows)]
+        routes[rows, 0], routes[rows, 1] = unit_at[mine], mine
+        fileio.save_npy(split_data.routes_file(out, path), routes)
+        start += len(rows)
+    fileio.save_npy(fileio.join(out, UNITS), unit_counts(unit_at, lengths[order], len(cuts)))
     return {
-        "order": {"method": "similarity", "seed": options.seed, "metrics": metrics, "walk": stats,
-                  "partitions": partitions},
+        "order": {"method": "similarity", "seed": options.seed, "metrics": metrics, "walk": result.stats,
+                  "partitions": {"requested": options.partitions, "used": 1}, "units": len(cuts)},
         "embedder": _embedder_identity(embeddings_dir),
         "index": {**graph.describe(), "knn_recall": recall, "recall_sample": min(n, RECALL_SAMPLE),
                   "recall_against": "exact search over the whole split"},
     }
 
 
-def merged_graph(members: list[np.ndarray], graphs: dict[int, KnnGraph], n: int, k: int) -> KnnGraph:
-    """The cells' local graphs as one (n, k) graph in split numbering (-1 / -inf kept)."""
-    neighbors = np.full((n, k), -1, np.int64)
-    similarities = np.full((n, k), -np.inf, np.float32)
-    for cell, graph in graphs.items():
-        ids = members[cell]
-        local = graph.neighbors[:, :k]
-        neighbors[ids, : local.shape[1]] = np.where(local >= 0, ids[np.maximum(local, 0)], -1)
-        similarities[ids, : local.shape[1]] = graph.similarities[:, :k]
-    described = [g for g in graphs.values() if len(g.neighbors)]
-    kinds = sorted({g.index for g in described})
-    nprobes = sorted({g.nprobe for g in described if g.nprobe is not None})
-    return KnnGraph(neighbors, similarities, index=" | ".join(kinds) or "Flat",
-                    nprobe=nprobes[0] if len(nprobes) == 1 else None,
-                    device="cuda" if any(g.device == "cuda" for g in described) else "cpu")
+def _cells_order(options: BuildOptions, documents_dir: str, embeddings_dir: str, split: str, out: str, n: int,
+                 parts: int, sample: np.ndarray) -> dict:
+    """P > 1: k-means cells on the runner, one unit per cell, chained by their centroids."""
+    from lorydata.partition import PartitionConfig, chain_cells, partition
+    from pipelines.cells import (
+        CELL_COUNTS,
+        CELL_ROUTES,
+        CELLS,
+        AssignCellsFn,
+        MergeRoutesFn,
+        OrderCellFn,
+        cell_name,
+    )
+    from pipelines.documents_stage import bucket_files
+    from pipelines.transforms import run_each
 
-
-def order_by_cells(x: np.ndarray, lengths: np.ndarray, options: BuildOptions, parts: int,
-                   folder: Path) -> tuple[np.ndarray, KnnGraph, dict, dict]:
-    """k-means cells, one Beam element per cell (`OrderCellFn`), chained and stitched.
-
-    Args:
-        x: (n, d) embeddings of the split.
-        lengths: (n,) tokens per document.
-        options: build options (runner and Beam flags too).
-        parts: number of k-means cells.
-        folder: scratch folder for the cells' inputs and outputs (removed at the end).
-
-    Returns:
-        (order, merged graph, summed walk stats, {"cell_sizes", "cell_order"}).
-    """
-    import apache_beam as beam
-
-    from lorydata.partition import PartitionConfig, cell_stream_starts, chain_cells, partition, stitch_cells
-    from pipelines.options import make_pipeline
-    from pipelines.transforms import OrderCellFn, cell_name, run_pipeline
-
-    part = partition(x, PartitionConfig(parts=parts, seed=options.seed, device=options.device))
-    members = part.members()
-    sequence = chain_cells(part.centroids, part.sizes())
-    starts = cell_stream_starts(members, sequence, lengths)
-    folder.mkdir(parents=True, exist_ok=True)
-    for cell in sequence:
-        np.save(folder / f"{cell_name(cell)}.x.npy", x[members[cell]])
-        np.save(folder / f"{cell_name(cell)}.lengths.npy", lengths[members[cell]])
-    # Largest cells first, so the longest task is not the last one a worker picks up.
-    elements = sorted(((int(c), int(starts[int(c)])) for c in sequence), key=lambda e: -len(members[e[0]]))
+    centroids = partition(sample, PartitionConfig(parts=parts, seed=options.seed, device=options.device,
+                                                  max_points_per_cell=KMEANS_POINTS_PER_CELL)).centroids
+    threshold = break_threshold(sample, seed=options.seed)
+    files = bucket_files(documents_dir)
+    run_each(options, "AssignCells", files, AssignCellsFn(out, embeddings_dir, split, centroids,
+                                                          min(1.0, RECALL_SAMPLE / n), options.seed))
+    counts = sum(fileio.load_npy(p) for p in fileio.match(fileio.join(out, CELL_COUNTS, "*.npy")))
+    sequence = chain_cells(centroids, counts[:, 0])
     # The requested index as given: each cell falls back to exact search on its own when it
     # is too small to train it (`OrderCellFn`), and the automatic choice follows cell size.
     config = KnnConfig(k=options.k, index=options.index, nprobe=options.nprobe, device=options.device,
                        seed=options.seed)
-    pipeline = make_pipeline(options)
-    (
-        pipeline
-        | "Cells" >> beam.Create(elements)
-        | "SpreadCells" >> beam.Reshuffle()
-        | "OrderCells" >> beam.ParDo(OrderCellFn(str(folder), config, walk_config(options)))
-    )
-    run_pipeline(pipeline)
-    orders, graphs, stats = {}, {}, []
-    for cell in sequence:
-        out = folder / cell_name(cell)
-        if not (out / "order.npy").is_file():
-            raise RuntimeError(f"partition cell {cell} produced no order (runner lost its output?)")
-        orders[int(cell)] = np.load(out / "order.npy")
-        graphs[int(cell)] = KnnGraph.load(out)
-        stats.append(json.loads((out / "walk.json").read_text()))
-    order = stitch_cells(members, orders, sequence)
-    graph = merged_graph(members, graphs, len(x), options.k)
-    shutil.rmtree(folder, ignore_errors=True)  # copies of what order.npy and knn/ hold
-    cells = {"cell_sizes": [int(s) for s in part.sizes()], "cell_order": [int(c) for c in sequence]}
-    return order, graph, _sum_stats(stats), cells
+    # Largest cells first, so the longest task is not the last one a worker picks up.
+    elements = sorted(((int(c), u) for u, c in enumerate(sequence)), key=lambda e: -counts[e[0], 0])
+    run_each(options, "OrderCells", elements, OrderCellFn(out, config, walk_config(options), threshold))
+    run_each(options, "MergeRoutes", files, MergeRoutesFn(out, {int(c): u for u, c in enumerate(sequence)}))
+    units = counts[sequence]
+    fileio.save_npy(fileio.join(out, UNITS), units)
+
+    folders = [fileio.join(out, CELLS, cell_name(int(c))) for c in sequence]
+    results = [fileio.load_json(fileio.join(f, "result.json")) for f in folders]
+    adjacent = np.concatenate([fileio.load_npy(fileio.join(f, "adjacent.npy")) for f in folders])
+    recall, queries = _cells_recall(folders, documents_dir, embeddings_dir, split, options.k, n)
+    broken, sequences = sum(r["broken_sequences"] for r in results), sum(r["sequences"] for r in results)
+    metrics = {
+        "documents": n,
+        "break_threshold": float(threshold),
+        "break_rule": f"0.95 quantile of random-pair cosine similarity in a sample of {len(sample)} documents "
+                      f"(seed {options.seed})",
+        "break_rate": broken / sequences if sequences else 0.0,
+        "broken_sequences": broken,
+        "sequences": sequences,
+        "seq_len": options.seq_len,
+        **adjacent_metrics(adjacent, threshold, units[:, 0]),
+        "hubness": {"orphan_share": sum(r["orphans"] for r in results) / n,
+                    "max_in_degree": max(r["max_in_degree"] for r in results), "k": options.k},
+        "knn_recall": recall,
+    }
+    graphs = [r["graph"] for r in results if r["graph"]["documents"]]
+    nprobes = sorted({g["nprobe"] for g in graphs if g["nprobe"] is not None})
+    index = {"index": " | ".join(sorted({g["index"] for g in graphs})) or "Flat", "k": options.k,
+             "nprobe": nprobes[0] if len(nprobes) == 1 else None,
+             "device": "cuda" if any(g["device"] == "cuda" for g in graphs) else "cpu", "metric": "inner_product",
+             "documents": n, "knn_recall": recall, "recall_sample": queries,
+             "recall_against": "exact search over the whole split"}
+    for scratch in (CELLS, CELL_COUNTS, CELL_ROUTES):
+        fileio.delete_tree(fileio.join(out, scratch))
+    partitions = {"requested": options.partitions, "used": parts, "cell_sizes": [int(s) for s in counts[:, 0]],
+                  "cell_order": [int(c) for c in sequence]}
+    return {
+        "order": {"method": "similarity", "seed": options.seed, "metrics": metrics,
+                  "walk": _sum_stats([r["walk"] for r in results]), "partitions": partitions, "units": len(sequence)},
+        "embedder": _embedder_identity(embeddings_dir),
+        "index": index,
+    }
+
+
+def _cells_recall(folders: list[str], documents_dir: str, embeddings_dir: str, split: str, k: int,
+                  n: int) -> tuple[float, int]:
+    """Recall@k of the cells' graphs against exact search over the whole split, for the
+    hash-chosen query sample, streaming the split's vectors a bucket at a time. A neighbour
+    counts when its similarity reaches the exact k-th one's (minus 1e-5), as in
+    `lorydata.knn.knn_recall`.
+
+    Returns:
+        (recall, number of queries).
+    """
+    import faiss
+
+    from lorydata.knn import as_unit_float32
+    from pipelines.documents_stage import bucket_files
+    from pipelines.embed_stage import embeddings_file
+    from pipelines.split_data import split_rows
+
+    recalls = [fileio.load_npz(fileio.join(f, "recall.npz")) for f in folders]
+    queries = as_unit_float32(np.concatenate([r["x"] for r in recalls]))
+    found = np.concatenate([r["similarities"] for r in recalls])
+    width = min(k, n - 1)
+    if len(queries) == 0 or width <= 0:
+        return 1.0, 0
+    best = np.full((len(queries), width + 1), -np.inf, np.float32)  # the query itself included
+    for path in bucket_files(documents_dir):
+        rows = split_rows(fileio.read_table(path, ["split"]), split)
+        if len(rows) == 0:
+            continue
+        x = as_unit_float32(fileio.load_npy(embeddings_file(embeddings_dir, path))[rows])
+        sims, _ = faiss.knn(queries, x, min(width + 1, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        best = -np.sort(-np.concatenate([best, sims], axis=1), axis=1)[:, : width + 1]
+    kth = best[:, width]
+    hits = np.isfinite(found[:, :width]) & (found[:, :width] >= kth[:, None] - 1e-5)
+    return float(hits.sum(axis=1).mean() / width), len(queries)

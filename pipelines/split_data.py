@@ -1,87 +1,107 @@
-"""Loading one split of the documents stage's Parquet output into memory, in canonical order.
+"""One split of the bucket files, read a bucket at a time, and the routes that tell the
+shards stage where each document goes.
 
-Beam writes documents in whatever order its workers finish. Everything after stage 1 works
-on documents sorted by content hash, so the walk, the packing and the shards depend only
-on the documents themselves, never on scheduling or worker count.
+Documents are identified by (bucket file, row); every array written per bucket is
+row-aligned with that bucket's documents file. The order stage ends with one routes file
+per bucket, `routes/b<bucket>.npy`: an (n_rows, 2) int64 array of (unit, key) per row,
+unit -1 for rows of another split. A *unit* is what one packing worker packs (a k-means
+cell, or a block of walk positions); units are packed in their numbering order, and the
+documents of a unit in their key order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+
+from lorydata.shuffle import mix64
+from pipelines import fileio
+from pipelines.documents_stage import bucket_files
+from pipelines.embed_stage import embeddings_file
+
+ROUTES = "routes"
+UNIT_TOKENS = 1 << 22  # tokens per packing block of a global or random order (16 MB of int32)
+
+
+def hash_keys(content_hashes: pa.Array | list[str]) -> np.ndarray:
+    """The first 64 bits of each content hash, as uint64 (uniform: they are hash bits)."""
+    values = content_hashes.to_pylist() if hasattr(content_hashes, "to_pylist") else content_hashes
+    return np.fromiter((int(h[:16], 16) for h in values), np.uint64, len(values))
+
+
+def sampled(content_hashes, fraction: float, seed: int) -> np.ndarray:
+    """A seeded sample of documents chosen by their hash alone (any worker agrees)."""
+    if fraction >= 1:
+        return np.ones(len(content_hashes), bool)
+    return mix64(hash_keys(content_hashes), seed) < np.uint64(int(fraction * 2**64))
+
+
+def token_lengths(table: pa.Table) -> np.ndarray:
+    """Tokens of every row of a documents table (EOS excluded)."""
+    return pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def split_rows(table: pa.Table, split: str) -> np.ndarray:
+    """Row numbers of the documents of `split` in a documents table."""
+    return np.flatnonzero(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
+
+
+def routes_file(order_dir: str, documents_file: str) -> str:
+    return fileio.join(str(order_dir), ROUTES, documents_file.rsplit("/", 1)[-1].replace(".parquet", ".npy"))
+
+
+def empty_routes(rows: int) -> np.ndarray:
+    return np.full((rows, 2), -1, np.int64)
 
 
 @dataclass
-class SplitDocuments:
-    """The documents of one split, sorted by content hash.
+class SplitVectors:
+    """The embeddings and token counts of a whole split, in hash order (for orders that
+    need all of them in one process: `--partitions 1`).
 
     Args:
-        hashes: content hash of every document.
-        domains: domain of every document ("" when unknown).
-        token_values: all documents' tokens, concatenated.
-        token_offsets: document i's tokens are `token_values[token_offsets[i]:token_offsets[i+1]]`.
+        x: (n, d) float32 embeddings.
+        lengths: (n,) tokens per document.
+        files: the documents files, in order.
+        rows: per file, the rows of the split's documents (their global index is their
+            place in the concatenation of these arrays).
+        sizes: per file, its number of rows (all splits).
     """
 
-    hashes: np.ndarray
-    domains: np.ndarray
-    token_values: np.ndarray
-    token_offsets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    def tokens(self, i: int) -> np.ndarray:
-        return self.token_values[self.token_offsets[i] : self.token_offsets[i + 1]]
-
-    @property
-    def token_counts(self) -> np.ndarray:
-        return np.diff(self.token_offsets)
+    x: np.ndarray
+    lengths: np.ndarray
+    files: list[str]
+    rows: list[np.ndarray]
+    sizes: list[int]
 
 
-def _parquet_files(folder: Path, prefix: str) -> list[Path]:
-    return sorted(folder.glob(f"{prefix}-*.parquet"))
+def load_split_vectors(documents_dir: str, embeddings_dir: str, split: str) -> SplitVectors:
+    """Every embedding and token count of `split`, a bucket at a time."""
+    files = bucket_files(documents_dir)
+    xs, lengths, rows, sizes = [], [], [], []
+    for path in files:
+        table = fileio.read_table(path, ["split", "tokens"])
+        chosen = split_rows(table, split)
+        rows.append(chosen)
+        sizes.append(table.num_rows)
+        lengths.append(token_lengths(table.take(chosen)))
+        xs.append(fileio.load_npy(embeddings_file(embeddings_dir, path))[chosen])
+    dim = xs[0].shape[1] if xs else 0
+    x = np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
+    return SplitVectors(x.astype(np.float32, copy=False), np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
+                        files, rows, sizes)
 
 
-def load_split(documents_dir: str | Path, split: str) -> SplitDocuments:
-    """Read `documents_dir/<split>-*.parquet` (hash, domain, tokens) sorted by hash."""
-    files = _parquet_files(Path(documents_dir), split)
-    columns = ["content_hash", "domain", "tokens"]
-    tables = [pq.read_table(f, columns=columns) for f in files]
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        empty = np.array([], dtype=object)
-        return SplitDocuments(empty, empty, np.array([], np.int32), np.zeros(1, np.int64))
-    table = pa.concat_tables(tables).sort_by("content_hash")
-    tokens = table.column("tokens").combine_chunks()
-    offsets = tokens.offsets.to_numpy().astype(np.int64)
-    values = tokens.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    # Re-base: a sliced list array's offsets need not start at zero.
-    return SplitDocuments(
-        hashes=np.asarray(table.column("content_hash").to_pylist(), dtype=object),
-        domains=np.asarray(table.column("domain").to_pylist(), dtype=object),
-        token_values=values[offsets[0] : offsets[-1]],
-        token_offsets=offsets - offsets[0],
-    )
-
-
-def load_embeddings(embeddings_dir: str | Path, split: str, hashes: np.ndarray) -> np.ndarray:
-    """Embeddings of `split`, row-aligned with `hashes` (sorted content hashes).
-
-    Raises:
-        ValueError: when a document has no embedding (a stage-order bug, not user input).
-    """
-    files = _parquet_files(Path(embeddings_dir), split)
-    tables = [t for t in (pq.read_table(f) for f in files) if t.num_rows]
-    if not tables:
-        return np.zeros((0, 0), np.float32)
-    table = pa.concat_tables(tables).sort_by("content_hash")
-    found = np.asarray(table.column("content_hash").to_pylist(), dtype=object)
-    if len(found) != len(hashes) or not np.array_equal(found, hashes):
-        raise ValueError(f"embeddings of split {split} do not match its documents ({len(found)} vs {len(hashes)})")
-    column = table.column("embedding").combine_chunks()
-    dim = len(column[0])
-    return column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+def sample_split_vectors(documents_dir: str, embeddings_dir: str, split: str, fraction: float,
+                         seed: int) -> np.ndarray:
+    """Embeddings of a seeded hash-chosen sample of `split` (about `fraction` of it)."""
+    xs = []
+    for path in bucket_files(documents_dir):
+        table = fileio.read_table(path, ["content_hash", "split"])
+        chosen = split_rows(table, split)
+        keep = chosen[sampled(table.column("content_hash").take(chosen), fraction, seed)]
+        xs.append(fileio.load_npy(embeddings_file(embeddings_dir, path))[keep])
+    return np.concatenate(xs).astype(np.float32, copy=False)

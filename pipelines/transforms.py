@@ -1,80 +1,18 @@
-"""Beam DoFns and the RunInference model handler, each a thin shell around a lorydata block."""
+"""Beam helpers shared by the stages: counters, the held-out split rule, running a pipeline."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler
-
-from lorydata.clean import CleanConfig, clean_document
-from lorydata.documents import DeadLetter, Document, DropReason
-from lorydata.readers import ReaderConfig, read_file
+from apache_beam.metrics.metric import MetricsFilter
 
 NAMESPACE = "lory"
-DEAD = "dead"
 
 
 def count(name: str, n: int = 1) -> None:
     Metrics.counter(NAMESPACE, name).inc(n)
-
-
-def drop(letter: DeadLetter):
-    """Count a dead letter by reason and route it to the dead-letter output."""
-    count(f"dropped.{letter.reason}")
-    return beam.pvalue.TaggedOutput(DEAD, letter)
-
-
-class ReadFileFn(beam.DoFn):
-    """path → Documents (main output) and DeadLetters (`dead` output)."""
-
-    def __init__(self, config: ReaderConfig):
-        self.config = config
-
-    def process(self, path: str):
-        for record in read_file(path, self.config):
-            count("records_read")
-            if isinstance(record, DeadLetter):
-                yield drop(record)
-            else:
-                yield record
-
-
-class CleanFn(beam.DoFn):
-    """Document → cleaned Document, or a DeadLetter (`dead` output)."""
-
-    def __init__(self, config: CleanConfig):
-        self.config = config
-
-    def process(self, doc: Document):
-        result = clean_document(doc, self.config)
-        if isinstance(result, DeadLetter):
-            yield drop(result)
-            return
-        if result.replacements:
-            count("utf8_replacements", result.replacements)
-            count("documents_with_replacements")
-        yield result
-
-
-class KeepFirstFn(beam.DoFn):
-    """(content_hash, [copies]) → the copy that comes first by (source, line).
-
-    Choosing by position, not by arrival, keeps the output independent of the runner's
-    scheduling. The other copies become `duplicate` dead letters that name the kept one.
-    """
-
-    def process(self, element: tuple[str, Iterable[Document]]):
-        _, copies = element
-        copies = sorted(copies, key=lambda d: (d.source, d.line))
-        kept = copies[0]
-        for dup in copies[1:]:
-            detail = f"same text as {kept.source}:{kept.line}"
-            yield drop(DeadLetter(dup.source, dup.line, DropReason.DUPLICATE, detail, dup.text[:200]))
-        count("documents_kept")
-        yield kept
 
 
 def heldout_split(doc_id: str, fraction: float) -> str:
@@ -83,138 +21,6 @@ def heldout_split(doc_id: str, fraction: float) -> str:
         return "train"
     value = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
     return "heldout" if value < fraction * 2**64 else "train"
-
-
-class TokenizeFn(beam.DoFn):
-    """Document → a row of the documents table (with tokens and its split)."""
-
-    def __init__(self, tokenizer_path: str | None, heldout_fraction: float):
-        self.tokenizer_path = tokenizer_path
-        self.heldout_fraction = heldout_fraction
-        self.tokenizer = None
-
-    def setup(self):
-        from lorydata.tokenizer import Tokenizer
-
-        self.tokenizer = Tokenizer(self.tokenizer_path)
-
-    def process(self, doc: Document):
-        tokens = self.tokenizer.encode(doc.text)
-        count("tokens", len(tokens))
-        split = heldout_split(doc.id, self.heldout_fraction)
-        count(f"documents.{split}")
-        yield {
-            "content_hash": doc.content_hash,
-            "id": doc.id,
-            "domain": doc.domain,
-            "source": doc.source,
-            "line": doc.line,
-            "split": split,
-            "text": doc.text,
-            "tokens": tokens,
-        }
-
-
-def embedding_bucket(content_hash: str, buckets: int) -> int:
-    """The embedding batch of a document: fixed by its hash, so batches never depend on
-    how the runner schedules work (and embeddings are reproducible to the bit)."""
-    return int(content_hash[:12], 16) % buckets
-
-
-class EmbedModelHandler(ModelHandler):
-    """RunInference handler for sentence-transformers via `lorydata.embed.Embedder`.
-
-    Elements are pre-made batches (lists of (content_hash, split, text)); the model is
-    loaded once per worker process by RunInference, or shared across processes on a GPU
-    (`large_model`).
-
-    Args:
-        config: the embedder config (pickled to the workers).
-        large_model: share one model across worker processes (GPU) instead of one each.
-    """
-
-    def __init__(self, config, large_model: bool = False):
-        super().__init__(large_model=large_model, model_copies=1 if large_model else None)
-        self.config = config
-
-    def load_model(self):
-        from lorydata.embed import Embedder
-
-        return Embedder(self.config)
-
-    def run_inference(self, batch: Sequence[list], model, inference_args=None):
-        for records in batch:
-            records = sorted(records)
-            vectors = model.encode([text for _, _, text in records])
-            count("documents_embedded", len(records))
-            for (content_hash, split, _), vector in zip(records, vectors, strict=True):
-                yield {"content_hash": content_hash, "split": split, "embedding": vector.tolist()}
-
-    def batch_elements_kwargs(self):
-        # Elements already are batches of fixed composition; hand them over one at a time.
-        return {"min_batch_size": 1, "max_batch_size": 1}
-
-    def get_num_bytes(self, batch) -> int:
-        return sum(len(text) for records in batch for _, _, text in records)
-
-    def get_metrics_namespace(self) -> str:
-        return "lory.embed"
-
-
-class OrderCellFn(beam.DoFn):
-    """(cell id, stream start) → that cell's kNN graph and walk, written as files.
-
-    A cell's embeddings and token counts come from `<folder>/<cell>.x.npy` and
-    `<cell>.lengths.npy` (written by the driver: arrays travel as files, not as pickled
-    elements), and the results go to `<folder>/<cell>/`: the graph (`KnnGraph.save`),
-    `order.npy` and `walk.json`. Results are written into a temp folder and renamed, so a
-    retried bundle replaces a cell's output whole. Yields the cell id.
-
-    Args:
-        folder: the cells folder (shared by the driver and the workers).
-        knn_config: kNN options of every cell (an explicit index falls back to exact search
-            in a cell too small to train it).
-        walk_config: walk options of every cell.
-    """
-
-    def __init__(self, folder: str, knn_config, walk_config):
-        self.folder = folder
-        self.knn_config = knn_config
-        self.walk_config = walk_config
-
-    def process(self, element: tuple[int, int]):
-        import dataclasses
-        import json
-        import os
-        import shutil
-
-        import numpy as np
-
-        from lorydata.partition import order_cell
-        from pipelines.similarity_order import index_for
-
-        cell, stream_start = element
-        base = os.path.join(self.folder, cell_name(cell))
-        x = np.load(base + ".x.npy")
-        lengths = np.load(base + ".lengths.npy")
-        knn_config = dataclasses.replace(self.knn_config, index=index_for(self.knn_config.index, len(x)))
-        result = order_cell(x, knn_config, self.walk_config, token_lengths=lengths, stream_start=stream_start)
-        tmp = base + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        result.graph.save(tmp)
-        np.save(os.path.join(tmp, "order.npy"), result.order)
-        with open(os.path.join(tmp, "walk.json"), "w") as f:
-            json.dump(result.stats, f)
-        shutil.rmtree(base, ignore_errors=True)
-        os.rename(tmp, base)
-        count("cells_ordered")
-        count("cell_documents", len(x))
-        yield cell
-
-
-def cell_name(cell: int) -> str:
-    """File stem of a partition cell's inputs and output folder."""
-    return f"cell-{cell:06d}"
 
 
 def run_pipeline(pipeline):
@@ -240,3 +46,45 @@ def run_pipeline(pipeline):
             raise LoryDataError(re.sub(r" \[while running .*\]$", "", found[-1].strip())) from exc
         raise
     return result
+
+
+def run_each(options, label: str, elements: list, fn) -> dict[str, int]:
+    """One Beam pipeline that spreads `elements` (small: file names, bucket or cell numbers)
+    over the workers and runs the DoFn `fn` on each; returns the `lory` counters."""
+    return run_steps(options, [(label, elements, fn)])
+
+
+def run_steps(options, steps: list[tuple[str, list, beam.DoFn]]) -> dict[str, int]:
+    """Steps that each need all files of the step before, in one Beam pipeline.
+
+    Every step spreads its elements over the workers and runs its DoFn on each. From the
+    second step on, the DoFn gets the number of outputs of the previous step as a side
+    input (its `process(element, after)`): a runner computes a side input in full before
+    the step that reads it starts, so the side input is a barrier that carries one number.
+
+    Args:
+        options: build options (runner and Beam flags).
+        steps: (label, elements, DoFn) in order.
+
+    Returns:
+        The `lory` counters of the whole pipeline.
+    """
+    from pipelines.options import make_pipeline
+
+    pipeline = make_pipeline(options)
+    done = None
+    for label, elements, fn in steps:
+        spread = pipeline | f"{label}Elements" >> beam.Create(elements) | f"Spread{label}" >> beam.Reshuffle()
+        after = [] if done is None else [beam.pvalue.AsSingleton(done)]
+        done = spread | label >> beam.ParDo(fn, *after) | f"{label}Done" >> beam.combiners.Count.Globally()
+    return counters(run_pipeline(pipeline))
+
+
+def counters(result) -> dict[str, int]:
+    """The committed values of the `lory` Beam counters of a finished pipeline."""
+    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    totals: dict[str, int] = {}
+    for counter in found:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    return totals

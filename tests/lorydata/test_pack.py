@@ -69,3 +69,19 @@ def test_bad_packing_options_are_user_errors():
 def test_normalisation_keeps_indentation():
     raw = "\ufeffdef f():\r\n    return\u00a01  \r\n\r\n\r\n\r\n\tx = 'caf\u0065\u0301'\x07\n"
     assert normalize_text(raw) == "def f():\n    return 1\n\n\tx = 'caf\u00e9'"
+
+
+def test_block_starts_cut_on_sequence_boundaries_when_they_can():
+    from lorydata.pack import block_starts
+
+    # Documents of 7 tokens (+EOS = 8) with seq_len 16: every second one starts a sequence.
+    cuts = block_starts(np.full(20, 7), seq_len=16, block_tokens=40)
+    starts = np.arange(20) * 8
+    assert cuts[0] == 0 and all(starts[c] % 16 == 0 for c in cuts)
+    assert all(np.diff(starts[cuts]) >= 40)
+    # 13-token documents (12 + EOS) never start on a boundary of 1000-token sequences within
+    # twice the block size: cut there anyway.
+    cuts = block_starts(np.full(30, 12), seq_len=1000, block_tokens=26)
+    assert list(cuts) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert block_starts(np.zeros(0, np.int64), 16, 40).size == 0
+    assert list(block_starts(np.full(3, 5), 16, 1000)) == [0]

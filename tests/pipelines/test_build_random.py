@@ -78,9 +78,11 @@ def test_rerun_skips_finished_stages_and_refuses_other_options(bad_build, capsys
     assert Manifest.read(out / "train").seq_len == 8
 
 
-def test_same_input_and_seed_give_identical_shards_with_two_workers(tmp_path, sample_corpus, capsys):
+def test_same_input_and_seed_give_identical_shards_with_two_workers(tmp_path, sample_corpus, capsys, monkeypatch):
+    # Several buckets, packing units and shards, so that every step has work to spread.
+    monkeypatch.setattr("pipelines.split_data.UNIT_TOKENS", 50_000)
     common = ["build-corpus", sample_corpus, "--order", "random", "--seq-len", 256, "--domain-field", "domain",
-              "--heldout-fraction", 0.2, "--rows-per-shard", 300, "--seed", 3]
+              "--heldout-fraction", 0.2, "--rows-per-shard", 300, "--seed", 3, "--buckets", 3]
     assert run_cli([*common, "--out", tmp_path / "a"], capsys)[0] == 0
     code, _, err = run_cli([*common, "--out", tmp_path / "b", "--direct_num_workers=2",
                             "--direct_running_mode=multi_processing"], capsys)
@@ -88,6 +90,10 @@ def test_same_input_and_seed_give_identical_shards_with_two_workers(tmp_path, sa
     for split in ("train", "heldout"):
         a, b = Manifest.read(tmp_path / "a" / split), Manifest.read(tmp_path / "b" / split)
         assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    train = Manifest.read(tmp_path / "a" / "train")
+    assert train.counts["packing_units"] > 2 and len(train.shards) > 2
+    assert [s.rows for s in train.shards[:-1]] == [300] * (len(train.shards) - 1)
+    assert train.counts["sequences"] == train.num_rows
     train, heldout = all_text(tmp_path / "a" / "train"), all_text(tmp_path / "a" / "heldout")
     docs = [json.loads(line) for line in _jsonl_lines(sample_corpus)]
     held = [d for d in docs if d["text"][:200] in heldout]
@@ -116,3 +122,41 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "busy" / "mine.txt").write_text("user file")
     code, _, err = run_cli(["build-corpus", tmp_path / "x.jsonl", "--out", tmp_path / "busy"], capsys)
     assert code == 2 and "not empty" in err
+
+
+@pytest.mark.slow
+def test_rerun_after_a_kill_during_the_shards_stage_finishes_like_an_uninterrupted_run(tmp_path, sample_corpus):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipelines.build_corpus import build_corpus
+    from pipelines.options import BuildOptions
+
+    root = Path(__file__).resolve().parents[2]
+    common = {"inputs": [str(sample_corpus)], "order": "random", "seq_len": 64, "rows_per_shard": 50, "seed": 5,
+              "tail": "pad", "domain_field": "domain"}
+    build_corpus(BuildOptions(out=str(tmp_path / "ref"), **common), log=lambda *_: None)
+    killed = tmp_path / "killed"
+    script = ("import json, sys; from pipelines.build_corpus import build_corpus; from pipelines.options import "
+              "BuildOptions; build_corpus(BuildOptions(**json.loads(sys.argv[1])))")
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps({**common, "out": str(killed)})], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "train.tmp" / "_scratch").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)  # the shards pipeline has written its first files
+    finally:
+        proc.wait()
+    assert (killed / "_work" / "order" / "train" / "_DONE.json").is_file() and not (killed / "train").exists(), \
+        "the kill did not land inside the shards stage"
+    summary = build_corpus(BuildOptions(out=str(killed), **common), log=lambda *_: None)
+    assert summary.stages["order/train"]["status"].startswith("skipped") and summary.stages["shards/train"]["status"] == "ran"
+    assert not (killed / "train.tmp").exists()
+    assert [s.sha256 for s in Manifest.read(killed / "train").shards] == \
+        [s.sha256 for s in Manifest.read(tmp_path / "ref" / "train").shards]

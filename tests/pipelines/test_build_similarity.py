@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lorydata.clean import content_hash, normalize_text
@@ -25,7 +26,6 @@ from lorydata.verify import verify_folder
 from pipelines.build_corpus import build_corpus
 from pipelines.options import BuildOptions
 from pipelines.similarity_order import index_for, partitions_for, similarity_order
-from pipelines.split_data import SplitDocuments
 from pipelines.transforms import heldout_split
 from tests.pipelines.test_build_random import _jsonl_lines, run_cli
 
@@ -78,19 +78,25 @@ def documents_in(folder):
     """Token tuples of every document in a shard folder, cut at `doc_starts`.
 
     A start at a row's offset 0 that does not follow an EOS is a continuation, not a new
-    document; every document must end with EOS, and nothing but padding may follow the last.
+    document; every document must end with EOS. Padding (the tail of a packing unit) ends a
+    row and is dropped.
     """
     rows, manifest = shard_rows(folder)
-    eos, pad, seq_len = manifest.tokenizer["eos_id"], manifest.tokenizer["pad_id"], manifest.seq_len
-    stream = np.concatenate([np.asarray(r["input_ids"]) for r in rows])
-    starts = sorted({i * seq_len + s for i, r in enumerate(rows) for s in r["doc_starts"]})
-    starts = [p for p in starts if p == 0 or stream[p - 1] == eos]
-    body_end = len(stream)
-    while body_end and stream[body_end - 1] == pad:
-        body_end -= 1
-    assert set(starts) == {0} | {p + 1 for p in np.flatnonzero(stream[:body_end] == eos) if p + 1 < body_end}
+    eos, pad = manifest.tokenizer["eos_id"], manifest.tokenizer["pad_id"]
+    pieces, starts, offset = [], [], 0
+    for r in rows:
+        ids = np.asarray(r["input_ids"])
+        body = len(ids)
+        while body and ids[body - 1] == pad:
+            body -= 1
+        starts.extend(offset + s for s in r["doc_starts"] if s < body)
+        pieces.append(ids[:body])
+        offset += body
+    stream = np.concatenate(pieces)
+    starts = sorted(p for p in set(starts) if p == 0 or stream[p - 1] == eos)
+    assert set(starts) == {0} | {p + 1 for p in np.flatnonzero(stream == eos) if p + 1 < len(stream)}
     docs = []
-    for first, last in zip(starts, [*starts[1:], body_end], strict=True):
+    for first, last in zip(starts, [*starts[1:], len(stream)], strict=True):
         piece = stream[first:last]
         assert piece[-1] == eos, "a document does not end with EOS"
         docs.append(tuple(int(t) for t in piece[:-1]))
@@ -226,34 +232,34 @@ def test_bad_index_string_fails_in_one_line_before_any_stage(corpus, tmp_path):
 
 
 def _tiny_split(tmp_path, n, dim=8):
-    """A split of n documents with hand-made embeddings in an embeddings stage folder."""
-    import pyarrow.parquet as pq
-
-    from pipelines.embed_stage import embedding_schema
+    """Documents and embeddings stage folders holding one held-out split of n documents with
+    hand-made embeddings."""
+    from pipelines.documents_stage import DOCUMENT_SCHEMA
 
     rng = np.random.default_rng(n)
-    hashes = np.array(sorted(f"{i:032x}" for i in range(n)), dtype=object)
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    folder = tmp_path / "emb"
-    folder.mkdir()
-    table = pa.table({"content_hash": list(hashes), "split": ["heldout"] * n, "embedding": vectors.tolist()},
-                     schema=embedding_schema())
-    pq.write_table(table, folder / "heldout-00000-of-00001.parquet")
+    documents, embeddings = tmp_path / "docs", tmp_path / "emb"
+    documents.mkdir()
+    embeddings.mkdir()
     lengths = rng.integers(1, 50, n)
-    docs = SplitDocuments(hashes, np.array(["d"] * n, dtype=object), np.zeros(int(lengths.sum()), np.int32),
-                          np.concatenate([[0], np.cumsum(lengths)]))
-    return docs, folder
+    rows = [{"content_hash": f"{i:032x}", "id": str(i), "domain": "d", "source": "s", "line": i, "split": "heldout",
+             "text": "t", "tokens": [1] * int(lengths[i])} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA), documents / "b00000.parquet")
+    np.save(embeddings / "b00000.npy", rng.standard_normal((n, dim)).astype(np.float32))
+    return documents, embeddings, lengths
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_tiny_splits_get_a_full_order(tmp_path, n):
-    docs, emb = _tiny_split(tmp_path, n)
+    from pipelines.split_data import routes_file
+
+    documents, embeddings, lengths = _tiny_split(tmp_path, n)
     out = tmp_path / "order"
     out.mkdir()
     opts = options("x", tmp_path, k=20, partitions=3, index="IVF64,Flat")
-    info = similarity_order(docs, opts, emb, "heldout", out)
-    order = np.load(out / "order.npy")
-    assert sorted(order.tolist()) == list(range(n))
+    info = similarity_order(opts, documents, embeddings, "heldout", out, n)
+    routes = np.load(routes_file(str(out), str(documents / "b00000.parquet")))
+    assert sorted(routes[:, 1].tolist()) == list(range(n)) and (routes[:, 0] == 0).all()
+    assert np.load(out / "units.npy").tolist() == [[n, int(lengths.sum()) + n]]  # one unit, EOS counted
     assert info["order"]["partitions"]["used"] == 1 and info["index"]["index"] == "Flat"
     assert info["order"]["metrics"]["documents"] == n
     json.dumps(info)  # it goes into the manifest

@@ -1,0 +1,223 @@
+"""Near-duplicate removal: verified candidate pairs → groups → one document kept per group.
+
+The blocks compose the same way in memory (`find_near_duplicates`) and in the Beam stage,
+where the band keys route documents to bucket files and each bucket is verified on its own:
+
+1. `bucket_pairs`: the members of one LSH bucket → pairs whose estimated Jaccard is at least
+   the threshold (every pair in small buckets; against the bucket's group leaders in large
+   ones, so a bucket of 100k templated pages costs O(members × groups), not O(members²)).
+2. `group_duplicates`: connected components of the verified pairs (union-find), and in each
+   one keeper: the longest document, ties broken by the smaller content hash, so the result
+   depends on the documents only, never on arrival order or worker count.
+3. `semantic_pairs`: the similarity-order variant: kNN graph edges at cosine ≥ COS that the
+   pair's MinHash Jaccard confirms, so documents that merely embed alike (a shared licence
+   header the embedder sees, different bodies) are never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from lorydata.minhash import MinHashConfig, MinHasher, is_empty
+
+# Buckets up to this size are verified pair by pair (one vectorised m × m comparison).
+PAIRWISE_LIMIT = 256
+# Default Jaccard that confirms a semantic (kNN) pair: half the shingles shared is more
+# than a shared header or footer gives unless it is most of the text.
+SEMANTIC_CONFIRM_JACCARD = 0.5
+
+
+class DocRef(NamedTuple):
+    """What dedup needs to know of a document besides its signature.
+
+    Args:
+        key: the content hash (unique after exact dedup; the tie-breaker).
+        length: characters of the cleaned text (the longest copy is kept).
+        id: the document id (named in dead letters).
+    """
+
+    key: str
+    length: int
+    id: str
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    """One dropped document and the one kept in its place.
+
+    Args:
+        dropped: the dropped document.
+        kept: the keeper of its group.
+        group_size: documents in the group, keeper included.
+    """
+
+    dropped: DocRef
+    kept: DocRef
+    group_size: int
+
+
+def bucket_pairs(signatures: np.ndarray, threshold: float, pairwise_limit: int = PAIRWISE_LIMIT) -> list[tuple[int, int, float]]:
+    """Verified near-duplicate pairs among the members of one LSH bucket.
+
+    Args:
+        signatures: (m, num_perm) uint32 signatures, in a deterministic member order.
+        threshold: minimum estimated Jaccard of a kept pair.
+        pairwise_limit: buckets larger than this compare each member with the group
+            leaders found so far (the first member of each group, in member order) instead
+            of with every other member.
+
+    Returns:
+        (i, j, estimated Jaccard) with i < j, indices into `signatures`.
+    """
+    m = len(signatures)
+    if m < 2:
+        return []
+    if m <= pairwise_limit:
+        agree = (signatures[:, None, :] == signatures[None, :, :]).mean(axis=2)
+        i, j = np.nonzero(np.triu(agree >= threshold, k=1))
+        return [(int(a), int(b), float(agree[a, b])) for a, b in zip(i, j, strict=True)]
+    leaders: list[int] = [0]
+    pairs = []
+    for member in range(1, m):
+        agree = (signatures[leaders] == signatures[member]).mean(axis=1)
+        matched = np.nonzero(agree >= threshold)[0]
+        if len(matched) == 0:
+            leaders.append(member)
+        for k in matched:
+            pairs.append((leaders[k], member, float(agree[k])))
+    return pairs
+
+
+class _UnionFind:
+    """Disjoint sets over hashable keys, with path halving."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        parent = self.parent
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _keeper_order(ref: DocRef) -> tuple[int, str]:
+    return (-ref.length, ref.key)
+
+
+def group_duplicates(pairs: Iterable[tuple[DocRef, DocRef]]) -> list[NearDuplicate]:
+    """One keeper per connected component of the verified pairs; everyone else is dropped.
+
+    Args:
+        pairs: verified near-duplicate pairs (any order, repeats allowed).
+
+    Returns:
+        The dropped documents, sorted by key, each with its group's keeper.
+    """
+    sets = _UnionFind()
+    refs: dict[str, DocRef] = {}
+    for a, b in pairs:
+        refs[a.key], refs[b.key] = a, b
+        sets.union(a.key, b.key)
+    groups: dict[str, list[DocRef]] = {}
+    for key, ref in refs.items():
+        groups.setdefault(sets.find(key), []).append(ref)
+    dropped = []
+    for members in groups.values():
+        members.sort(key=_keeper_order)
+        keeper = members[0]
+        dropped.extend(NearDuplicate(ref, keeper, len(members)) for ref in members[1:])
+    return sorted(dropped, key=lambda d: d.dropped.key)
+
+
+def verified_pairs(refs: Sequence[DocRef], signatures: Sequence[np.ndarray | None], config: MinHashConfig,
+                   pairwise_limit: int = PAIRWISE_LIMIT) -> list[tuple[DocRef, DocRef, float]]:
+    """Every LSH candidate pair whose estimated Jaccard is at least `config.threshold`.
+
+    Args:
+        refs: the documents; keys must be unique.
+        signatures: their signatures (None: a text without words, never paired).
+        config: the parameters the signatures were made with.
+        pairwise_limit: see `bucket_pairs`.
+
+    Returns:
+        (ref, ref, estimated Jaccard), each pair once.
+    """
+    hasher = MinHasher(config)
+    buckets: dict[int, list[int]] = {}
+    for i, signature in enumerate(signatures):
+        if signature is not None:
+            for key in hasher.band_keys(signature).tolist():
+                buckets.setdefault(key, []).append(i)
+    pairs: dict[tuple[str, str], tuple[DocRef, DocRef, float]] = {}
+    for members in buckets.values():
+        if len(members) > 1:
+            members.sort(key=lambda i: refs[i].key)
+            found = bucket_pairs(np.stack([signatures[m] for m in members]), config.threshold, pairwise_limit)
+            for i, j, jaccard in found:
+                a, b = refs[members[i]], refs[members[j]]
+                pairs[(a.key, b.key)] = (a, b, jaccard)
+    return list(pairs.values())
+
+
+def find_near_duplicates(docs: Sequence[tuple[DocRef, str]], config: MinHashConfig = MinHashConfig(),
+                         pairwise_limit: int = PAIRWISE_LIMIT) -> list[NearDuplicate]:
+    """MinHash LSH near-dedup of documents held in memory (the Beam stage does the same with
+    buckets in files).
+
+    Args:
+        docs: (reference, cleaned text) per document; keys must be unique.
+        config: shingles, permutations, bands and threshold.
+        pairwise_limit: see `bucket_pairs`.
+
+    Returns:
+        The documents to drop, each with the one kept in its place. Documents without any
+        word are never near-duplicates (exact dedup handles identical ones).
+    """
+    hasher = MinHasher(config)
+    refs = [ref for ref, _ in docs]
+    signatures = [hasher.signature(text) for _, text in docs]
+    return group_duplicates((a, b) for a, b, _ in verified_pairs(refs, signatures, config, pairwise_limit))
+
+
+def semantic_pairs(neighbors: np.ndarray, similarities: np.ndarray, signatures: np.ndarray, cos: float,
+                   confirm_jaccard: float = SEMANTIC_CONFIRM_JACCARD) -> list[tuple[int, int, float]]:
+    """kNN graph edges that are semantic duplicates: cosine ≥ `cos` and MinHash-confirmed.
+
+    Args:
+        neighbors: (N, k) neighbour ids of a `KnnGraph` (-1 pads).
+        similarities: (N, k) cosine similarities.
+        signatures: (N, num_perm) uint32 MinHash signatures of the same documents
+            (`MinHasher.signature_or_empty`).
+        cos: minimum cosine of a duplicate edge.
+        confirm_jaccard: minimum estimated Jaccard of the pair's signatures; an edge whose
+            documents share less text (same boilerplate, different bodies) is kept.
+
+    Returns:
+        (i, j, estimated Jaccard) with i < j, each pair once.
+    """
+    rows, cols = np.nonzero((similarities >= cos) & (neighbors >= 0))
+    if len(rows) == 0:
+        return []
+    targets = neighbors[rows, cols]
+    lo, hi = np.minimum(rows, targets), np.maximum(rows, targets)
+    keep = lo != hi
+    edges = np.unique(np.stack([lo[keep], hi[keep]], axis=1), axis=0)
+    if len(edges) == 0:
+        return []
+    left, right = signatures[edges[:, 0]], signatures[edges[:, 1]]
+    agree = (left == right).mean(axis=1)
+    # A text without words has the empty signature: it never confirms a pair.
+    confirmed = (agree >= confirm_jaccard) & ~is_empty(left) & ~is_empty(right)
+    return [(int(i), int(j), float(a)) for (i, j), a in zip(edges[confirmed], agree[confirmed], strict=True)]

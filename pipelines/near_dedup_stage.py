@@ -1,0 +1,297 @@
+"""Near-duplicate removal on Beam: MinHash LSH over the exactly deduplicated documents.
+
+The last step of the documents stage (`documents_stage.run_documents_stage` calls
+`drop_near_duplicates` after exact dedup), so it runs before embedding for both orders:
+similarity and random builds of one input hold the same documents, copies are never
+embedded, and every later stage reads the documents files as before. Documents move
+between steps through files partitioned by destination, never through an in-memory
+shuffle, and Beam carries only file names and bucket numbers:
+
+1. sign (`SignFileFn`, one documents file per element): MinHash signature and band keys of
+   every document; each (band key, content hash, length, id, file, signature) record goes
+   to the LSH bucket file of `band key % lsh_buckets` (`near_dedup/lsh/l<bucket>/...`).
+2. verify (`VerifyBucketFn`, one LSH bucket per element): records sorted by (band key,
+   content hash), candidate pairs within each band key verified by estimated Jaccard, and a
+   spanning forest of the verified pairs (at most m - 1 edges per band key of m members)
+   written to `near_dedup/edges/l<bucket>.jsonl`.
+   Steps 1 and 2 run as one Beam pipeline (`transforms.run_steps`: verify starts when every
+   file is signed).
+3. driver: connected components over the (few) edges, one keeper per component
+   (`lorydata.near_dedup.group_duplicates`); drop lists written per documents file
+   (`near_dedup/drops/<file>.json`: dropped hash → [kept id, group size]).
+4. apply (`ApplyDropsFn`, one documents file with drops per element): the file without its
+   dropped documents, staged and then moved over the original by the driver, so a retried
+   bundle reads the unchanged original; the dropped documents become `near_duplicate` dead
+   letters naming the id they duplicate (`dead_letters/near_dedup-<file>.jsonl`).
+
+Dedup spans both splits, so a held-out document never has a near-copy in training. Every
+output depends on the documents only (members sorted, keeper by length then hash, files
+named after their input), so any runner and worker count gives the same result. Memory: a
+worker holds one documents file or one LSH bucket (`RECORDS_PER_BUCKET`); the driver holds
+the edges and the drop lists, which grow with the near-duplicates, not with the corpus.
+Edges and drop lists stay in `near_dedup/` for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
+
+from lorydata.documents import DeadLetter, DropReason
+from lorydata.minhash import MinHashConfig, MinHasher
+from lorydata.near_dedup import PAIRWISE_LIMIT, DocRef, bucket_pairs, group_duplicates
+from pipelines import fileio
+from pipelines.options import BuildOptions
+from pipelines.transforms import count, run_each, run_steps
+
+# Band records per LSH bucket the step aims for: ≈ 100k × (4·128 + ~100) bytes ≈ 60 MB for
+# one verifying worker at the default 128 permutations.
+RECORDS_PER_BUCKET = 100_000
+# A signing worker writes its buffered records out every this many records.
+FLUSH_RECORDS = 50_000
+FOLDER, LSH, EDGES, DROPS, STAGED = "near_dedup", "lsh", "edges", "drops", "staged"
+
+
+def minhash_config(options: BuildOptions) -> MinHashConfig:
+    """The MinHash LSH parameters the build options describe."""
+    return MinHashConfig(shingle_words=options.near_dedup_shingle, bands=options.near_dedup_bands,
+                         rows=options.near_dedup_rows, threshold=options.near_dedup_threshold)
+
+
+def lsh_bucket_count(documents: int, bands: int) -> int:
+    """LSH buckets for `documents` documents, each holding about `RECORDS_PER_BUCKET` records."""
+    return max(1, math.ceil(documents * bands / RECORDS_PER_BUCKET))
+
+
+def band_schema(num_perm: int) -> pa.Schema:
+    return pa.schema([("band", pa.uint64()), ("key", pa.string()), ("length", pa.int64()), ("id", pa.string()),
+                      ("file", pa.string()), ("signature", pa.list_(pa.uint32(), num_perm))])
+
+
+def _stem(path: str) -> str:
+    return posixpath.basename(path).rsplit(".", 1)[0]
+
+
+def _lsh_name(bucket: int) -> str:
+    return f"l{bucket:05d}"
+
+
+class SignFileFn(beam.DoFn):
+    """documents file → its band records in LSH bucket files.
+
+    Args:
+        folder: the near-dedup work folder.
+        config: MinHash LSH parameters.
+        buckets: LSH buckets (a band key modulo this picks the bucket).
+    """
+
+    def __init__(self, folder: str, config: MinHashConfig, buckets: int):
+        self.folder, self.config, self.buckets = folder, config, buckets
+
+    def setup(self):
+        self.hasher = MinHasher(self.config)
+
+    def process(self, path: str):
+        stem, part, pending = _stem(path), 0, []
+        table = fileio.read_table(path, columns=["content_hash", "id", "text"])
+        for key, doc_id, text in zip(*(table.column(i).to_pylist() for i in range(3)), strict=True):
+            signature = self.hasher.signature(text)
+            if signature is None:
+                count("near_dedup.no_words")
+                continue
+            count("near_dedup.signed")
+            pending.append((key, len(text), doc_id, signature))
+            if len(pending) * self.config.bands >= FLUSH_RECORDS:
+                self._write(pending, stem, part)
+                pending, part = [], part + 1
+        if pending:
+            self._write(pending, stem, part)
+
+    def _write(self, docs: list[tuple], stem: str, part: int) -> None:
+        signatures = np.stack([d[3] for d in docs])
+        bands = np.stack([self.hasher.band_keys(s) for s in signatures])  # (documents, bands)
+        destination = bands % np.uint64(self.buckets)
+        schema = band_schema(self.config.num_perm)
+        for bucket in np.unique(destination).tolist():
+            rows, cols = np.nonzero(destination == bucket)
+            table = pa.table(
+                [
+                    pa.array(bands[rows, cols], pa.uint64()),
+                    pa.array([docs[r][0] for r in rows], pa.string()),
+                    pa.array([docs[r][1] for r in rows], pa.int64()),
+                    pa.array([docs[r][2] for r in rows], pa.string()),
+                    pa.array([stem] * len(rows), pa.string()),
+                    pa.FixedSizeListArray.from_arrays(pa.array(signatures[rows].ravel(), pa.uint32()),
+                                                      self.config.num_perm),
+                ],
+                schema=schema,
+            )
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, schema) as writer:
+                writer.write_table(table)
+            name = f"{stem}-{part:04d}.arrow"
+            fileio.write_bytes(fileio.join(self.folder, LSH, _lsh_name(bucket), name), sink.getvalue().to_pybytes())
+
+
+class VerifyBucketFn(beam.DoFn):
+    """LSH bucket → its verified near-duplicate edges (a spanning forest per band key).
+
+    Args:
+        folder: the near-dedup work folder.
+        threshold: minimum estimated Jaccard of a duplicate pair.
+        pairwise_limit: see `lorydata.near_dedup.bucket_pairs`.
+    """
+
+    def __init__(self, folder: str, threshold: float, pairwise_limit: int = PAIRWISE_LIMIT):
+        self.folder, self.threshold, self.pairwise_limit = folder, threshold, pairwise_limit
+
+    def process(self, bucket: int, after=None):
+        paths = fileio.match(fileio.join(self.folder, LSH, _lsh_name(bucket), "*.arrow"))
+        if not paths:
+            return
+        tables = [pa.ipc.open_file(pa.BufferReader(fileio.read_bytes(p))).read_all() for p in paths]
+        table = pa.concat_tables(tables).sort_by([("band", "ascending"), ("key", "ascending")])
+        bands = table.column("band").to_numpy()
+        starts = np.flatnonzero(np.r_[True, bands[1:] != bands[:-1]])
+        ends = np.r_[starts[1:], len(bands)]
+        shared = [(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True) if e - s > 1]
+        count("near_dedup.band_records", len(bands))
+        if not shared:
+            return
+        num_perm = table.schema.field("signature").type.list_size
+        signatures = table.column("signature").combine_chunks().flatten().to_numpy().reshape(-1, num_perm)
+        columns = [table.column(c).to_pylist() for c in ("key", "length", "id", "file")]
+        lines = []
+        for start, end in shared:
+            count("near_dedup.candidate_pairs", (end - start) * (end - start - 1) // 2)
+            parent = list(range(end - start))
+            for i, j, _ in bucket_pairs(signatures[start:end], self.threshold, self.pairwise_limit):
+                ri, rj = _root(parent, i), _root(parent, j)
+                if ri == rj:
+                    continue  # already connected within this band key: the edge adds nothing
+                parent[max(ri, rj)] = min(ri, rj)
+                lines.append(json.dumps([[c[start + i] for c in columns], [c[start + j] for c in columns]]) + "\n")
+        count("near_dedup.edges", len(lines))
+        if lines:
+            fileio.write_bytes(fileio.join(self.folder, EDGES, _lsh_name(bucket) + ".jsonl"), "".join(lines).encode())
+
+
+def _root(parent: list[int], x: int) -> int:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+class ApplyDropsFn(beam.DoFn):
+    """documents file → the file without its dropped documents, staged in
+    `<folder>/staged/` (not written when nothing is left), and `near_duplicate` dead letters.
+
+    The counters it bumps are the documents stage's own (`documents_kept`, `tokens`,
+    `documents.<split>`, `tokens.<split>`: down by what it drops; `dropped.near_duplicate`:
+    up), so the stage's counts come out right by adding them.
+
+    Args:
+        folder: the near-dedup work folder (drop lists in `drops/`).
+        dead_folder: where the stage's dead-letter files go.
+    """
+
+    def __init__(self, folder: str, dead_folder: str):
+        self.folder, self.dead_folder = folder, dead_folder
+
+    def process(self, path: str):
+        stem = _stem(path)
+        drops = fileio.load_json(fileio.join(self.folder, DROPS, stem + ".json"))
+        table = fileio.read_table(path)
+        hashes = table.column("content_hash").to_pylist()
+        keep = np.array([h not in drops for h in hashes], dtype=bool)
+        sources, lines, splits = (table.column(c).to_pylist() for c in ("source", "line", "split"))
+        tokens = pc.list_value_length(table.column("tokens")).to_numpy()
+        letters = []
+        for i in np.flatnonzero(~keep).tolist():
+            kept_id, group = drops[hashes[i]]
+            count(f"dropped.{DropReason.NEAR_DUPLICATE}")
+            for name, n in (("documents_kept", 1), (f"documents.{splits[i]}", 1), ("tokens", tokens[i]),
+                            (f"tokens.{splits[i]}", tokens[i])):
+                count(name, -int(n))
+            letters.append(DeadLetter(sources[i], lines[i], DropReason.NEAR_DUPLICATE,
+                                      f"near-duplicate of id {kept_id}, the document kept of a group of {group}",
+                                      table.column("text")[i].as_py()[:200]))
+        fileio.write_bytes(fileio.join(self.dead_folder, f"near_dedup-{stem}.jsonl"),
+                           "".join(letter.to_json() + "\n" for letter in letters).encode())
+        if keep.any():
+            fileio.write_table(fileio.join(self.folder, STAGED, posixpath.basename(path)), table.filter(pa.array(keep)))
+
+
+def read_edges(folder: str):
+    """The verified pairs of the edge files, as ((DocRef, file), (DocRef, file))."""
+    for path in fileio.match(fileio.join(folder, EDGES, "*.jsonl")):
+        for line in fileio.read_bytes(path).decode("utf-8").splitlines():
+            (ka, la, ia, fa), (kb, lb, ib, fb) = json.loads(line)
+            yield (DocRef(ka, la, ia), fa), (DocRef(kb, lb, ib), fb)
+
+
+def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int, dead_folder: str, work: str,
+                         lsh_buckets: int | None = None,
+                         pairwise_limit: int = PAIRWISE_LIMIT) -> tuple[dict, dict[str, int]]:
+    """Remove near-duplicates from the documents files in place (each file replaced whole).
+
+    Args:
+        options: the build options (MinHash parameters, runner).
+        files: the documents files.
+        documents: how many documents they hold (sizes the LSH buckets).
+        dead_folder: where `near_dedup-<file>.jsonl` dead letters go.
+        work: a folder for the step's files (LSH buckets are removed at the end; edges and
+            drop lists stay).
+        lsh_buckets: override the LSH bucket count (default: `lsh_bucket_count`).
+        pairwise_limit: see `lorydata.near_dedup.bucket_pairs`.
+
+    Returns:
+        (what the step found: documents signed and without words, LSH buckets, band records,
+        candidate pairs, edges kept, groups, dropped, parameters; counter changes for the
+        documents stage).
+    """
+    config = minhash_config(options)
+    lsh_buckets = lsh_buckets or lsh_bucket_count(documents, config.bands)
+    found = run_steps(options, [
+        ("Sign", files, SignFileFn(work, config, lsh_buckets)),
+        ("Verify", list(range(lsh_buckets)), VerifyBucketFn(work, config.threshold, pairwise_limit)),
+    ])
+
+    pairs = list(read_edges(work))
+    file_of = {ref.key: file for pair in pairs for ref, file in pair}
+    dropped = group_duplicates((a, b) for (a, _), (b, _) in pairs)
+    per_file: dict[str, dict[str, list]] = {}
+    for d in dropped:
+        per_file.setdefault(file_of[d.dropped.key], {})[d.dropped.key] = [d.kept.id, d.group_size]
+    for stem, drops in per_file.items():
+        fileio.save_json(fileio.join(work, DROPS, stem + ".json"), drops)
+    changed = [path for path in files if _stem(path) in per_file]
+    changes = run_each(options, "Apply", changed, ApplyDropsFn(work, dead_folder)) if changed else {}
+    for path in changed:  # the driver swaps files in only once every one is staged
+        staged = fileio.join(work, STAGED, posixpath.basename(path))
+        fileio.delete_tree(path)
+        if fileio.exists(staged):
+            FileSystems.rename([staged], [path])
+    fileio.delete_tree(fileio.join(work, LSH))
+    fileio.delete_tree(fileio.join(work, STAGED))
+    info = {
+        "documents_signed": found.get("near_dedup.signed", 0),
+        "documents_without_words": found.get("near_dedup.no_words", 0),
+        "lsh_buckets": lsh_buckets,
+        "band_records": found.get("near_dedup.band_records", 0),
+        "candidate_pairs": found.get("near_dedup.candidate_pairs", 0),
+        "edges": found.get("near_dedup.edges", 0),
+        "groups": len({d.kept.key for d in dropped}),
+        "dropped": len(dropped),
+        "config": {"shingle_words": config.shingle_words, "num_perm": config.num_perm, "bands": config.bands,
+                   "rows": config.rows, "threshold": config.threshold, "seed": config.seed},
+    }
+    return info, changes
