@@ -21,14 +21,13 @@ def random_order(options: BuildOptions, documents_dir: str, split: str, out: str
     """Routes and units of the random order (see the module docstring)."""
     from pipelines.cells import UNIT_COUNTS, RandomRoutesFn
     from pipelines.documents_stage import bucket_files
-    from pipelines.similarity_order import UNITS
     from pipelines.transforms import run_each
 
     units = max(1, math.ceil((tokens + n) / split_data.UNIT_TOKENS))
     run_each(options, "RandomRoutes", bucket_files(documents_dir), RandomRoutesFn(out, split, units, options.seed))
     parts = fileio.match(fileio.join(out, UNIT_COUNTS, "*.npy"))
     totals = sum((fileio.load_npy(p) for p in parts), np.zeros((units, 2), np.int64))
-    fileio.save_npy(fileio.join(out, UNITS), totals)
+    fileio.save_npy(fileio.join(out, split_data.UNITS), totals)
     fileio.delete_tree(fileio.join(out, UNIT_COUNTS))
     return {"order": {"method": "random", "seed": options.seed, "metrics": {}, "units": units}}
 

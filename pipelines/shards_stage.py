@@ -33,7 +33,7 @@ from lorydata.tokenizer import Tokenizer
 from pipelines import fileio
 from pipelines.documents_stage import bucket_files
 from pipelines.options import BuildOptions
-from pipelines.split_data import routes_file
+from pipelines.split_data import UNITS, routes_file
 from pipelines.transforms import count, run_steps
 
 SCRATCH = "_scratch"
@@ -167,8 +167,6 @@ def write_split_shards(options: BuildOptions, tokenizer: Tokenizer, documents_di
         split: "train" or "heldout".
         manifest_fields: extra manifest fields (counts, order, embedder, index, options).
     """
-    from pipelines.similarity_order import UNITS
-
     folder, order_dir = str(folder), str(order_dir)
     scratch = fileio.join(folder, SCRATCH)
     units = fileio.load_npy(fileio.join(order_dir, UNITS))

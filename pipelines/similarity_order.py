@@ -32,10 +32,10 @@ from lorydata.walk import WalkConfig, walk
 from pipelines import fileio
 from pipelines.markers import MARKER
 from pipelines.options import BuildOptions
+from pipelines.split_data import UNITS
 
 RECALL_SAMPLE = 1000  # queries checked against exact search
 KMEANS_POINTS_PER_CELL = 256
-UNITS = "units.npy"  # (units, 2): documents and tokens (EOS included) of each packing unit
 _INT_STATS = ("chains_walked", "short_chains_rehomed", "documents_rehomed", "ends_joined", "chains",
               "leftover_documents")
 

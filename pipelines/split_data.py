@@ -6,7 +6,8 @@ row-aligned with that bucket's documents file. The order stage ends with one rou
 per bucket, `routes/b<bucket>.npy`: an (n_rows, 2) int64 array of (unit, key) per row,
 unit -1 for rows of another split. A *unit* is what one packing worker packs (a k-means
 cell, or a block of walk positions); units are packed in their numbering order, and the
-documents of a unit in their key order.
+documents of a unit in their key order. `units.npy` beside the routes holds, per unit, its
+documents and tokens (EOS included), from which the shards stage numbers the sequences.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipelines.documents_stage import bucket_files
 from pipelines.embed_stage import embeddings_file
 
 ROUTES = "routes"
+UNITS = "units.npy"  # (units, 2): documents and tokens (EOS included) of each packing unit
 UNIT_TOKENS = 1 << 22  # tokens per packing block of a global or random order (16 MB of int32)
 
 
