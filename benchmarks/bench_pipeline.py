@@ -15,7 +15,7 @@ box can slow either one down.
 
 Usage:
     python benchmarks/bench_pipeline.py                       # the bundled sample
-    python benchmarks/bench_pipeline.py /work/dev_corpus/train.jsonl.zst --docs 2000
+    python benchmarks/bench_pipeline.py PATH/dev_corpus/train.jsonl.zst --docs 2000
 """
 
 from __future__ import annotations

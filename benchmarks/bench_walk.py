@@ -25,7 +25,7 @@ random-pair cosines of that corpus (see lorydata.order_metrics); the same thresh
 every order of a corpus.
 
 Usage:
-    python benchmarks/bench_walk.py --corpus /work/dev_corpus/train.jsonl.zst
+    python benchmarks/bench_walk.py --corpus PATH/dev_corpus/train.jsonl.zst
     python benchmarks/bench_walk.py --synthetic-n 200000 --repeats 5
 """
 
