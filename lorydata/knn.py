@@ -206,7 +206,12 @@ def _new_index(d: int, spec: str, config: KnnConfig, gpu: bool):
     except RuntimeError as exc:
         raise LoryDataError(f"bad FAISS index string {spec!r}: {str(exc).splitlines()[0]}") from exc
     with contextlib.suppress(RuntimeError):  # raised for non-IVF indexes
-        faiss.extract_index_ivf(index).cp.seed = config.seed
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.cp.seed = config.seed
+        # IVF-PQ trains polysemous codes by default, which only polysemous search uses (we
+        # never do): 50x the training time of the PQ itself (10 s vs 0.2 s on 3k vectors).
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False
     device = "cpu"
     if gpu:
         try:

@@ -114,3 +114,12 @@ def test_cuda_without_gpu_faiss_is_a_user_error():
     x = _clustered(50, 4, clusters=2, noise=0.3)
     with pytest.raises(LoryDataError, match="cuda"):
         build_knn_graph(x, KnnConfig(device="cuda"))
+
+
+def test_ivf_pq_skips_polysemous_training_that_search_never_uses():
+    import faiss
+
+    from lorydata.knn import _new_index
+
+    index, _ = _new_index(64, "IVF16,PQ8", KnnConfig(index="IVF16,PQ8"), gpu=False)
+    assert faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training is False
