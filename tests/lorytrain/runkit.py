@@ -11,6 +11,9 @@ from lorydata.readers import ReaderConfig, read_file
 from lorydata.shards import ShuffledShardWriter
 from lorydata.tokenizer import Tokenizer
 
+# A 2-layer model small enough for CLI and training tests to train in seconds.
+TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "ffn_dim": 64, "segment_len": 16}
+
 SAMPLE = Path(__file__).resolve().parents[2] / "lorydata" / "assets" / "sample" / "sample.jsonl.zst"
 
 
@@ -42,3 +45,15 @@ def make_corpus(root: Path, seq_len: int = 64) -> tuple[Path, Path]:
         write_shards(train, sample_documents(lambda i: i % 4 == 0), seq_len)
         write_shards(heldout, sample_documents(lambda i: i % 20 == 1, max_chars=1500), seq_len)
     return train, heldout
+
+
+def train_tiny_run(train: Path, out: Path, **options) -> Path:
+    """Train the TINY model for 6 steps (dense warm-up for half of them) on `train` into `out`;
+    `options` override the training config (e.g. ffn="lory", experts=4)."""
+    from lorytrain.training.config import make_config
+    from lorytrain.training.trainer import Trainer
+
+    config = make_config(None, {"data": str(train), "out": str(out), "steps": 6, "batch_size": 4, "lr": 1e-2,
+                                "dense_warmup": 0.5, "model_overrides": TINY, **options})
+    Trainer(config, log=lambda *a, **k: None).train()
+    return out

@@ -12,21 +12,15 @@ from lorydata.dataset import ShardDataset
 from lorytrain.evaluation import evaluate
 from lorytrain.export.dense import average_routing, merge_to_dense
 from lorytrain.runs import load_run
-from lorytrain.training.config import make_config
-from lorytrain.training.trainer import Trainer
 from tests.lorytrain.harness_fixtures import write_task
-
-TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "ffn_dim": 64, "segment_len": 16}
+from tests.lorytrain.runkit import train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def lory_run(text_shards, tmp_path_factory):
     train, _ = text_shards
     out = tmp_path_factory.mktemp("export_run") / "run"
-    config = make_config(None, {"data": str(train), "out": str(out), "steps": 6, "batch_size": 4, "lr": 1e-2,
-                                "dense_warmup": 0.5, "ffn": "lory", "experts": 4, "model_overrides": TINY})
-    Trainer(config, log=lambda *a, **k: None).train()
-    return out
+    return train_tiny_run(train, out, ffn="lory", experts=4)
 
 
 def invoke(*args):

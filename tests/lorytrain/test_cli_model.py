@@ -13,20 +13,14 @@ from cli import lory
 from lorydata.dataset import ShardDataset
 from lorytrain.errors import LoryTrainError
 from lorytrain.runs import load_run
-from lorytrain.training.config import make_config
-from lorytrain.training.trainer import Trainer
-
-TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "ffn_dim": 64, "segment_len": 16}
+from tests.lorytrain.runkit import train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def tiny_run(text_shards, tmp_path_factory):
     train, _ = text_shards
     out = tmp_path_factory.mktemp("cli_run") / "run"
-    config = make_config(None, {"data": str(train), "out": str(out), "steps": 6, "batch_size": 4, "lr": 1e-2,
-                                "dense_warmup": 0.5, "model_overrides": TINY})
-    Trainer(config, log=lambda *a, **k: None).train()
-    return out
+    return train_tiny_run(train, out)
 
 
 def invoke(*args):

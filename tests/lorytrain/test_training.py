@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from lorytrain.training.config import make_config
 from lorytrain.training.metrics_log import read_metrics
 from lorytrain.training.trainer import Trainer, lm_loss
+from tests.lorytrain.runkit import TINY
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "ffn_dim": 64, "segment_len": 16}
 
 
 def config(data, out, **options):
