@@ -66,18 +66,9 @@ RAW_SCHEMA = pa.schema(
         ("text", pa.string()),
     ]
 )
-DOCUMENT_SCHEMA = pa.schema(
-    [
-        ("content_hash", pa.string()),
-        ("id", pa.string()),
-        ("domain", pa.string()),
-        ("source", pa.string()),
-        ("line", pa.int64()),
-        ("split", pa.string()),
-        ("text", pa.string()),
-        ("tokens", pa.list_(pa.int32())),
-    ]
-)
+# The bucket files after dedup: the raw columns with the split before the text and the tokens after it.
+DOCUMENT_SCHEMA = RAW_SCHEMA.insert(RAW_SCHEMA.get_field_index("text"), pa.field("split", pa.string())).append(
+    pa.field("tokens", pa.list_(pa.int32())))
 
 
 def bucket_of(content_hash: str, buckets: int) -> int:
