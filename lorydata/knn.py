@@ -32,7 +32,7 @@ import math
 import re
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +400,24 @@ def knn_recall(x: np.ndarray, neighbors: np.ndarray, sample: int = 1000, seed: i
     true_sims = np.einsum("qkd,qd->qk", x[np.where(valid, found, 0)], x[queries])
     hits = valid & (true_sims >= exact_sims[:, -1:] - 1e-5)
     return float(hits.sum(axis=1).mean() / width)
+
+
+def compact_graph(graph: KnnGraph, keep: np.ndarray) -> KnnGraph:
+    """The graph of the kept documents only, renumbered 0..n_kept-1.
+
+    Rows of dropped documents go; in the other rows, entries pointing at dropped documents
+    go and the rest move left in their order (still best first), padded with -1 / -inf.
+
+    Args:
+        graph: a graph of N documents.
+        keep: (N,) bool, True for the documents that stay.
+    """
+    keep = np.asarray(keep, bool)
+    new_id = np.full(len(keep), -1, np.int64)
+    new_id[keep] = np.arange(int(keep.sum()))
+    neighbors, similarities = graph.neighbors[keep], graph.similarities[keep]
+    mapped = np.where(neighbors >= 0, new_id[np.maximum(neighbors, 0)], -1)
+    shift = np.argsort(mapped < 0, axis=1, kind="stable")  # kept entries first, order unchanged
+    mapped = np.take_along_axis(mapped, shift, axis=1)
+    similarities = np.where(mapped >= 0, np.take_along_axis(similarities, shift, axis=1), -np.inf)
+    return replace(graph, neighbors=mapped, similarities=similarities.astype(np.float32))

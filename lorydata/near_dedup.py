@@ -11,7 +11,8 @@ where the band keys route documents to bucket files and each bucket is verified 
    depends on the documents only, never on arrival order or worker count.
 3. `semantic_pairs`: the similarity-order variant: kNN graph edges at cosine ≥ COS that the
    pair's MinHash Jaccard confirms, so documents that merely embed alike (a shared licence
-   header the embedder sees, different bodies) are never dropped.
+   header the embedder sees, different bodies) are never dropped. `semantic_duplicates`
+   groups them (`group_duplicates`, same keeper rule) into the documents a walk leaves out.
 """
 
 from __future__ import annotations
@@ -221,3 +222,77 @@ def semantic_pairs(neighbors: np.ndarray, similarities: np.ndarray, signatures: 
     # A text without words has the empty signature: it never confirms a pair.
     confirmed = (agree >= confirm_jaccard) & ~is_empty(left) & ~is_empty(right)
     return [(int(i), int(j), float(a)) for (i, j), a in zip(edges[confirmed], agree[confirmed], strict=True)]
+
+
+@dataclass(frozen=True)
+class SemanticDrop:
+    """One document that semantic dedup leaves out of the walk.
+
+    Args:
+        index: its row in the graph.
+        kept: the row of its group's keeper.
+        group_size: documents in the group, keeper included.
+        cosine: cosine similarity of its embedding and the keeper's.
+        jaccard: estimated Jaccard of its signature and the keeper's.
+    """
+
+    index: int
+    kept: int
+    group_size: int
+    cosine: float
+    jaccard: float
+
+
+@dataclass(frozen=True)
+class SemanticDedup:
+    """What semantic dedup found in one graph.
+
+    Args:
+        drops: the documents to leave out, by row.
+        edges_above_cos: distinct graph edges (undirected) at cosine ≥ COS.
+        confirmed_pairs: those whose MinHash Jaccard confirmed them.
+        groups: connected components of the confirmed pairs (one keeper each).
+    """
+
+    drops: list[SemanticDrop]
+    edges_above_cos: int
+    confirmed_pairs: int
+    groups: int
+
+    def keep_mask(self, n: int) -> np.ndarray:
+        """(n,) bool: False for the dropped rows."""
+        keep = np.ones(n, bool)
+        keep[[d.index for d in self.drops]] = False
+        return keep
+
+
+def semantic_duplicates(neighbors: np.ndarray, similarities: np.ndarray, signatures: np.ndarray,
+                        refs: Sequence[DocRef], embeddings: np.ndarray, cos: float,
+                        confirm_jaccard: float = SEMANTIC_CONFIRM_JACCARD) -> SemanticDedup:
+    """The documents of a kNN graph to drop as semantic duplicates: `semantic_pairs`, then
+    one keeper per connected component (`group_duplicates`: longest, then smaller key).
+
+    Args:
+        neighbors / similarities: the (N, k) graph (-1 pads).
+        signatures: (N, num_perm) signatures (`MinHasher.signature_or_empty`).
+        refs: (content hash, characters, id) of every row; keys unique.
+        embeddings: (N, d) embeddings, for the cosine of each dropped document to its keeper.
+        cos: minimum cosine of a duplicate edge.
+        confirm_jaccard: minimum estimated Jaccard that confirms an edge.
+
+    Returns:
+        The drops (sorted by key, as `group_duplicates`) and the counts behind them.
+    """
+    rows, cols = np.nonzero((similarities >= cos) & (neighbors >= 0))
+    targets = neighbors[rows, cols]
+    distinct = {(min(a, b), max(a, b)) for a, b in zip(rows.tolist(), targets.tolist(), strict=True) if a != b}
+    pairs = semantic_pairs(neighbors, similarities, signatures, cos, confirm_jaccard)
+    row_of = {ref.key: i for i, ref in enumerate(refs)}
+    grouped = group_duplicates((refs[i], refs[j]) for i, j, _ in pairs)
+    drops = []
+    for d in grouped:
+        i, k = row_of[d.dropped.key], row_of[d.kept.key]
+        a, b = embeddings[i].astype(np.float64), embeddings[k].astype(np.float64)
+        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+        drops.append(SemanticDrop(i, k, d.group_size, cosine, float((signatures[i] == signatures[k]).mean())))
+    return SemanticDedup(drops, len(distinct), len(pairs), len({d.kept for d in drops}))

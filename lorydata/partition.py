@@ -17,12 +17,13 @@ corpus ids so `knn_recall` against exact global search measures what that costs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from lorydata.errors import LoryDataError
-from lorydata.knn import KnnConfig, KnnGraph, as_unit_float32, build_knn_graph, use_faiss_gpu
+from lorydata.knn import KnnConfig, KnnGraph, as_unit_float32, build_knn_graph, compact_graph, use_faiss_gpu
 from lorydata.walk import WalkConfig, walk
 
 
@@ -132,14 +133,17 @@ class CellOrder:
     """The walk of one cell.
 
     Args:
-        order: (n_cell,) permutation of the cell's local indices.
-        graph: the cell's kNN graph (local ids).
+        order: (n_cell,) permutation of the cell's local indices; with a `keep` mask, the
+            kept local indices only, in walk order.
+        graph: the cell's kNN graph (local ids, every document).
         stats: the walk's stats.
+        keep: (n_cell,) bool, the documents walked (None: all).
     """
 
     order: np.ndarray
     graph: KnnGraph
     stats: dict = field(default_factory=dict)
+    keep: np.ndarray | None = None
 
 
 def order_cell(
@@ -148,6 +152,7 @@ def order_cell(
     walk_config: WalkConfig,
     token_lengths: np.ndarray | None = None,
     stream_start: int = 0,
+    keep: Callable[[KnnGraph, np.ndarray], np.ndarray | None] | None = None,
 ) -> CellOrder:
     """kNN graph and walk of one cell (or of a whole corpus), on local indices 0..n-1.
 
@@ -157,12 +162,22 @@ def order_cell(
         walk_config: walk options.
         token_lengths: (n,) tokens per document, for the token-aware layout.
         stream_start: token position of the cell's first document in the packed stream.
+        keep: called with the graph and the unit embeddings once the graph is built;
+            returns the (n,) bool mask of documents to walk (semantic dedup), or None for
+            all. The walk then runs on the graph compacted to those documents.
     """
     x_cell = as_unit_float32(x_cell)
     graph = build_knn_graph(x_cell, knn_config)
-    result = walk(graph.neighbors, graph.similarities, walk_config, embeddings=x_cell,
-                  token_lengths=token_lengths, stream_start=stream_start)
-    return CellOrder(result.order, graph, result.stats)
+    mask = keep(graph, x_cell) if keep is not None else None
+    if mask is None or mask.all():
+        result = walk(graph.neighbors, graph.similarities, walk_config, embeddings=x_cell,
+                      token_lengths=token_lengths, stream_start=stream_start)
+        return CellOrder(result.order, graph, result.stats)
+    walked = compact_graph(graph, mask)
+    lengths = None if token_lengths is None else np.asarray(token_lengths)[mask]
+    result = walk(walked.neighbors, walked.similarities, walk_config, embeddings=x_cell[mask],
+                  token_lengths=lengths, stream_start=stream_start)
+    return CellOrder(np.flatnonzero(mask)[result.order], graph, result.stats, mask)
 
 
 def stitch_cells(members: list[np.ndarray], cell_orders: dict[int, np.ndarray], sequence: np.ndarray) -> np.ndarray:
