@@ -301,6 +301,10 @@ def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.option("--near-dedup-bands", default=16, show_default=True, type=int, help="LSH bands.")
 @click.option("--near-dedup-rows", default=8, show_default=True, type=int,
               help="MinHash values per band (bands × rows = permutations).")
+@click.option("--semantic-dedup", default=None, type=float, metavar="COS",
+              help="Similarity order: drop kNN neighbours at cosine ≥ COS whose MinHash Jaccard confirms them.")
+@click.option("--semantic-dedup-jaccard", default=0.5, show_default=True, type=float,
+              help="Estimated Jaccard that confirms a --semantic-dedup pair.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs built with other options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build_corpus_cmd(inputs, as_json, runner, dask_address, workers, **kwargs):

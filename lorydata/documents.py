@@ -19,6 +19,7 @@ class DropReason:
     UNREADABLE = "unreadable"
     DUPLICATE = "duplicate"
     NEAR_DUPLICATE = "near_duplicate"
+    SEMANTIC_DUPLICATE = "semantic_duplicate"
 
 
 @dataclass

@@ -17,12 +17,14 @@ module docstrings of each stage for what one worker holds.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorydata.documents import DropReason
 from lorydata.errors import LoryDataError
 from lorydata.readers import expand_inputs
 from lorydata.tokenizer import Tokenizer
@@ -149,10 +151,16 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     else:
         prior_fp = doc_fp
 
-    for split in SPLITS:
-        if counts["documents_per_split"].get(split, 0) == 0:
-            continue
-        summary.splits[split] = _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log)
+    splits = [split for split in SPLITS if counts["documents_per_split"].get(split, 0) > 0]
+    # Every split is ordered before any is packed: semantic dedup in the order stage changes
+    # the counts that every split's manifest records.
+    orders = {split: _order_split(options, work, out, split, prior_fp, counts, embeddings_dir, summary, log)
+              for split in splits}
+    counts = _with_semantic_drops(counts, {split: info for split, (_, info) in orders.items()})
+    summary.documents = counts
+    for split in splits:
+        summary.splits[split] = _build_split(options, tokenizer, work, out, split, *orders[split], counts, summary,
+                                             log)
     if not summary.splits:
         raise LoryDataError("no document survived reading and cleaning; see the dead letters in " + str(out / DEAD_LETTERS))
     return summary
@@ -185,8 +193,12 @@ def hash_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddings_dir, summary, log) -> dict:
+def _order_split(options, work, out, split, prior_fp, counts, embeddings_dir, summary, log) -> tuple:
+    """Run (or skip) the order stage of one split; returns (order fingerprint, order result)."""
     order_fp = f"{prior_fp}:{options.fingerprint('order', 'index', 'k', 'nprobe', 'partitions', 'seed', 'seq_len')}"
+    if options.semantic_dedup is not None:  # off keeps the fingerprint of builds made before it existed
+        order_fp += ":" + options.fingerprint("semantic_dedup", "semantic_dedup_jaccard", "near_dedup_shingle",
+                                              "near_dedup_bands", "near_dedup_rows")
     order_stage = Stage(work / "order" / split, order_fp, options.overwrite)
     timer = _Timer(summary, f"order/{split}", log)
     order_info = order_stage.result()
@@ -197,7 +209,40 @@ def _build_split(options, tokenizer, work, out, split, prior_fp, counts, embeddi
             tmp = order_stage.start()
             order_info = order_stage.finish(compute_order(options, work / "documents", embeddings_dir, split, tmp,
                                                           counts))
+    _copy_semantic_dead_letters(order_stage.folder, out / DEAD_LETTERS, split)
+    return order_fp, order_info
 
+
+def _copy_semantic_dead_letters(order_dir: Path, dead: Path, split: str) -> None:
+    """The split's `semantic_duplicate` dead letters into the corpus' `dead_letters/`,
+    replacing those of an earlier order of the split."""
+    for old in dead.glob(f"semantic_dedup-{split}-*.jsonl"):
+        old.unlink()
+    for letters in sorted((order_dir / DEAD_LETTERS).glob(f"semantic_dedup-{split}-*.jsonl")):
+        dead.mkdir(exist_ok=True)
+        shutil.copyfile(letters, dead / letters.name)
+
+
+def _with_semantic_drops(counts: dict, orders: dict) -> dict:
+    """The documents stage's counts less what semantic dedup dropped in each split's order
+    (`dropped.semantic_duplicate`, documents and tokens kept, per split and in all)."""
+    found = {split: info["order"]["semantic_dedup"] for split, info in orders.items()
+             if "semantic_dedup" in info["order"]}
+    if not found:
+        return counts
+    counts = copy.deepcopy(counts)
+    for split, record in found.items():
+        counts["documents_per_split"][split] -= record["dropped"]
+        counts["tokens_per_split"][split] -= record["tokens_dropped"]
+        counts["documents_kept"] -= record["dropped"]
+        counts["tokens"] -= record["tokens_dropped"]
+    dropped = {**counts["dropped"], DropReason.SEMANTIC_DUPLICATE: sum(r["dropped"] for r in found.values())}
+    counts["dropped"] = dict(sorted(dropped.items()))
+    return counts
+
+
+def _build_split(options, tokenizer, work, out, split, order_fp, order_info, counts, summary, log) -> dict:
+    order_stage = Stage(work / "order" / split, order_fp, options.overwrite)
     shards_fp = f"{order_fp}:{options.fingerprint('seq_len', 'tail', 'rows_per_shard', 'seed')}:{tokenizer.sha256}"
     shards_stage = Stage(out / split, shards_fp, options.overwrite)
     timer = _Timer(summary, f"shards/{split}", log)

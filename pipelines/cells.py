@@ -4,12 +4,15 @@
   seeded hash of its content hash.
 - `AssignCellsFn` (per bucket): each document to its nearest k-means centroid (the
   centroids travel with the DoFn: O(cells × d)); writes (vector, row, tokens count, recall
-  flag) to `cells/c<cell>/b<bucket>.npz` and the per-cell counts to
-  `cellcounts/b<bucket>.npy`.
-- `OrderCellFn` (per cell): the cell's kNN graph and token-aware walk; writes the position
-  of every member back per source bucket (`cellroutes/b<bucket>/c<cell>.npy`), the
-  adjacent similarities, the graph rows of the recall sample and the cell's stats.
-- `MergeRoutesFn` (per bucket): the cells' positions into the bucket's routes file.
+  flag, and with `--semantic-dedup` signature, characters, content hash and id) to
+  `cells/c<cell>/b<bucket>.npz` and the per-cell counts to `cellcounts/b<bucket>.npy`.
+- `OrderCellFn` (per cell): the cell's kNN graph, semantic dedup when on, and token-aware
+  walk; writes the position of every walked member back per source bucket
+  (`cellroutes/b<bucket>/c<cell>.npy`) with the dropped members beside
+  (`cellroutes/b<bucket>/c<cell>.drops.json`), the adjacent similarities, the graph rows of
+  the recall sample and the cell's stats.
+- `MergeRoutesFn` (per bucket): the cells' positions into the bucket's routes file, and the
+  bucket's `semantic_duplicate` dead letters.
 
 Folder layout inside the order stage folder; file names depend only on bucket and cell,
 so a retried bundle overwrites its own files.
@@ -98,12 +101,15 @@ class AssignCellsFn(beam.DoFn):
         recall_fraction: share of documents (by hash) whose graph rows are kept to measure
             kNN recall.
         seed: seed of that sample.
+        semantic: carry each member's signature, characters, content hash and id (from the
+            signing step's files) into the cell files, for semantic dedup.
     """
 
     def __init__(self, order_dir: str, embeddings_dir: str, split: str, centroids: np.ndarray,
-                 recall_fraction: float, seed: int):
+                 recall_fraction: float, seed: int, semantic: bool = False):
         self.order_dir, self.embeddings_dir, self.split = order_dir, embeddings_dir, split
         self.centroids, self.recall_fraction, self.seed = centroids, recall_fraction, seed
+        self.semantic = semantic
 
     def process(self, path: str):
         from lorydata.knn import as_unit_float32
@@ -115,10 +121,16 @@ class AssignCellsFn(beam.DoFn):
         query = sampled(table.column("content_hash").take(rows), self.recall_fraction, self.seed)
         cells = np.argmax(x @ self.centroids.T, axis=1) if len(x) else np.zeros(0, np.int64)
         bucket = _bucket_of_file(path)
+        carried = {}
+        if self.semantic:
+            from pipelines.semantic_dedup import load_signatures
+
+            carried = load_signatures(self.order_dir, [path])  # row-aligned with `rows`
         for cell in np.unique(cells):
             members = np.flatnonzero(cells == cell)
             fileio.save_npz(fileio.join(self.order_dir, CELLS, cell_name(int(cell)), f"{bucket}.npz"),
-                            x=x[members], rows=rows[members], lengths=lengths[members], query=query[members])
+                            x=x[members], rows=rows[members], lengths=lengths[members], query=query[members],
+                            **{name: values[members] for name, values in carried.items()})
         fileio.save_npy(fileio.join(self.order_dir, CELL_COUNTS, f"{bucket}.npy"),
                         unit_counts(cells, lengths, len(self.centroids)))
         yield len(rows)
@@ -135,11 +147,13 @@ class OrderCellFn(beam.DoFn):
             small to train it).
         walk_config: walk options (token-aware: each cell is packed from a fresh sequence).
         threshold: the split's break threshold.
+        semantic: (cos, confirming Jaccard) of semantic dedup within the cell, or None.
     """
 
-    def __init__(self, order_dir: str, knn_config, walk_config, threshold: float):
+    def __init__(self, order_dir: str, knn_config, walk_config, threshold: float,
+                 semantic: tuple[float, float] | None = None):
         self.order_dir, self.knn_config, self.walk_config = order_dir, knn_config, walk_config
-        self.threshold = threshold
+        self.threshold, self.semantic = threshold, semantic
 
     def process(self, element: tuple[int, int]):
         from lorydata.order_metrics import adjacent_similarities, break_rate
@@ -153,15 +167,25 @@ class OrderCellFn(beam.DoFn):
         x = np.concatenate([p["x"] for p in loaded])
         lengths = np.concatenate([p["lengths"] for p in loaded])
         config = dataclasses.replace(self.knn_config, index=index_for(self.knn_config.index, len(x)))
-        result = order_cell(x, config, self.walk_config, token_lengths=lengths, stream_start=0)
-        position = np.empty(len(x), np.int64)
-        position[result.order] = np.arange(len(x))
+        semantic = None
+        if self.semantic is not None:
+            from pipelines.semantic_dedup import COLUMNS, SemanticFilter
+
+            semantic = SemanticFilter({c: np.concatenate([p[c] for p in loaded]) for c in COLUMNS}, *self.semantic)
+        result = order_cell(x, config, self.walk_config, token_lengths=lengths, stream_start=0, keep=semantic)
+        position = np.full(len(x), -1, np.int64)  # -1: dropped by semantic dedup
+        position[result.order] = np.arange(len(result.order))
+        drops = {} if semantic is None else {r["index"]: r for r in semantic.records()}
         start = 0
         for path, part in zip(parts, loaded, strict=True):
             end = start + len(part["rows"])
             bucket = path.rsplit("/", 1)[-1].removesuffix(".npz")
-            fileio.save_npy(fileio.join(self.order_dir, CELL_ROUTES, bucket, f"{cell_name(cell)}.npy"),
-                            np.stack([part["rows"], position[start:end]], axis=1))
+            on = position[start:end] >= 0
+            target = fileio.join(self.order_dir, CELL_ROUTES, bucket, cell_name(cell))
+            fileio.save_npy(f"{target}.npy", np.stack([part["rows"][on], position[start:end][on]], axis=1))
+            here = [{**drops[i], "row": int(part["rows"][i - start])} for i in range(start, end) if i in drops]
+            if here:
+                fileio.save_json(f"{target}.drops.json", here)
             start = end
         adjacent = adjacent_similarities(x, result.order)
         _, broken, sequences = break_rate(adjacent, self.threshold, lengths[result.order], self.walk_config.seq_len)
@@ -173,6 +197,7 @@ class OrderCellFn(beam.DoFn):
         fileio.save_json(fileio.join(folder, "result.json"), {
             "walk": result.stats, "graph": result.graph.describe(), "broken_sequences": int(broken),
             "sequences": int(sequences), "orphans": int((degree == 0).sum()), "max_in_degree": int(degree.max(initial=0)),
+            **({"semantic_dedup": semantic.counts(lengths)} if semantic is not None else {}),
         })
         count("cells_ordered")
         yield cell
@@ -184,10 +209,11 @@ class MergeRoutesFn(beam.DoFn):
     Args:
         order_dir: the order stage folder.
         unit_of_cell: {cell: unit} (cells in chain order are units 0, 1, ...).
+        split: the split (names its dead-letter files).
     """
 
-    def __init__(self, order_dir: str, unit_of_cell: dict[int, int]):
-        self.order_dir, self.unit_of_cell = order_dir, unit_of_cell
+    def __init__(self, order_dir: str, unit_of_cell: dict[int, int], split: str = ""):
+        self.order_dir, self.unit_of_cell, self.split = order_dir, unit_of_cell, split
 
     def process(self, path: str):
         table = fileio.read_table(path, ["split"])
@@ -199,4 +225,10 @@ class MergeRoutesFn(beam.DoFn):
             routes[pairs[:, 0], 0] = self.unit_of_cell[cell]
             routes[pairs[:, 0], 1] = pairs[:, 1]
         fileio.save_npy(routes_file(self.order_dir, path), routes)
+        drop_files = fileio.match(fileio.join(self.order_dir, CELL_ROUTES, bucket, "c*.drops.json"))
+        if drop_files:
+            from pipelines.semantic_dedup import DEAD_LETTERS, write_dead_letters
+
+            drops = [d for f in drop_files for d in fileio.load_json(f)]
+            write_dead_letters(path, drops, fileio.join(self.order_dir, DEAD_LETTERS), self.split)
         yield bucket

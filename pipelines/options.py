@@ -49,6 +49,10 @@ class BuildOptions:
         near_dedup_threshold: estimated Jaccard at or above which two documents are copies.
         near_dedup_shingle: words per shingle.
         near_dedup_bands / near_dedup_rows: LSH bands × rows per band = permutations.
+        semantic_dedup: None (off) or COS: similarity order only, drop documents whose kNN
+            edge at cosine ≥ COS the MinHash Jaccard of the pair confirms (one kept per
+            group; see `pipelines.semantic_dedup`).
+        semantic_dedup_jaccard: estimated Jaccard that confirms a semantic pair.
     """
 
     inputs: list[str]
@@ -83,6 +87,8 @@ class BuildOptions:
     near_dedup_shingle: int = 5
     near_dedup_bands: int = 16
     near_dedup_rows: int = 8
+    semantic_dedup: float | None = None
+    semantic_dedup_jaccard: float = 0.5
 
     def validate(self) -> None:
         """Raise `LoryDataError` for option values that cannot work."""
@@ -104,6 +110,12 @@ class BuildOptions:
              f"--near-dedup-threshold must be in (0, 1], got {self.near_dedup_threshold}"),
             (min(self.near_dedup_shingle, self.near_dedup_bands, self.near_dedup_rows) >= 1,
              "--near-dedup-shingle, --near-dedup-bands and --near-dedup-rows must be positive"),
+            (self.semantic_dedup is None or 0.0 < self.semantic_dedup <= 1.0,
+             f"--semantic-dedup must be a cosine in (0, 1], got {self.semantic_dedup}"),
+            (self.semantic_dedup is None or self.order == "similarity",
+             f"--semantic-dedup works on the kNN graph of --order similarity, not --order {self.order}"),
+            (0.0 < self.semantic_dedup_jaccard <= 1.0,
+             f"--semantic-dedup-jaccard must be in (0, 1], got {self.semantic_dedup_jaccard}"),
         ]
         for ok, message in checks:
             if not ok:

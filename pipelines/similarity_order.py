@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from lorydata.errors import LoryDataError
-from lorydata.knn import KnnConfig, build_knn_graph, knn_recall
+from lorydata.knn import KnnConfig, knn_recall
 from lorydata.order_metrics import adjacent_metrics, break_threshold, ordering_metrics
-from lorydata.walk import WalkConfig, walk
+from lorydata.walk import WalkConfig
 from pipelines import fileio
 from pipelines.markers import MARKER
 from pipelines.options import BuildOptions
@@ -145,38 +145,68 @@ def similarity_order(options: BuildOptions, documents_dir, embeddings_dir, split
 
 def _global_order(options: BuildOptions, documents_dir: str, embeddings_dir: str, split: str, out: str) -> dict:
     """`--partitions 1`: one graph and one walk in this process, cut into packing blocks."""
+    from lorydata.knn import compact_graph
     from lorydata.pack import block_starts
+    from lorydata.partition import order_cell
     from pipelines import split_data
     from pipelines.cells import unit_counts
 
     data = split_data.load_split_vectors(documents_dir, embeddings_dir, split)
     x, lengths, n = data.x, data.lengths, len(data.x)
-    graph = build_knn_graph(x, knn_config(options, n))
-    result = walk(graph.neighbors, graph.similarities, walk_config(options), embeddings=x, token_lengths=lengths)
-    order = result.order
+    semantic = _semantic_filter(options, data.files, split, out)
+    result = order_cell(x, knn_config(options, n), walk_config(options), token_lengths=lengths, keep=semantic)
+    graph, order = result.graph, result.order
     graph.save(Path(out) / "knn")
     recall = knn_recall(x, graph.neighbors, sample=RECALL_SAMPLE, seed=options.seed)
-    metrics = ordering_metrics(order, x, token_lengths=lengths, seq_len=options.seq_len, neighbors=graph.neighbors,
-                               knn_recall=recall, seed=options.seed)
+    kept = np.ones(n, bool) if result.keep is None else result.keep
+    walked = graph if result.keep is None else compact_graph(graph, kept)
+    renumber = np.cumsum(kept) - 1  # metrics over the walked documents, numbered 0..m-1
+    metrics = ordering_metrics(renumber[order], x[kept], token_lengths=lengths[kept], seq_len=options.seq_len,
+                               neighbors=walked.neighbors, knn_recall=recall, seed=options.seed)
     cuts = block_starts(lengths[order], options.seq_len, split_data.UNIT_TOKENS)
-    unit_at = np.repeat(np.arange(len(cuts)), np.diff(np.append(cuts, n)))  # unit of each walk position
-    position = np.empty(n, np.int64)
-    position[order] = np.arange(n)
+    unit_at = np.repeat(np.arange(len(cuts)), np.diff(np.append(cuts, len(order))))  # unit of each walk position
+    position = np.full(n, -1, np.int64)  # -1: dropped, never packed
+    position[order] = np.arange(len(order))
+    drops = {} if semantic is None else {r["index"]: r for r in semantic.records()}
     start = 0
     for path, rows, size in zip(data.files, data.rows, data.sizes, strict=True):
         routes = split_data.empty_routes(size)
         mine = position[start: start + len(rows)]
-        routes[rows, 0], routes[rows, 1] = unit_at[mine], mine
+        on = mine >= 0
+        routes[rows[on], 0], routes[rows[on], 1] = unit_at[mine[on]], mine[on]
         fileio.save_npy(split_data.routes_file(out, path), routes)
+        if drops:
+            from pipelines.semantic_dedup import DEAD_LETTERS, write_dead_letters
+
+            here = [{**drops[i], "row": int(rows[i - start])} for i in range(start, start + len(rows)) if i in drops]
+            write_dead_letters(path, here, fileio.join(out, DEAD_LETTERS), split)
         start += len(rows)
     fileio.save_npy(fileio.join(out, UNITS), unit_counts(unit_at, lengths[order], len(cuts)))
+    info = {"method": "similarity", "seed": options.seed, "metrics": metrics, "walk": result.stats,
+            "partitions": {"requested": options.partitions, "used": 1}, "units": len(cuts)}
+    if semantic is not None:
+        from pipelines.semantic_dedup import summary
+
+        info["semantic_dedup"] = summary(options, [semantic.counts(lengths)])
     return {
-        "order": {"method": "similarity", "seed": options.seed, "metrics": metrics, "walk": result.stats,
-                  "partitions": {"requested": options.partitions, "used": 1}, "units": len(cuts)},
+        "order": info,
         "embedder": _embedder_identity(embeddings_dir),
         "index": {**graph.describe(), "knn_recall": recall, "recall_sample": min(n, RECALL_SAMPLE),
                   "recall_against": "exact search over the whole split"},
     }
+
+
+def _semantic_filter(options: BuildOptions, files: list[str], split: str, out: str):
+    """With `--semantic-dedup`: the split's documents signed (on the runner) and the
+    `order_cell` keep function over all of them; else None."""
+    if options.semantic_dedup is None:
+        return None
+    from pipelines.semantic_dedup import SIGNATURES, SemanticFilter, load_signatures, sign_split
+
+    sign_split(options, files, split, out)
+    carried = load_signatures(out, files)
+    fileio.delete_tree(fileio.join(out, SIGNATURES))  # scratch: the filter holds them now
+    return SemanticFilter(carried, options.semantic_dedup, options.semantic_dedup_jaccard)
 
 
 def _cells_order(options: BuildOptions, documents_dir: str, embeddings_dir: str, split: str, out: str, n: int,
@@ -193,14 +223,20 @@ def _cells_order(options: BuildOptions, documents_dir: str, embeddings_dir: str,
         cell_name,
     )
     from pipelines.documents_stage import bucket_files
+    from pipelines.semantic_dedup import SIGNATURES
     from pipelines.transforms import run_each
 
     centroids = partition(sample, PartitionConfig(parts=parts, seed=options.seed, device=options.device,
                                                   max_points_per_cell=KMEANS_POINTS_PER_CELL)).centroids
     threshold = break_threshold(sample, seed=options.seed)
     files = bucket_files(documents_dir)
+    on = options.semantic_dedup is not None
+    if on:
+        from pipelines.semantic_dedup import sign_split
+
+        sign_split(options, files, split, out)
     run_each(options, "AssignCells", files, AssignCellsFn(out, embeddings_dir, split, centroids,
-                                                          min(1.0, RECALL_SAMPLE / n), options.seed))
+                                                          min(1.0, RECALL_SAMPLE / n), options.seed, semantic=on))
     counts = sum(fileio.load_npy(p) for p in fileio.match(fileio.join(out, CELL_COUNTS, "*.npy")))
     sequence = chain_cells(centroids, counts[:, 0])
     # The requested index as given: each cell falls back to exact search on its own when it
@@ -209,18 +245,22 @@ def _cells_order(options: BuildOptions, documents_dir: str, embeddings_dir: str,
                        seed=options.seed)
     # Largest cells first, so the longest task is not the last one a worker picks up.
     elements = sorted(((int(c), u) for u, c in enumerate(sequence)), key=lambda e: -counts[e[0], 0])
-    run_each(options, "OrderCells", elements, OrderCellFn(out, config, walk_config(options), threshold))
-    run_each(options, "MergeRoutes", files, MergeRoutesFn(out, {int(c): u for u, c in enumerate(sequence)}))
-    units = counts[sequence]
-    fileio.save_npy(fileio.join(out, UNITS), units)
-
+    semantic = (options.semantic_dedup, options.semantic_dedup_jaccard) if on else None
+    run_each(options, "OrderCells", elements, OrderCellFn(out, config, walk_config(options), threshold, semantic))
+    run_each(options, "MergeRoutes", files, MergeRoutesFn(out, {int(c): u for u, c in enumerate(sequence)}, split))
     folders = [fileio.join(out, CELLS, cell_name(int(c))) for c in sequence]
     results = [fileio.load_json(fileio.join(f, "result.json")) for f in folders]
+    # What each cell dropped leaves its unit: documents, and tokens with their EOS.
+    dropped = np.array([[r["semantic_dedup"]["dropped"], r["semantic_dedup"]["tokens_dropped"]
+                         + r["semantic_dedup"]["dropped"]] if on else [0, 0] for r in results], np.int64)
+    units = counts[sequence] - dropped
+    fileio.save_npy(fileio.join(out, UNITS), units)
+    walked = n - int(dropped[:, 0].sum())
     adjacent = np.concatenate([fileio.load_npy(fileio.join(f, "adjacent.npy")) for f in folders])
     recall, queries = _cells_recall(folders, documents_dir, embeddings_dir, split, options.k, n)
     broken, sequences = sum(r["broken_sequences"] for r in results), sum(r["sequences"] for r in results)
     metrics = {
-        "documents": n,
+        "documents": walked,
         "break_threshold": float(threshold),
         "break_rule": f"0.95 quantile of random-pair cosine similarity in a sample of {len(sample)} documents "
                       f"(seed {options.seed})",
@@ -240,16 +280,17 @@ def _cells_order(options: BuildOptions, documents_dir: str, embeddings_dir: str,
              "device": "cuda" if any(g["device"] == "cuda" for g in graphs) else "cpu", "metric": "inner_product",
              "documents": n, "knn_recall": recall, "recall_sample": queries,
              "recall_against": "exact search over the whole split"}
-    for scratch in (CELLS, CELL_COUNTS, CELL_ROUTES):
+    for scratch in (CELLS, CELL_COUNTS, CELL_ROUTES, SIGNATURES):
         fileio.delete_tree(fileio.join(out, scratch))
     partitions = {"requested": options.partitions, "used": parts, "cell_sizes": [int(s) for s in counts[:, 0]],
                   "cell_order": [int(c) for c in sequence]}
-    return {
-        "order": {"method": "similarity", "seed": options.seed, "metrics": metrics,
-                  "walk": _sum_stats([r["walk"] for r in results]), "partitions": partitions, "units": len(sequence)},
-        "embedder": _embedder_identity(embeddings_dir),
-        "index": index,
-    }
+    info = {"method": "similarity", "seed": options.seed, "metrics": metrics,
+            "walk": _sum_stats([r["walk"] for r in results]), "partitions": partitions, "units": len(sequence)}
+    if on:
+        from pipelines.semantic_dedup import summary
+
+        info["semantic_dedup"] = summary(options, [r["semantic_dedup"] for r in results])
+    return {"order": info, "embedder": _embedder_identity(embeddings_dir), "index": index}
 
 
 def _cells_recall(folders: list[str], documents_dir: str, embeddings_dir: str, split: str, k: int,
