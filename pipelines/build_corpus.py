@@ -6,8 +6,9 @@ Stages, each resumable (see `pipelines.markers`):
    `_work/documents/b<bucket>.parquet`, dead letters → `dead_letters/`.
 2. embeddings (Beam, similarity order only): sentence-transformers per bucket →
    `_work/embeddings/b<bucket>.npy`.
-3. order, per split: kNN graph + walk (in this process, or per k-means cell on Beam with
-   `--partitions`), or seeded hash keys → routes and packing units in `_work/order/<split>/`.
+3. order, per split: kNN graph (+ semantic dedup with `--semantic-dedup`) + walk (in this
+   process, or per k-means cell on Beam with `--partitions`), or seeded hash keys → routes
+   and packing units in `_work/order/<split>/`. Every split is ordered before any is packed.
 4. shards, per split (Beam): route tokens to units, pack each unit, spread the sequences
    over shuffled shards → `<split>/` shards + manifest.
 

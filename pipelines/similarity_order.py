@@ -14,6 +14,11 @@ the adjacent similarities (4 bytes per document) for the metrics. Neighbours acr
 borders are lost: the recorded kNN recall is measured against exact search over the whole
 split (streamed a bucket at a time), so the manifest shows what partitioning cost.
 
+With `--semantic-dedup COS` both drop semantic duplicates from the graph before the walk
+(the driver's graph, or each cell's: see `pipelines.semantic_dedup`); the dropped documents
+keep the routes (-1, -1) and are in no unit. The graph kept in `knn/` and the recall and
+hubness figures are those of the graph before the drops.
+
 Both end with the routes files and `units.npy` of `pipelines.split_data`.
 """
 

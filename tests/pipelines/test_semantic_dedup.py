@@ -102,6 +102,7 @@ def builds(planted, tmp_path_factory):
                           ("cells", dict(semantic_dedup=COS, partitions=2))):
         summary = build_corpus(options(planted[0], out, **changes), log=lambda *_: None)
         found[name] = snapshot(out, summary)
+    found["out"] = out  # holds the last build, "cells"
     return found
 
 
@@ -164,6 +165,22 @@ def test_option_off_changes_nothing_and_on_reruns_only_order_and_shards(builds, 
     stages = builds["global"]["summary"].stages
     assert stages["documents"]["status"].startswith("skipped") and stages["embeddings"]["status"].startswith("skipped")
     assert stages["order/train"]["status"] == "ran"
+
+
+@pytest.mark.slow
+def test_dask_workers_give_the_same_cells_result(builds, planted, dask_cluster, tmp_path, capsys):
+    """The cells build again on a 2-process Dask cluster: signing, cell files carrying the
+    signatures and the per-cell drops run in worker processes."""
+    args = ["build-corpus", planted[0], "--id-field", "id", "--seq-len", 256, "--tail", "pad", "--k", 5, "--seed", 1,
+            "--near-dedup", "off", "--semantic-dedup", COS, "--partitions", 2]
+    code, _, err = run_cli([*args, "--out", tmp_path / "dask", "--runner", "dask", "--dask-address",
+                            dask_cluster.scheduler_address], capsys)
+    assert code == 0, err
+    dask = snapshot(tmp_path / "dask", None)
+    local = builds["cells"]
+    assert [s.sha256 for s in dask["manifest"].shards] == [s.sha256 for s in local["manifest"].shards]
+    assert dask["manifest"].counts == local["manifest"].counts and dask["manifest"].order == local["manifest"].order
+    assert dask["letters"] == local["letters"] and len(local["letters"]) == 1
 
 
 def test_bad_values_are_refused_in_one_line(planted, tmp_path, capsys):
