@@ -16,8 +16,8 @@ split (streamed a bucket at a time), so the manifest shows what partitioning cos
 
 With `--semantic-dedup COS` both drop semantic duplicates from the graph before the walk
 (the driver's graph, or each cell's: see `pipelines.semantic_dedup`); the dropped documents
-keep the routes (-1, -1) and are in no unit. The graph kept in `knn/` and the recall and
-hubness figures are those of the graph before the drops.
+keep the routes (-1, -1) and are in no unit. The graph kept in `knn/`, the kNN recall and
+(P > 1) the hubness figures are those of the graph before the drops.
 
 Both end with the routes files and `units.npy` of `pipelines.split_data`.
 """
