@@ -138,6 +138,66 @@ def short_document_corpus(corpus: Path, out: Path, piece_chars: int, keep_every:
     return target
 
 
+def _edited_copy(text: str, rng) -> str:
+    """A near-copy of `text`: about 1% of its words replaced by other words of the text and,
+    for half of the copies, two of its line blocks swapped (the edits of a changelog or a
+    re-released page; the 5-word-shingle Jaccard of the pair stays near 0.9)."""
+    import re
+
+    words = list(re.finditer(r"\w+", text))
+    if len(words) < 2:
+        return text + "\n"
+    pieces, last = [], 0
+    edits = set(rng.choice(len(words), size=max(1, len(words) // 100), replace=False).tolist())
+    for i, match in enumerate(words):
+        if i in edits:
+            pieces += [text[last:match.start()], words[int(rng.integers(len(words)))].group()]
+            last = match.end()
+    copy = "".join(pieces) + text[last:]
+    lines = copy.split("\n")
+    if len(lines) >= 4 and rng.random() < 0.5:
+        half = len(lines) // 2
+        lines = lines[half:] + lines[:half]
+    return "\n".join(lines)
+
+
+def planted_copies_corpus(corpus: Path, out: Path, fraction: float, seed: int = 0) -> Path:
+    """A copy of the corpus where a seeded `fraction` of the training documents (by id hash)
+    gain one edited near-copy (`_edited_copy`), appended at the end of the file as a new
+    document of the same domain; the held-out split is copied unchanged. This plants the
+    condition issue 14 measured on Debian text (13% of documents with a near-copy) into a
+    corpus that has none, so the dedup axis has something to remove.
+    """
+    import hashlib
+
+    import numpy as np
+    import zstandard
+
+    target = out / "planted"
+    done = target / "_DONE"
+    if done.exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "heldout.jsonl.zst").write_bytes((corpus / "heldout.jsonl.zst").read_bytes())
+    with open(corpus / "train.jsonl.zst", "rb") as f:
+        lines = zstandard.ZstdDecompressor().stream_reader(f).read().decode("utf-8").splitlines()
+    copies = []
+    for line in lines:
+        record = json.loads(line)
+        digest = int(hashlib.sha256(f"{seed}:{record['id']}".encode()).hexdigest(), 16)
+        if (digest % 10_000) < fraction * 10_000:
+            rng = np.random.default_rng(digest % 2**63)
+            copies.append(json.dumps({"id": f"{record['id']}-copy", "text": _edited_copy(record["text"], rng),
+                                      DOMAINS_FIELD: record[DOMAINS_FIELD]}))
+    data = "\n".join([*lines, *copies]) + "\n"
+    (target / "train.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data.encode()))
+    (target / "planted.json").write_text(json.dumps({"documents": len(lines), "copies": len(copies),
+                                                     "fraction": fraction, "seed": seed}))
+    log(f"planted {len(copies)} near-copies into {len(lines)} training documents")
+    done.write_text("")
+    return target
+
+
 def build_corpora(corpus: Path, out: Path, preset: Preset) -> tuple[dict[str, Path], dict[str, dict]]:
     """The training corpora the runs need and the held-out corpora (cached).
 
@@ -316,6 +376,8 @@ def main() -> None:
     parser.add_argument("--piece-chars", type=int, default=0,
                         help="cut documents into pieces of about this many characters first (0: off)")
     parser.add_argument("--keep-every", type=int, default=1, help="with --piece-chars: keep every k-th document")
+    parser.add_argument("--plant-copies", type=float, default=0.0,
+                        help="give this share of the training documents one edited near-copy first (0: off)")
     parser.add_argument("--runs", default=None, help="comma-separated run names to train (default: all)")
     parser.add_argument("--dedup", action="store_true",
                         help="add the near-dedup axis: dense and lory-8E on both orders of the deduplicated corpus")
@@ -343,12 +405,18 @@ def main() -> None:
         preset.runs = [run for run in preset.runs if run[0] in wanted]
     if args.piece_chars:
         corpus = short_document_corpus(corpus, out, args.piece_chars, args.keep_every)
+    if args.plant_copies:
+        corpus = planted_copies_corpus(corpus, out, args.plant_copies)
     folders, corpus_counts = build_corpora(corpus, out, preset)
+    planted = json.loads((corpus / "planted.json").read_text()) if args.plant_copies else None
     run_dirs = {(name, seed): train_run(name, folders[order], ffn, preset, out, seed)
                 for name, order, ffn, _ in preset.runs for seed in seeds}
     references = {name: reference for name, _, _, reference in preset.runs}
     results, by_seed, texts = {}, {}, []
     rate = near_duplicate_rate(corpus_counts)
+    if planted:
+        texts.append(f"planted: {planted['copies']} edited near-copies added to {planted['documents']} training "
+                     f"documents ({100 * planted['copies'] / max(1, planted['documents']):.1f}%)")
     if rate:
         texts.append(f"near-duplicates in the training split: {rate}")
     for heldout in ("heldout-similarity", "heldout-random"):
@@ -369,7 +437,7 @@ def main() -> None:
     analysis = analyse(run_dirs, folders["heldout-similarity"], out)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "eval": results,
-                                                   "eval_by_seed": by_seed, "near_duplicates": rate,
+                                                   "eval_by_seed": by_seed, "near_duplicates": rate, "planted": planted,
                                                    "analysis": analysis}, indent=2, default=_json_default))
     print(text)
     for name, summary in analysis.items():
