@@ -18,6 +18,9 @@ relative to the dense run trained on the same corpus), writes
 `results.json`, `table.md`, `loss_curves.png`, and the routing analysis of both lory runs
 (heatmaps + JSON) under `--out`.
 
+`--plant-copies 0.13` first gives 13% of the training documents one edited near-copy each (the
+dev corpus has none, so without it the dedup axis has nothing to remove).
+
 `--seeds 0,1` trains every run once per seed and adds a table of the overall held-out
 perplexity as mean ± standard deviation over the seeds (training corpus × model).
 
