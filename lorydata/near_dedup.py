@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lorydata.minhash import MinHashConfig, MinHasher, is_empty
+from lorydata.minhash import MinHashConfig, MinHasher, estimated_jaccard, is_empty
 
 # Buckets up to this size are verified pair by pair (one vectorised m × m comparison).
 PAIRWISE_LIMIT = 256
@@ -93,7 +93,7 @@ def bucket_pairs(signatures: np.ndarray, threshold: float, pairwise_limit: int =
     return pairs
 
 
-class _UnionFind:
+class UnionFind:
     """Disjoint sets over hashable keys, with path halving."""
 
     def __init__(self):
@@ -107,10 +107,13 @@ class _UnionFind:
             x = parent[x]
         return x
 
-    def union(self, a, b) -> None:
+    def union(self, a, b) -> bool:
+        """Join the sets of `a` and `b` (the smaller root stays); False when they were one."""
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+        if ra == rb:
+            return False
+        self.parent[max(ra, rb)] = min(ra, rb)
+        return True
 
 
 def _keeper_order(ref: DocRef) -> tuple[int, str]:
@@ -126,7 +129,7 @@ def group_duplicates(pairs: Iterable[tuple[DocRef, DocRef]]) -> list[NearDuplica
     Returns:
         The dropped documents, sorted by key, each with its group's keeper.
     """
-    sets = _UnionFind()
+    sets = UnionFind()
     refs: dict[str, DocRef] = {}
     for a, b in pairs:
         refs[a.key], refs[b.key] = a, b
@@ -192,6 +195,46 @@ def find_near_duplicates(docs: Sequence[tuple[DocRef, str]], config: MinHashConf
     return group_duplicates((a, b) for a, b, _ in verified_pairs(refs, signatures, config, pairwise_limit))
 
 
+def edges_above(neighbors: np.ndarray, similarities: np.ndarray, cos: float) -> np.ndarray:
+    """The distinct undirected kNN graph edges at cosine ≥ `cos`.
+
+    Args:
+        neighbors: (N, k) neighbour ids of a `KnnGraph` (-1 pads).
+        similarities: (N, k) cosine similarities.
+        cos: minimum cosine of an edge.
+
+    Returns:
+        (E, 2) int64 rows (i, j) with i < j, sorted, each edge once.
+    """
+    rows, cols = np.nonzero((similarities >= cos) & (neighbors >= 0))
+    targets = neighbors[rows, cols]
+    lo, hi = np.minimum(rows, targets), np.maximum(rows, targets)
+    keep = lo != hi
+    return np.unique(np.stack([lo[keep], hi[keep]], axis=1).astype(np.int64), axis=0)
+
+
+def confirmed_pairs(edges: np.ndarray, signatures: np.ndarray,
+                    confirm_jaccard: float = SEMANTIC_CONFIRM_JACCARD) -> list[tuple[int, int, float]]:
+    """The edges whose documents' MinHash signatures confirm them.
+
+    Args:
+        edges: (E, 2) document pairs (`edges_above`).
+        signatures: (N, num_perm) uint32 MinHash signatures (`MinHasher.signature_or_empty`).
+        confirm_jaccard: minimum estimated Jaccard of the pair's signatures; an edge whose
+            documents share less text (same boilerplate, different bodies) is not confirmed.
+
+    Returns:
+        (i, j, estimated Jaccard) of every confirmed edge, in the order of `edges`.
+    """
+    if len(edges) == 0:
+        return []
+    left, right = signatures[edges[:, 0]], signatures[edges[:, 1]]
+    agree = (left == right).mean(axis=1)
+    # A text without words has the empty signature: it never confirms a pair.
+    confirmed = (agree >= confirm_jaccard) & ~is_empty(left) & ~is_empty(right)
+    return [(int(i), int(j), float(a)) for (i, j), a in zip(edges[confirmed], agree[confirmed], strict=True)]
+
+
 def semantic_pairs(neighbors: np.ndarray, similarities: np.ndarray, signatures: np.ndarray, cos: float,
                    confirm_jaccard: float = SEMANTIC_CONFIRM_JACCARD) -> list[tuple[int, int, float]]:
     """kNN graph edges that are semantic duplicates: cosine ≥ `cos` and MinHash-confirmed.
@@ -202,26 +245,12 @@ def semantic_pairs(neighbors: np.ndarray, similarities: np.ndarray, signatures: 
         signatures: (N, num_perm) uint32 MinHash signatures of the same documents
             (`MinHasher.signature_or_empty`).
         cos: minimum cosine of a duplicate edge.
-        confirm_jaccard: minimum estimated Jaccard of the pair's signatures; an edge whose
-            documents share less text (same boilerplate, different bodies) is kept.
+        confirm_jaccard: see `confirmed_pairs`.
 
     Returns:
         (i, j, estimated Jaccard) with i < j, each pair once.
     """
-    rows, cols = np.nonzero((similarities >= cos) & (neighbors >= 0))
-    if len(rows) == 0:
-        return []
-    targets = neighbors[rows, cols]
-    lo, hi = np.minimum(rows, targets), np.maximum(rows, targets)
-    keep = lo != hi
-    edges = np.unique(np.stack([lo[keep], hi[keep]], axis=1), axis=0)
-    if len(edges) == 0:
-        return []
-    left, right = signatures[edges[:, 0]], signatures[edges[:, 1]]
-    agree = (left == right).mean(axis=1)
-    # A text without words has the empty signature: it never confirms a pair.
-    confirmed = (agree >= confirm_jaccard) & ~is_empty(left) & ~is_empty(right)
-    return [(int(i), int(j), float(a)) for (i, j), a in zip(edges[confirmed], agree[confirmed], strict=True)]
+    return confirmed_pairs(edges_above(neighbors, similarities, cos), signatures, confirm_jaccard)
 
 
 @dataclass(frozen=True)
@@ -283,10 +312,8 @@ def semantic_duplicates(neighbors: np.ndarray, similarities: np.ndarray, signatu
     Returns:
         The drops (sorted by key, as `group_duplicates`) and the counts behind them.
     """
-    rows, cols = np.nonzero((similarities >= cos) & (neighbors >= 0))
-    targets = neighbors[rows, cols]
-    distinct = {(min(a, b), max(a, b)) for a, b in zip(rows.tolist(), targets.tolist(), strict=True) if a != b}
-    pairs = semantic_pairs(neighbors, similarities, signatures, cos, confirm_jaccard)
+    edges = edges_above(neighbors, similarities, cos)
+    pairs = confirmed_pairs(edges, signatures, confirm_jaccard)
     row_of = {ref.key: i for i, ref in enumerate(refs)}
     grouped = group_duplicates((refs[i], refs[j]) for i, j, _ in pairs)
     drops = []
@@ -294,5 +321,5 @@ def semantic_duplicates(neighbors: np.ndarray, similarities: np.ndarray, signatu
         i, k = row_of[d.dropped.key], row_of[d.kept.key]
         a, b = embeddings[i].astype(np.float64), embeddings[k].astype(np.float64)
         cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-        drops.append(SemanticDrop(i, k, d.group_size, cosine, float((signatures[i] == signatures[k]).mean())))
-    return SemanticDedup(drops, len(distinct), len(pairs), len({d.kept for d in drops}))
+        drops.append(SemanticDrop(i, k, d.group_size, cosine, estimated_jaccard(signatures[i], signatures[k])))
+    return SemanticDedup(drops, len(edges), len(pairs), len({d.kept for d in drops}))

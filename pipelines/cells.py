@@ -28,6 +28,14 @@ import numpy as np
 from lorydata.shuffle import mix64
 from pipelines import fileio
 from pipelines.embed_stage import embeddings_file
+from pipelines.semantic_dedup import (
+    COLUMNS,
+    DEAD_LETTERS,
+    SemanticFilter,
+    drops_in,
+    load_signatures,
+    write_dead_letters,
+)
 from pipelines.split_data import (
     empty_routes,
     hash_keys,
@@ -123,8 +131,6 @@ class AssignCellsFn(beam.DoFn):
         bucket = _bucket_of_file(path)
         carried = {}
         if self.semantic:
-            from pipelines.semantic_dedup import load_signatures
-
             carried = load_signatures(self.order_dir, [path])  # row-aligned with `rows`
         for cell in np.unique(cells):
             members = np.flatnonzero(cells == cell)
@@ -169,8 +175,6 @@ class OrderCellFn(beam.DoFn):
         config = dataclasses.replace(self.knn_config, index=index_for(self.knn_config.index, len(x)))
         semantic = None
         if self.semantic is not None:
-            from pipelines.semantic_dedup import COLUMNS, SemanticFilter
-
             semantic = SemanticFilter({c: np.concatenate([p[c] for p in loaded]) for c in COLUMNS}, *self.semantic)
         result = order_cell(x, config, self.walk_config, token_lengths=lengths, stream_start=0, keep=semantic)
         position = np.full(len(x), -1, np.int64)  # -1: dropped by semantic dedup
@@ -183,7 +187,7 @@ class OrderCellFn(beam.DoFn):
             on = position[start:end] >= 0
             target = fileio.join(self.order_dir, CELL_ROUTES, bucket, cell_name(cell))
             fileio.save_npy(f"{target}.npy", np.stack([part["rows"][on], position[start:end][on]], axis=1))
-            here = [{**drops[i], "row": int(part["rows"][i - start])} for i in range(start, end) if i in drops]
+            here = drops_in(drops, start, part["rows"])
             if here:
                 fileio.save_json(f"{target}.drops.json", here)
             start = end
@@ -227,8 +231,6 @@ class MergeRoutesFn(beam.DoFn):
         fileio.save_npy(routes_file(self.order_dir, path), routes)
         drop_files = fileio.match(fileio.join(self.order_dir, CELL_ROUTES, bucket, "c*.drops.json"))
         if drop_files:
-            from pipelines.semantic_dedup import DEAD_LETTERS, write_dead_letters
-
             drops = [d for f in drop_files for d in fileio.load_json(f)]
             write_dead_letters(path, drops, fileio.join(self.order_dir, DEAD_LETTERS), self.split)
         yield bucket

@@ -46,7 +46,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.minhash import MinHashConfig, MinHasher
-from lorydata.near_dedup import PAIRWISE_LIMIT, DocRef, bucket_pairs, group_duplicates
+from lorydata.near_dedup import PAIRWISE_LIMIT, DocRef, UnionFind, bucket_pairs, group_duplicates
 from pipelines import fileio
 from pipelines.options import BuildOptions
 from pipelines.transforms import count, run_each, run_steps
@@ -171,23 +171,14 @@ class VerifyBucketFn(beam.DoFn):
         lines = []
         for start, end in shared:
             count("near_dedup.candidate_pairs", (end - start) * (end - start - 1) // 2)
-            parent = list(range(end - start))
+            sets = UnionFind()
             for i, j, _ in bucket_pairs(signatures[start:end], self.threshold, self.pairwise_limit):
-                ri, rj = _root(parent, i), _root(parent, j)
-                if ri == rj:
+                if not sets.union(i, j):
                     continue  # already connected within this band key: the edge adds nothing
-                parent[max(ri, rj)] = min(ri, rj)
                 lines.append(json.dumps([[c[start + i] for c in columns], [c[start + j] for c in columns]]) + "\n")
         count("near_dedup.edges", len(lines))
         if lines:
             fileio.write_bytes(fileio.join(self.folder, EDGES, _lsh_name(bucket) + ".jsonl"), "".join(lines).encode())
-
-
-def _root(parent: list[int], x: int) -> int:
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x
 
 
 class ApplyDropsFn(beam.DoFn):

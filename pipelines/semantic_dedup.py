@@ -138,6 +138,17 @@ def summary(options: BuildOptions, counts: list[dict]) -> dict:
             **{k: sum(int(c.get(k, 0)) for c in counts) for k in keys}}
 
 
+def drops_in(drops: dict[int, dict], start: int, rows: np.ndarray) -> list[dict]:
+    """The drop records of one documents file, with their row in it.
+
+    Args:
+        drops: `SemanticFilter.records` keyed by graph index.
+        start: graph index of the file's first document.
+        rows: the file's rows of those documents, in graph order.
+    """
+    return [{**drops[i], "row": int(rows[i - start])} for i in range(start, start + len(rows)) if i in drops]
+
+
 def write_dead_letters(path: str, drops: list[dict], dead_folder: str, split: str) -> None:
     """`semantic_duplicate` dead letters of one documents file.
 

@@ -181,10 +181,9 @@ def _global_order(options: BuildOptions, documents_dir: str, embeddings_dir: str
         routes[rows[on], 0], routes[rows[on], 1] = unit_at[mine[on]], mine[on]
         fileio.save_npy(split_data.routes_file(out, path), routes)
         if drops:
-            from pipelines.semantic_dedup import DEAD_LETTERS, write_dead_letters
+            from pipelines.semantic_dedup import DEAD_LETTERS, drops_in, write_dead_letters
 
-            here = [{**drops[i], "row": int(rows[i - start])} for i in range(start, start + len(rows)) if i in drops]
-            write_dead_letters(path, here, fileio.join(out, DEAD_LETTERS), split)
+            write_dead_letters(path, drops_in(drops, start, rows), fileio.join(out, DEAD_LETTERS), split)
         start += len(rows)
     fileio.save_npy(fileio.join(out, UNITS), unit_counts(unit_at, lengths[order], len(cuts)))
     info = {"method": "similarity", "seed": options.seed, "metrics": metrics, "walk": result.stats,
