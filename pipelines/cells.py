@@ -56,10 +56,6 @@ def cell_name(cell: int) -> str:
     return f"c{cell:06d}"
 
 
-def _bucket_of_file(path: str) -> str:
-    return path.rsplit("/", 1)[-1].removesuffix(".parquet")
-
-
 def unit_counts(units: np.ndarray, lengths: np.ndarray, n_units: int) -> np.ndarray:
     """(n_units, 2) documents and tokens (EOS included) per unit."""
     out = np.zeros((n_units, 2), np.int64)
@@ -93,7 +89,7 @@ class RandomRoutesFn(beam.DoFn):
         routes[rows, 1] = (keys >> np.uint64(1)).astype(np.int64)
         fileio.save_npy(routes_file(self.order_dir, path), routes)
         lengths = token_lengths(table.take(rows))
-        fileio.save_npy(fileio.join(self.order_dir, UNIT_COUNTS, f"{_bucket_of_file(path)}.npy"),
+        fileio.save_npy(fileio.join(self.order_dir, UNIT_COUNTS, f"{fileio.stem(path)}.npy"),
                         unit_counts(unit, lengths, self.units))
         yield len(rows)
 
@@ -128,7 +124,7 @@ class AssignCellsFn(beam.DoFn):
         lengths = token_lengths(table.take(rows))
         query = sampled(table.column("content_hash").take(rows), self.recall_fraction, self.seed)
         cells = np.argmax(x @ self.centroids.T, axis=1) if len(x) else np.zeros(0, np.int64)
-        bucket = _bucket_of_file(path)
+        bucket = fileio.stem(path)
         carried = {}
         if self.semantic:
             carried = load_signatures(self.order_dir, [path])  # row-aligned with `rows`
@@ -183,7 +179,7 @@ class OrderCellFn(beam.DoFn):
         start = 0
         for path, part in zip(parts, loaded, strict=True):
             end = start + len(part["rows"])
-            bucket = path.rsplit("/", 1)[-1].removesuffix(".npz")
+            bucket = fileio.stem(path)
             on = position[start:end] >= 0
             target = fileio.join(self.order_dir, CELL_ROUTES, bucket, cell_name(cell))
             fileio.save_npy(f"{target}.npy", np.stack([part["rows"][on], position[start:end][on]], axis=1))
@@ -222,7 +218,7 @@ class MergeRoutesFn(beam.DoFn):
     def process(self, path: str):
         table = fileio.read_table(path, ["split"])
         routes = empty_routes(table.num_rows)
-        bucket = _bucket_of_file(path)
+        bucket = fileio.stem(path)
         for part in fileio.match(fileio.join(self.order_dir, CELL_ROUTES, bucket, "c*.npy")):
             cell = int(part.rsplit("/c", 1)[1].removesuffix(".npy"))
             pairs = fileio.load_npy(part)

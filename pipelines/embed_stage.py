@@ -40,7 +40,7 @@ def embedder_config(options: BuildOptions):
 
 def embeddings_file(embeddings_dir: str, documents_file: str) -> str:
     """The `.npy` of a documents bucket file."""
-    return fileio.join(str(embeddings_dir), documents_file.rsplit("/", 1)[-1].replace(".parquet", ".npy"))
+    return fileio.join(str(embeddings_dir), f"{fileio.stem(documents_file)}.npy")
 
 
 class _Model:

@@ -25,6 +25,12 @@ def join(base: str, *parts: str) -> str:
     return FileSystems.join(str(base), *parts)
 
 
+def stem(path: str) -> str:
+    """The file name without its folder and extension: `.../b00012.parquet` → `b00012` (bucket
+    and cell files are named after the documents file they belong to)."""
+    return str(path).rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file beside it, then rename)."""
     tmp = f"{path}.inprogress"

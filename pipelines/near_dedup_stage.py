@@ -75,10 +75,6 @@ def band_schema(num_perm: int) -> pa.Schema:
                       ("file", pa.string()), ("signature", pa.list_(pa.uint32(), num_perm))])
 
 
-def _stem(path: str) -> str:
-    return posixpath.basename(path).rsplit(".", 1)[0]
-
-
 def _lsh_name(bucket: int) -> str:
     return f"l{bucket:05d}"
 
@@ -99,7 +95,7 @@ class SignFileFn(beam.DoFn):
         self.hasher = MinHasher(self.config)
 
     def process(self, path: str):
-        stem, part, pending = _stem(path), 0, []
+        stem, part, pending = fileio.stem(path), 0, []
         table = fileio.read_table(path, columns=["content_hash", "id", "text"])
         for key, doc_id, text in zip(*(table.column(i).to_pylist() for i in range(3)), strict=True):
             signature = self.hasher.signature(text)
@@ -198,7 +194,7 @@ class ApplyDropsFn(beam.DoFn):
         self.folder, self.dead_folder = folder, dead_folder
 
     def process(self, path: str):
-        stem = _stem(path)
+        stem = fileio.stem(path)
         drops = fileio.load_json(fileio.join(self.folder, DROPS, stem + ".json"))
         table = fileio.read_table(path)
         hashes = table.column("content_hash").to_pylist()
@@ -264,7 +260,7 @@ def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int
         per_file.setdefault(file_of[d.dropped.key], {})[d.dropped.key] = [d.kept.id, d.group_size]
     for stem, drops in per_file.items():
         fileio.save_json(fileio.join(work, DROPS, stem + ".json"), drops)
-    changed = [path for path in files if _stem(path) in per_file]
+    changed = [path for path in files if fileio.stem(path) in per_file]
     changes = run_each(options, "Apply", changed, ApplyDropsFn(work, dead_folder)) if changed else {}
     for path in changed:  # the driver swaps files in only once every one is staged
         staged = fileio.join(work, STAGED, posixpath.basename(path))

@@ -43,12 +43,8 @@ SIGNATURES, DEAD_LETTERS = "signatures", "dead_letters"
 COLUMNS = ("signatures", "chars", "keys", "ids")  # what a cell file carries besides the vectors
 
 
-def _bucket_of(path: str) -> str:
-    return path.rsplit("/", 1)[-1].removesuffix(".parquet").removesuffix(".npz")
-
-
 def signatures_file(order_dir: str, documents_file: str) -> str:
-    return fileio.join(order_dir, SIGNATURES, f"{_bucket_of(documents_file)}.npz")
+    return fileio.join(order_dir, SIGNATURES, f"{fileio.stem(documents_file)}.npz")
 
 
 class SignSplitFn(beam.DoFn):
@@ -169,5 +165,5 @@ def write_dead_letters(path: str, drops: list[dict], dead_folder: str, split: st
                    f"{d['jaccard']:.3f}, the document kept of a group of {d['group']}", text[:200])
         for d, source, line, text in zip(drops, sources, lines, texts, strict=True)
     ]
-    fileio.write_bytes(fileio.join(dead_folder, f"semantic_dedup-{split}-{_bucket_of(path)}.jsonl"),
+    fileio.write_bytes(fileio.join(dead_folder, f"semantic_dedup-{split}-{fileio.stem(path)}.jsonl"),
                        "".join(letter.to_json() + "\n" for letter in letters).encode())

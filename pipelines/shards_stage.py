@@ -68,7 +68,7 @@ class RouteTokensFn(beam.DoFn):
             return
         table = fileio.read_table(path, ["tokens", "domain"]).take(mine)
         units, keys = routes[mine, 0], routes[mine, 1]
-        bucket = path.rsplit("/", 1)[-1].removesuffix(".parquet")
+        bucket = fileio.stem(path)
         for unit in np.unique(units):
             rows = np.flatnonzero(units == unit)
             part = pa.table({"key": keys[rows], "tokens": table.column("tokens").take(rows),

@@ -52,7 +52,7 @@ def split_rows(table: pa.Table, split: str) -> np.ndarray:
 
 
 def routes_file(order_dir: str, documents_file: str) -> str:
-    return fileio.join(str(order_dir), ROUTES, documents_file.rsplit("/", 1)[-1].replace(".parquet", ".npy"))
+    return fileio.join(str(order_dir), ROUTES, f"{fileio.stem(documents_file)}.npy")
 
 
 def empty_routes(rows: int) -> np.ndarray:
