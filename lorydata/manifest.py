@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorydata.errors import ShardError
+from lorydata.hashing import bytes_sha256
 
 FORMAT_NAME = "lory-shards"
 FORMAT_VERSION = 1
@@ -26,6 +27,11 @@ class ShardInfo:
     rows: int
     bytes: int
     sha256: str
+
+    @classmethod
+    def of(cls, name: str, data: bytes, rows: int) -> ShardInfo:
+        """The entry of a shard whose file `name` holds `data` (`rows` sequences)."""
+        return cls(file=name, rows=rows, bytes=len(data), sha256=bytes_sha256(data))
 
 
 @dataclass

@@ -12,7 +12,6 @@ Any Arrow reader (pyarrow, Hugging Face datasets, polars, DuckDB) opens the file
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -72,7 +71,7 @@ def write_shard(table: pa.Table, folder: str | Path, name: str) -> ShardInfo:
     """Write one shard atomically and return its manifest entry."""
     data = table_to_ipc_bytes(table)
     atomic_write_bytes(Path(folder) / name, data)
-    return ShardInfo(file=name, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return ShardInfo.of(name, data, table.num_rows)
 
 
 def shard_name(index: int, prefix: str = "shard") -> str:

@@ -7,7 +7,6 @@ ids) goes into every manifest, and readers compare it before use.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lorydata.errors import LoryDataError
+from lorydata.hashing import file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -37,14 +37,6 @@ class TokenizerIdentity:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _resolve(path: str | Path) -> Path:
@@ -70,7 +62,7 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise LoryDataError(f"cannot load tokenizer {self.path}: {exc}") from None
-        self.sha256 = _sha256_file(self.path)
+        self.sha256 = file_sha256(self.path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_special(_EOS_CANDIDATES, "EOS")
         pad = self._find_special(_PAD_CANDIDATES, "pad", required=False)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorydata.errors import ShardError
+from lorydata.hashing import file_sha256
 from lorydata.manifest import Manifest
 from lorydata.shards import read_shard
 
@@ -40,14 +40,6 @@ class VerifyReport:
         return {"folder": self.folder, "ok": self.ok, "shards": [asdict(c) for c in self.checks]}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_shard(folder: Path, entry, seq_len: int) -> ShardCheck:
     """Check existence, size, sha256, schema and row count of one shard."""
     path = folder / entry.file
@@ -56,7 +48,7 @@ def check_shard(folder: Path, entry, seq_len: int) -> ShardCheck:
     size = path.stat().st_size
     if size != entry.bytes:
         return ShardCheck(entry.file, False, error=f"size {size} bytes, manifest says {entry.bytes} (truncated?)")
-    if _sha256(path) != entry.sha256:
+    if file_sha256(path) != entry.sha256:
         return ShardCheck(entry.file, False, error="sha256 does not match the manifest (corrupted)")
     try:
         table = read_shard(path, seq_len)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lorydata.dataset import ShardDataset
-from lorytrain.training.agreement import max_over_ranks
+from lorytrain.agreement import max_over_ranks
 
 UNKNOWN_DOMAIN = "(unknown)"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from lorytrain.training.checkpoint import (
     verify_checkpoint,
 )
 from lorytrain.training.model_setup import empty_model
+from lorytrain.training.run_folder import RUN_TOKENIZER
 
-RUN_TOKENIZER = "tokenizer.json"
 # What reading a run's model needs of a checkpoint (state.json is checked by reading it).
 MODEL_FILES = (MODEL_FILE,)
 log = logging.getLogger("lory")
@@ -45,26 +44,6 @@ class LoadedRun:
     @property
     def tokenizer_sha256(self) -> str | None:
         return self.state.get("tokenizer", {}).get("sha256")
-
-
-def keep_tokenizer(run_dir: str | Path, tokenizer: dict) -> Path | None:
-    """Copy the shards' tokenizer into the run folder, so the run can be decoded on its own.
-
-    Returns the copy, or None when the tokenizer file recorded in the manifest is gone.
-    """
-    target = Path(run_dir) / RUN_TOKENIZER
-    if target.exists():
-        return target
-    source = Path(tokenizer.get("path", ""))
-    if source.is_dir():
-        source = source / RUN_TOKENIZER
-    if not source.is_file():
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    shutil.copyfile(source, tmp)
-    tmp.rename(target)
-    return target
 
 
 def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:

@@ -136,8 +136,6 @@ class AssembleShardFn(beam.DoFn):
         self.total, self.rows_per_shard, self.seed = total, rows_per_shard, seed
 
     def process(self, shard: int, after=None):
-        import hashlib
-
         parts = fileio.match(fileio.join(self.scratch, "parts", f"s{shard:05d}", "*.arrow"))
         tables = [pa.ipc.open_file(pa.BufferReader(fileio.read_bytes(p))).read_all() for p in parts]
         table = pa.concat_tables(tables)
@@ -149,7 +147,7 @@ class AssembleShardFn(beam.DoFn):
         data = table_to_ipc_bytes(table)
         name = shard_name(shard)
         fileio.write_bytes(fileio.join(self.folder, name), data)
-        info = ShardInfo(file=name, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        info = ShardInfo.of(name, data, table.num_rows)
         fileio.save_json(fileio.join(self.scratch, "shardinfo", f"s{shard:05d}.json"), info.__dict__)
         yield shard
 

@@ -24,11 +24,12 @@ from torch import nn
 from lorytrain.model.config import ModelConfig
 from lorytrain.model.dispatch import dispatch
 from lorytrain.model.experts import ExpertBank
+from lorytrain.model.moe_layer import MoELayer
 from lorytrain.model.numerics import wide
 from lorytrain.model.routing import FFNContext, RoutingStats, SegmentRouting, capacity, segment_mean
 
 
-class ExpertChoiceMoE(nn.Module):
+class ExpertChoiceMoE(MoELayer):
     """Expert choice with capacity factor c and a threshold rule at inference.
 
     Args:
@@ -47,15 +48,8 @@ class ExpertChoiceMoE(nn.Module):
         self.experts = ExpertBank(config.n_experts, config.d_model, config.ffn_dim)
         # uniform scores sit at 1/E; training moves each threshold to its capacity quantile
         self.register_buffer("threshold", torch.full((config.n_experts,), 1.0 / config.n_experts))
-        self.last_stats: RoutingStats | None = None
-        self.last_aux: dict[str, torch.Tensor] = {}
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.init_routing(std)
-        self.experts.reset_parameters(std, out_std)
 
     def init_routing(self, std: float) -> None:
-        """Initialise everything but the experts (what upcycling starts fresh)."""
         if self.level == "segment":
             self.routing.init_weights(std)
         else:

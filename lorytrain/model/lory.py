@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lorytrain.model.config import ModelConfig
 from lorytrain.model.experts import ExpertBank, ExpertPool
+from lorytrain.model.moe_layer import MoELayer
 from lorytrain.model.routing import FFNContext, RoutingStats, SegmentRouting
 from lorytrain.model.swiglu import DOWN, GATE, UP, glu, merged_swiglu
 
 
-class LoryMoE(nn.Module):
+class LoryMoE(MoELayer):
     """Causal segment routing + soft merging of E SwiGLU experts.
 
     Args:
@@ -33,15 +33,8 @@ class LoryMoE(nn.Module):
         self.routing = SegmentRouting(config.d_model, config.n_experts, config.segment_len, rule, config.first_segment)
         self.experts = ExpertBank(config.n_experts, config.d_model, config.ffn_dim, pool)
         self.merge_chunk, self.merge_tile = config.merge_chunk, config.merge_tile
-        self.last_stats: RoutingStats | None = None
-        self.last_aux: dict[str, torch.Tensor] = {}
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.init_routing(std)
-        self.experts.reset_parameters(std, out_std)
 
     def init_routing(self, std: float) -> None:
-        """Initialise everything but the experts (what upcycling starts fresh)."""
         self.routing.init_weights(std)
 
     def forward(self, x: torch.Tensor, ctx: FFNContext, state: dict | None = None) -> torch.Tensor:

@@ -9,11 +9,12 @@ from torch import nn
 from lorytrain.model.config import ModelConfig
 from lorytrain.model.dispatch import dispatch
 from lorytrain.model.experts import ExpertBank, ExpertPool
+from lorytrain.model.moe_layer import MoELayer
 from lorytrain.model.numerics import wide
 from lorytrain.model.routing import FFNContext, RoutingStats, segment_mean
 
 
-class TopKMoE(nn.Module):
+class TopKMoE(MoELayer):
     """Each token picks its top-k experts by softmax router probability; no capacity limit.
 
     k = 1 weights the expert's output by its probability p (Switch), k > 1 by the top-k
@@ -33,15 +34,8 @@ class TopKMoE(nn.Module):
         self.experts = ExpertBank(config.n_experts, config.d_model, config.ffn_dim, pool)
         self.top_k, self.segment_len = config.top_k, config.segment_len
         self.balance_weight, self.z_weight = config.balance_loss_weight, config.z_loss_weight
-        self.last_stats: RoutingStats | None = None
-        self.last_aux: dict[str, torch.Tensor] = {}
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.init_routing(std)
-        self.experts.reset_parameters(std, out_std)
 
     def init_routing(self, std: float) -> None:
-        """Initialise everything but the experts (what upcycling starts fresh)."""
         nn.init.normal_(self.router.weight, std=std)
 
     def forward(self, x: torch.Tensor, ctx: FFNContext | None = None, state: dict | None = None) -> torch.Tensor:

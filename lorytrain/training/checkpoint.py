@@ -18,7 +18,6 @@ checkpoint when the newest is damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,9 +36,10 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from lorydata.hashing import file_sha256
 from lorydata.manifest import atomic_write_bytes, fsync_dir
+from lorytrain.agreement import any_rank, from_main
 from lorytrain.errors import LoryTrainError
-from lorytrain.training.agreement import any_rank, from_main
 from lorytrain.training.distributed import load_full_optimizer_state, unwrap
 from lorytrain.training.rng import rng_state, set_rng_state
 
@@ -60,16 +60,11 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()), reverse=True)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _sha256_all(paths: list[Path]) -> list[str]:
     # one thread per file: hashlib releases the GIL, so the weights and every rank's
     # optimizer shard hash in parallel
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_sha256, paths))
+        return list(pool.map(file_sha256, paths))
 
 
 def _file_records(folder: Path) -> dict[str, dict]:

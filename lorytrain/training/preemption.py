@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 
-from lorytrain.training.agreement import any_rank
+from lorytrain.agreement import any_rank
 
 # EX_TEMPFAIL of sysexits.h: "temporary failure, the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75

@@ -25,7 +25,6 @@ from lorydata.errors import ShardError
 from lorydata.manifest import Manifest
 from lorytrain.errors import LoryTrainError
 from lorytrain.evaluation import evaluate, loss_pad_id
-from lorytrain.runs import keep_tokenizer
 from lorytrain.training import model_setup
 from lorytrain.training.checkpoint import (
     checkpoint_dirs,
@@ -50,6 +49,7 @@ from lorytrain.training.distributed import (
 )
 from lorytrain.training.metrics_log import MetricsLog
 from lorytrain.training.preemption import Preempted, PreemptionGuard
+from lorytrain.training.run_folder import keep_tokenizer
 from lorytrain.training.schedule import lr_at, warmup_steps
 
 
