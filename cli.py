@@ -259,51 +259,62 @@ def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
 
 # ---- data half -------------------------------------------------------------------------
+def _build_option(*decls: str, help: str = "", **kwargs):
+    """A build-corpus option whose default is `BuildOptions`' own: click passes None for an
+    option not given, and the dataclass fills it in, so the two never drift."""
+    from pipelines.options import BuildOptions  # imports no Beam: cheap at start-up
+
+    name = decls[0].removeprefix("--").replace("-", "_")
+    default = BuildOptions.default(name)
+    shown = f"[default: {default}]" if default is not None else ""
+    return click.option(*decls, default=None, help=f"{help} {shown}".strip(), **kwargs)
+
+
 @lory.command("build-corpus", context_settings={"ignore_unknown_options": True})
 @click.argument("inputs", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
-@click.option("--domain-field", default=None, help="Field holding a domain label.")
-@click.option("--id-field", default=None, help="Field holding a document id (default: content hash).")
-@click.option("--tokenizer", default=None, help="tokenizer.json or folder (default: the bundled BPE-8192).")
-@click.option("--seq-len", default=4096, show_default=True, type=int, help="Tokens per sequence.")
-@click.option("--tail", default="drop", show_default=True, type=click.Choice(["drop", "pad"]),
+@_build_option("--text-field", help="Field holding the text.")
+@_build_option("--domain-field", help="Field holding a domain label.")
+@_build_option("--id-field", help="Field holding a document id (default: content hash).")
+@_build_option("--tokenizer", help="tokenizer.json or folder (default: the bundled BPE-8192).")
+@_build_option("--seq-len", type=int, help="Tokens per sequence.")
+@_build_option("--tail", type=click.Choice(["drop", "pad"]),
               help="What to do with the last partial sequence.")
-@click.option("--order", default="similarity", show_default=True, type=click.Choice(["similarity", "random"]))
-@click.option("--embedder", default=None, help="sentence-transformers model path/name (default: bundled MiniLM).")
-@click.option("--embed-batch-size", default=64, show_default=True, type=int)
-@click.option("--embed-max-tokens", default=None, type=int, help="Embedder tokens per document.")
-@click.option("--embed-long", default="start", show_default=True, type=click.Choice(["start", "chunk-mean"]),
+@_build_option("--order", type=click.Choice(["similarity", "random"]))
+@_build_option("--embedder", help="sentence-transformers model path/name (default: bundled MiniLM).")
+@_build_option("--embed-batch-size", type=int)
+@_build_option("--embed-max-tokens", type=int, help="Embedder tokens per document.")
+@_build_option("--embed-long", type=click.Choice(["start", "chunk-mean"]),
               help="Embed long documents from their start or as the mean over chunks.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--index", default=None, help="FAISS factory string (default: chosen by corpus size).")
-@click.option("--k", default=20, show_default=True, type=int, help="Neighbours per document.")
-@click.option("--nprobe", default=None, type=int, help="IVF cells to search.")
-@click.option("--partitions", default=1, show_default=True, type=int,
+@_build_option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@_build_option("--index", help="FAISS factory string (default: chosen by corpus size).")
+@_build_option("--k", type=int, help="Neighbours per document.")
+@_build_option("--nprobe", type=int, help="IVF cells to search.")
+@_build_option("--partitions", type=int,
               help="k-means cells walked in parallel (1 = one global walk).")
-@click.option("--heldout-fraction", default=0.0, show_default=True, type=float,
+@_build_option("--heldout-fraction", type=float,
               help="Share of documents (by id hash) written to heldout/.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--rows-per-shard", default=1024, show_default=True, type=int)
-@click.option("--min-chars", default=1, show_default=True, type=int)
-@click.option("--max-chars", default=1_000_000, show_default=True, type=int)
-@click.option("--buckets", default=None, type=int,
+@_build_option("--seed", type=int)
+@_build_option("--rows-per-shard", type=int)
+@_build_option("--min-chars", type=int)
+@_build_option("--max-chars", type=int)
+@_build_option("--buckets", type=int,
               help="Content-hash buckets of the documents stage (default: one per 16 MiB of input).")
 @click.option("--runner", default=None, help="Beam runner (default: in-process FnApiRunner); dask: see --workers.")
 @click.option("--dask-address", default=None, help="With --runner dask: tcp://host:port of a running Dask scheduler.")
 @click.option("--workers", default=None, type=int,
               help="With --runner dask: worker processes of a local Dask cluster (default: one per core).")
-@click.option("--near-dedup", default="on", show_default=True, type=click.Choice(["on", "off"]),
+@_build_option("--near-dedup", type=click.Choice(["on", "off"]),
               help="Drop near-duplicates (MinHash LSH on word shingles) before embedding.")
-@click.option("--near-dedup-threshold", default=0.8, show_default=True, type=float,
+@_build_option("--near-dedup-threshold", type=float,
               help="Estimated Jaccard at or above which two documents are near-duplicates.")
-@click.option("--near-dedup-shingle", default=5, show_default=True, type=int, help="Words per shingle.")
-@click.option("--near-dedup-bands", default=16, show_default=True, type=int, help="LSH bands.")
-@click.option("--near-dedup-rows", default=8, show_default=True, type=int,
+@_build_option("--near-dedup-shingle", type=int, help="Words per shingle.")
+@_build_option("--near-dedup-bands", type=int, help="LSH bands.")
+@_build_option("--near-dedup-rows", type=int,
               help="MinHash values per band (bands × rows = permutations).")
-@click.option("--semantic-dedup", default=None, type=float, metavar="COS",
+@_build_option("--semantic-dedup", type=float, metavar="COS",
               help="Similarity order: drop kNN neighbours at cosine ≥ COS whose MinHash Jaccard confirms them.")
-@click.option("--semantic-dedup-jaccard", default=0.5, show_default=True, type=float,
+@_build_option("--semantic-dedup-jaccard", type=float,
               help="Estimated Jaccard that confirms a --semantic-dedup pair.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs built with other options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
@@ -311,14 +322,15 @@ def build_corpus_cmd(inputs, as_json, runner, dask_address, workers, **kwargs):
     """Build similarity-batched (or random) shards from text dumps INPUT... (files, folders,
     globs). Extra `--flag=value` options are passed to Beam (e.g. --direct_num_workers=2)."""
     from pipelines.build_corpus import build_corpus
-    from pipelines.options import LOCAL_RUNNER, BuildOptions
-    from pipelines.runners import runner_session
+    from pipelines.options import BuildOptions
+    from pipelines.runner.session import LOCAL_RUNNER, runner_session
 
     paths, beam_args = _split_beam_args(inputs)
+    given = {name: value for name, value in kwargs.items() if value is not None}
     console = _console()
     with runner_session(runner, dask_address, workers) as (runner, runner_args):
         options = BuildOptions(inputs=paths, runner=runner or LOCAL_RUNNER, beam_args=[*beam_args, *runner_args],
-                               **kwargs)
+                               **given)
         summary = build_corpus(options, log=console.print)
     _print_build_summary(console, summary)
     if as_json:

@@ -7,7 +7,7 @@ document, bucketing, verification and grouping (`lorydata.near_dedup` blocks, on
 Reference in the same process: bare `SentenceTransformer.encode` of the first
 `--encode-docs` documents (the pipeline's embedder config, weights loaded before the clock
 starts), extrapolated to all documents. With `--beam`, the pipeline's own near-dedup step
-(`pipelines.near_dedup_stage`, three Beam steps on the default runner) is timed on the same
+(`pipelines.documents.near_dedup`, three Beam steps on the default runner) is timed on the same
 documents and the share uses it. The goal is dedup ≤ 10% of the pipeline's wall time;
 since embedding is most of that time, the printed share of the encode time is the stricter
 figure.
@@ -63,9 +63,12 @@ def all_pairs(refs: list[DocRef], signatures: list, threshold: float, block: int
 def time_beam_step(docs: list[dict], threshold: float) -> tuple[float, dict]:
     """Seconds and findings of the pipeline's near-dedup step (Beam, default runner) on the
     documents, after the documents stage has written them (not timed)."""
-    from pipelines.documents_stage import DEAD_LETTERS, bucket_files, run_documents_stage
-    from pipelines.near_dedup_stage import FOLDER, drop_near_duplicates
+    from pipelines import layout
+    from pipelines.build_corpus import documents_config, minhash_config
+    from pipelines.documents import run_documents_stage
+    from pipelines.documents.near_dedup import drop_near_duplicates
     from pipelines.options import BuildOptions
+    from pipelines.runner.beam import BeamRunner
 
     with tempfile.TemporaryDirectory(prefix="bench_near_dedup_") as tmp:
         src, out = Path(tmp) / "docs.jsonl", Path(tmp) / "documents"
@@ -73,10 +76,10 @@ def time_beam_step(docs: list[dict], threshold: float) -> tuple[float, dict]:
         out.mkdir()
         options = BuildOptions(inputs=[str(src)], out=tmp, domain_field="domain", near_dedup="off",
                                near_dedup_threshold=threshold)
-        counts = run_documents_stage(options, [str(src)], None, out)
+        counts = run_documents_stage(documents_config(options, None), BeamRunner(), [str(src)], str(out))
         start = time.perf_counter()
-        info, _ = drop_near_duplicates(options, bucket_files(str(out)), counts["documents_kept"],
-                                       str(out / DEAD_LETTERS), str(out / FOLDER))
+        info, _ = drop_near_duplicates(minhash_config(options), BeamRunner(), layout.documents_files(str(out)),
+                                       counts["documents_kept"], str(out), layout.near_dedup_folder(str(out)))
         return time.perf_counter() - start, info
 
 
@@ -134,7 +137,7 @@ def main(argv=None) -> None:
         dedup_s = beam_s  # the share below is the pipeline step's
     if args.encode_docs:
         from lorydata.embed import Embedder
-        from pipelines.embed_stage import embedder_config
+        from pipelines.build_corpus import embedder_config
         from pipelines.options import BuildOptions
 
         embedder = Embedder(embedder_config(BuildOptions(inputs=[], out="")))

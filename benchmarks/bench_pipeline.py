@@ -80,8 +80,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from lorydata.embed import Embedder
-    from pipelines.build_corpus import build_corpus
-    from pipelines.embed_stage import embedder_config
+    from pipelines.build_corpus import build_corpus, embedder_config
     from pipelines.options import BuildOptions
 
     docs = load_documents(args.input, args.docs)

@@ -127,7 +127,8 @@ def _dimension_from_files(folder: Path) -> int | None:
     return dim
 
 
-def _pick_device(device: str) -> str:
+def pick_device(device: str) -> str:
+    """The torch device for "auto", "cpu" or "cuda"; one line for "cuda" without a GPU."""
     import torch
 
     if device == "auto":
@@ -147,7 +148,7 @@ class Embedder:
     def __init__(self, config: EmbedderConfig | None = None):
         self.config = config or EmbedderConfig()
         self.name, self.source = resolve_model(self.config.model)
-        self.device = _pick_device(self.config.device)
+        self.device = pick_device(self.config.device)
         self.model = self._load()
         limit = self.model.max_seq_length or 512
         self.window = min(self.config.max_tokens or limit, limit)

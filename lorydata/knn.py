@@ -156,6 +156,40 @@ def choose_index(n: int, d: int) -> str:
     return f"IVF{nlist},PQ{m}"
 
 
+def training_points_needed(index: str) -> int:
+    """Fewest vectors a FAISS factory string can be trained on (IVF lists, PQ codebooks)."""
+    need = 1
+    for match in re.finditer(r"IVF(\d+)", index):
+        need = max(need, int(match.group(1)))
+    for match in re.finditer(r"PQ\d+(?:x(\d+))?", index):
+        need = max(need, 2 ** int(match.group(1) or 8))
+    return need
+
+
+def index_for(requested: str | None, n: int) -> str | None:
+    """The index for a split (or cell) of `n` documents: the requested one, or exact search
+    when there are too few documents to train it (a small held-out split, a small cell).
+    None keeps the choice by size of `choose_index`."""
+    if requested is not None and n < training_points_needed(requested):
+        return "Flat"
+    return requested
+
+
+def check_index_string(index: str | None, dim: int) -> None:
+    """Raise `LoryDataError` for a FAISS factory string that cannot be built, before any
+    vector exists (a build checks its `--index` before reading and embedding anything)."""
+    if index is None:
+        return
+    import faiss
+
+    try:
+        faiss.index_factory(dim, index, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        # FAISS prefixes the reason with the C++ function and source line: keep the reason.
+        reason = re.sub(r"^Error in .*? at \S+: ", "", str(exc).strip().splitlines()[-1])
+        raise LoryDataError(f"bad --index {index!r}: {reason}") from None
+
+
 def _nlist(index: str) -> int | None:
     match = re.search(r"IVF(\d+)", index)
     return int(match.group(1)) if match else None

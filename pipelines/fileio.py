@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -117,3 +118,13 @@ def save_json(path: str, value) -> None:
 
 def load_json(path: str):
     return json.loads(read_bytes(path))
+
+
+def basename(path: str) -> str:
+    """The last component of a path or URL."""
+    return posixpath.basename(str(path))
+
+
+def rename(source: str, target: str) -> None:
+    """Move one file (the target must not exist)."""
+    FileSystems.rename([source], [target])

@@ -1,17 +1,18 @@
-"""Options of `lory build-corpus`, and the Beam pipeline options they turn into."""
+"""Options of `lory build-corpus`.
+
+`BuildOptions` is what a user says; it travels no further than the driver
+(`pipelines.build_corpus`), which derives each stage's own small config from it. This
+module imports no Beam, so the CLI reads its defaults at start-up for free.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from lorydata.errors import LoryDataError
-
-# The in-process runner. Beam's "DirectRunner" first tries the Prism runner, which
-# downloads a binary; FnApiRunner runs in this process (or local subprocesses with
-# --direct_running_mode multi_processing) and never touches the network.
-LOCAL_RUNNER = "FnApiRunner"
+from pipelines.runner.session import LOCAL_RUNNER
 
 
 @dataclass
@@ -129,27 +130,8 @@ class BuildOptions:
         chosen = {name: getattr(self, name) for name in sorted(names)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
-
-def beam_pipeline_options(options: BuildOptions):
-    """Beam `PipelineOptions` for one stage: the runner plus the pass-through flags."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    flags = list(options.beam_args)
-    if options.runner != LOCAL_RUNNER:
-        flags.append(f"--runner={options.runner}")
-    # Beam would pickle the main session otherwise; our DoFns are importable module code.
-    return PipelineOptions(flags, save_main_session=False)
-
-
-def make_pipeline(options: BuildOptions):
-    """A Beam pipeline on the chosen runner."""
-    import apache_beam as beam
-
-    pipeline_options = beam_pipeline_options(options)
-    if options.runner == LOCAL_RUNNER:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        return beam.Pipeline(runner=FnApiRunner(), options=pipeline_options)
-    from pipelines.runners import make_runner
-
-    return beam.Pipeline(runner=make_runner(options.runner), options=pipeline_options)
+    @classmethod
+    def default(cls, name: str):
+        """The default value of option `name` (what the CLI falls back to)."""
+        found = {f.name: f for f in fields(cls)}[name]
+        return found.default_factory() if callable(found.default_factory) else found.default

@@ -80,7 +80,7 @@ def test_rerun_skips_finished_stages_and_refuses_other_options(bad_build, capsys
 
 def test_same_input_and_seed_give_identical_shards_with_two_workers(tmp_path, sample_corpus, capsys, monkeypatch):
     # Several buckets, packing units and shards, so that every step has work to spread.
-    monkeypatch.setattr("pipelines.split_data.UNIT_TOKENS", 50_000)
+    monkeypatch.setattr("pipelines.order.random_keys.UNIT_TOKENS", 50_000)
     common = ["build-corpus", sample_corpus, "--order", "random", "--seq-len", 256, "--domain-field", "domain",
               "--heldout-fraction", 0.2, "--rows-per-shard", 300, "--seed", 3, "--buckets", 3]
     assert run_cli([*common, "--out", tmp_path / "a"], capsys)[0] == 0

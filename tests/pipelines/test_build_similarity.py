@@ -19,14 +19,18 @@ import pytest
 
 from lorydata.clean import content_hash, normalize_text
 from lorydata.errors import LoryDataError
+from lorydata.knn import index_for
 from lorydata.manifest import Manifest
 from lorydata.shards import read_shard
 from lorydata.tokenizer import Tokenizer
 from lorydata.verify import verify_folder
-from pipelines.build_corpus import build_corpus
+from pipelines.build_corpus import build_corpus, order_config
+from pipelines.documents.dedup import DOCUMENT_SCHEMA, heldout_split
+from pipelines.layout import routes_file
 from pipelines.options import BuildOptions
-from pipelines.similarity_order import index_for, partitions_for, similarity_order
-from pipelines.transforms import heldout_split
+from pipelines.order.config import partitions_for
+from pipelines.order.similarity import similarity_order
+from pipelines.runner.beam import BeamRunner
 from tests.pipelines.test_build_random import _jsonl_lines, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,8 +238,6 @@ def test_bad_index_string_fails_in_one_line_before_any_stage(corpus, tmp_path):
 def _tiny_split(tmp_path, n, dim=8):
     """Documents and embeddings stage folders holding one held-out split of n documents with
     hand-made embeddings."""
-    from pipelines.documents_stage import DOCUMENT_SCHEMA
-
     rng = np.random.default_rng(n)
     documents, embeddings = tmp_path / "docs", tmp_path / "emb"
     documents.mkdir()
@@ -250,13 +252,11 @@ def _tiny_split(tmp_path, n, dim=8):
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_tiny_splits_get_a_full_order(tmp_path, n):
-    from pipelines.split_data import routes_file
-
     documents, embeddings, lengths = _tiny_split(tmp_path, n)
     out = tmp_path / "order"
     out.mkdir()
     opts = options("x", tmp_path, k=20, partitions=3, index="IVF64,Flat")
-    info = similarity_order(opts, documents, embeddings, "heldout", out, n)
+    info = similarity_order(order_config(opts), BeamRunner(), str(documents), str(embeddings), "heldout", str(out), n)
     routes = np.load(routes_file(str(out), str(documents / "b00000.parquet")))
     assert sorted(routes[:, 1].tolist()) == list(range(n)) and (routes[:, 0] == 0).all()
     assert np.load(out / "units.npy").tolist() == [[n, int(lengths.sum()) + n]]  # one unit, EOS counted

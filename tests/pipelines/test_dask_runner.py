@@ -1,4 +1,4 @@
-"""`pipelines.dask_runner.LoryDaskRunner`: one tiny pipeline per fix over Beam's DaskRunner,
+"""`pipelines.runner.dask_runner.LoryDaskRunner`: one tiny pipeline per fix over Beam's DaskRunner,
 each on the same 2-process `dask.distributed.LocalCluster`, plus the `--runner dask` options."""
 
 import json
@@ -17,10 +17,10 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from lorydata.errors import LoryDataError
-from pipelines import runners
-from pipelines.dask_runner import LoryDaskRunner
-from pipelines.options import BuildOptions, make_pipeline
-from pipelines.runners import make_runner, runner_session
+from pipelines.runner import session
+from pipelines.runner.beam import BeamRunner
+from pipelines.runner.dask_runner import LoryDaskRunner
+from pipelines.runner.session import make_runner, runner_session
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_short_name_dask_gives_the_fixed_runner():
     # Beam's create_runner("DaskRunner") raises: only the dotted path is known to it.
     for name in ("dask", "DaskRunner"):
         assert isinstance(make_runner(name), LoryDaskRunner)
-    pipeline = make_pipeline(BuildOptions(inputs=[], out="unused", runner="dask"))
+    pipeline = BeamRunner("dask").pipeline()
     assert isinstance(pipeline.runner, LoryDaskRunner)
 
 
@@ -198,7 +198,7 @@ def test_a_worker_error_reaches_the_caller(cluster):
 
 
 def test_runner_session_errors_are_one_line(cluster, monkeypatch):
-    monkeypatch.setattr(runners, "CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(session, "CONNECT_TIMEOUT_S", 1)
     with pytest.raises(LoryDataError, match=r"^--workers needs --runner dask$"), runner_session(None, workers=2):
         pass
     with pytest.raises(LoryDataError, match=r"^--dask-address needs --runner dask$"), \

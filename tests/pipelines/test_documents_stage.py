@@ -7,15 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lorydata.clean import content_hash
-from pipelines.documents_stage import (
-    DOCUMENT_SCHEMA,
-    RAW_SCHEMA,
-    bucket_files,
-    bucket_of,
-    first_copies,
-    run_documents_stage,
-)
+from pipelines.build_corpus import documents_config
+from pipelines.documents import run_documents_stage
+from pipelines.documents.dedup import DOCUMENT_SCHEMA, first_copies
+from pipelines.documents.read import RAW_SCHEMA, bucket_of
+from pipelines.layout import documents_files as bucket_files
 from pipelines.options import BuildOptions
+from pipelines.runner.beam import BeamRunner
 from tests.lorydata.badcorpus import write_bad_corpus
 
 
@@ -24,7 +22,8 @@ def _stage(tmp_path, src, name, buckets):
     out.mkdir()
     options = BuildOptions(inputs=[str(src)], out=str(out), buckets=buckets, domain_field="domain",
                            id_field="id", max_chars=2000, heldout_fraction=0.3)
-    counts = run_documents_stage(options, sorted(str(p) for p in src.glob("*.jsonl")), None, out)
+    counts = run_documents_stage(documents_config(options, None), BeamRunner(), sorted(str(p) for p in src.glob("*.jsonl")),
+                                 str(out))
     return out, counts
 
 

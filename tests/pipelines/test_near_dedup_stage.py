@@ -8,10 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from lorydata.errors import LoryDataError
-from pipelines.build_corpus import build_corpus
-from pipelines.documents_stage import bucket_files, run_documents_stage
-from pipelines.near_dedup_stage import drop_near_duplicates
+from pipelines.build_corpus import build_corpus, documents_config, minhash_config
+from pipelines.documents import run_documents_stage
+from pipelines.documents.near_dedup import drop_near_duplicates
+from pipelines.layout import documents_files as bucket_files
 from pipelines.options import BuildOptions
+from pipelines.runner.beam import BeamRunner
 from tests.lorydata.test_near_dedup import edited, paragraphs, prose
 from tests.pipelines.test_build_random import all_text
 
@@ -100,10 +102,10 @@ def _dedup(tmp_path, corpus, name, buckets, beam_args=(), **kwargs):
     out = tmp_path / name
     out.mkdir()
     opts = options(corpus, tmp_path, buckets=buckets, near_dedup="off")
-    counts = run_documents_stage(opts, [str(corpus)], None, out)
-    opts.beam_args = list(beam_args)  # worker processes for the near-dedup step only
-    info, changes = drop_near_duplicates(opts, bucket_files(str(out)), counts["documents_kept"],
-                                         str(out / "dead_letters"), str(out / "near_dedup"), **kwargs)
+    counts = run_documents_stage(documents_config(opts, None), BeamRunner(), [str(corpus)], str(out))
+    runner = BeamRunner(flags=list(beam_args))  # worker processes for the near-dedup step only
+    info, changes = drop_near_duplicates(minhash_config(opts), runner, bucket_files(str(out)), counts["documents_kept"],
+                                         str(out), str(out / "near_dedup"), **kwargs)
     rows = pa.concat_tables([pq.read_table(f) for f in bucket_files(str(out))]).sort_by("content_hash")
     dead = sorted((d["line"], d["detail"]) for d in letters(out / "dead_letters") if d["reason"] == "near_duplicate")
     return {k: info[k] for k in ("groups", "dropped", "documents_signed")}, changes, rows, dead

@@ -16,8 +16,7 @@ from lorydata.errors import LoryDataError
 from lorydata.manifest import Manifest
 from lorydata.minhash import MinHasher, estimated_jaccard
 from lorydata.tokenizer import Tokenizer
-from pipelines.build_corpus import build_corpus
-from pipelines.embed_stage import embedder_config
+from pipelines.build_corpus import build_corpus, embedder_config
 from pipelines.options import BuildOptions
 from tests.pipelines.test_build_random import _jsonl_lines, run_cli
 from tests.pipelines.test_build_similarity import documents_in

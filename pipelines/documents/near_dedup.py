@@ -1,6 +1,6 @@
 """Near-duplicate removal on Beam: MinHash LSH over the exactly deduplicated documents.
 
-The last step of the documents stage (`documents_stage.run_documents_stage` calls
+The last step of the documents stage (`pipelines.documents.run_documents_stage` calls
 `drop_near_duplicates` after exact dedup), so it runs before embedding for both orders:
 similarity and random builds of one input hold the same documents, copies are never
 embedded, and every later stage reads the documents files as before. Documents move
@@ -9,62 +9,50 @@ shuffle, and Beam carries only file names and bucket numbers:
 
 1. sign (`SignFileFn`, one documents file per element): MinHash signature and band keys of
    every document; each (band key, content hash, length, id, file, signature) record goes
-   to the LSH bucket file of `band key % lsh_buckets` (`near_dedup/lsh/l<bucket>/...`).
+   to the LSH bucket file of `band key % lsh_buckets` (`layout.lsh_file`).
 2. verify (`VerifyBucketFn`, one LSH bucket per element): records sorted by (band key,
    content hash), candidate pairs within each band key verified by estimated Jaccard, and a
    spanning forest of the verified pairs (at most m - 1 edges per band key of m members)
-   written to `near_dedup/edges/l<bucket>.jsonl`.
-   Steps 1 and 2 run as one Beam pipeline (`transforms.run_steps`: verify starts when every
+   written to the bucket's edges file.
+   Steps 1 and 2 run as one Beam pipeline (`BeamRunner.run_steps`: verify starts when every
    file is signed).
 3. driver: connected components over the (few) edges, one keeper per component
    (`lorydata.near_dedup.group_duplicates`); drop lists written per documents file
-   (`near_dedup/drops/<file>.json`: dropped hash → [kept id, group size]).
+   (`layout.drops_file`: dropped hash → [kept id, group size]).
 4. apply (`ApplyDropsFn`, one documents file with drops per element): the file without its
    dropped documents, staged and then moved over the original by the driver, so a retried
    bundle reads the unchanged original; the dropped documents become `near_duplicate` dead
-   letters naming the id they duplicate (`dead_letters/near_dedup-<file>.jsonl`).
+   letters naming the id they duplicate (`near_dedup-<file>.jsonl`).
 
 Dedup spans both splits, so a held-out document never has a near-copy in training. Every
 output depends on the documents only (members sorted, keeper by length then hash, files
 named after their input), so any runner and worker count gives the same result. Memory: a
 worker holds one documents file or one LSH bucket (`RECORDS_PER_BUCKET`); the driver holds
 the edges and the drop lists, which grow with the near-duplicates, not with the corpus.
-Edges and drop lists stay in `near_dedup/` for inspection.
+Edges and drop lists stay in the near-dedup folder for inspection.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import posixpath
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.io.filesystems import FileSystems
 
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.minhash import MinHashConfig, MinHasher
 from lorydata.near_dedup import PAIRWISE_LIMIT, DocRef, UnionFind, bucket_pairs, group_duplicates
-from pipelines import fileio
-from pipelines.options import BuildOptions
-from pipelines.transforms import count, run_each, run_steps
+from pipelines import dead_letters, fileio, layout
+from pipelines.runner.beam import BeamRunner, count
 
 # Band records per LSH bucket the step aims for: ≈ 100k × (4·128 + ~100) bytes ≈ 60 MB for
 # one verifying worker at the default 128 permutations.
 RECORDS_PER_BUCKET = 100_000
 # A signing worker writes its buffered records out every this many records.
 FLUSH_RECORDS = 50_000
-FOLDER, LSH, EDGES, DROPS, STAGED = "near_dedup", "lsh", "edges", "drops", "staged"
-
-
-def minhash_config(options: BuildOptions) -> MinHashConfig:
-    """The MinHash LSH parameters the build options describe."""
-    return MinHashConfig(shingle_words=options.near_dedup_shingle, bands=options.near_dedup_bands,
-                         rows=options.near_dedup_rows, threshold=options.near_dedup_threshold)
-
-
 def lsh_bucket_count(documents: int, bands: int) -> int:
     """LSH buckets for `documents` documents, each holding about `RECORDS_PER_BUCKET` records."""
     return max(1, math.ceil(documents * bands / RECORDS_PER_BUCKET))
@@ -73,10 +61,6 @@ def lsh_bucket_count(documents: int, bands: int) -> int:
 def band_schema(num_perm: int) -> pa.Schema:
     return pa.schema([("band", pa.uint64()), ("key", pa.string()), ("length", pa.int64()), ("id", pa.string()),
                       ("file", pa.string()), ("signature", pa.list_(pa.uint32(), num_perm))])
-
-
-def _lsh_name(bucket: int) -> str:
-    return f"l{bucket:05d}"
 
 
 class SignFileFn(beam.DoFn):
@@ -132,8 +116,7 @@ class SignFileFn(beam.DoFn):
             sink = pa.BufferOutputStream()
             with pa.ipc.new_file(sink, schema) as writer:
                 writer.write_table(table)
-            name = f"{stem}-{part:04d}.arrow"
-            fileio.write_bytes(fileio.join(self.folder, LSH, _lsh_name(bucket), name), sink.getvalue().to_pybytes())
+            fileio.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), sink.getvalue().to_pybytes())
 
 
 class VerifyBucketFn(beam.DoFn):
@@ -149,7 +132,7 @@ class VerifyBucketFn(beam.DoFn):
         self.folder, self.threshold, self.pairwise_limit = folder, threshold, pairwise_limit
 
     def process(self, bucket: int, after=None):
-        paths = fileio.match(fileio.join(self.folder, LSH, _lsh_name(bucket), "*.arrow"))
+        paths = layout.lsh_files(self.folder, bucket)
         if not paths:
             return
         tables = [pa.ipc.open_file(pa.BufferReader(fileio.read_bytes(p))).read_all() for p in paths]
@@ -174,28 +157,27 @@ class VerifyBucketFn(beam.DoFn):
                 lines.append(json.dumps([[c[start + i] for c in columns], [c[start + j] for c in columns]]) + "\n")
         count("near_dedup.edges", len(lines))
         if lines:
-            fileio.write_bytes(fileio.join(self.folder, EDGES, _lsh_name(bucket) + ".jsonl"), "".join(lines).encode())
+            fileio.write_bytes(layout.edges_file(self.folder, bucket), "".join(lines).encode())
 
 
 class ApplyDropsFn(beam.DoFn):
-    """documents file → the file without its dropped documents, staged in
-    `<folder>/staged/` (not written when nothing is left), and `near_duplicate` dead letters.
+    """documents file → the file without its dropped documents, staged
+    (`layout.staged_file`; not written when nothing is left), and `near_duplicate` dead letters.
 
     The counters it bumps are the documents stage's own (`documents_kept`, `tokens`,
     `documents.<split>`, `tokens.<split>`: down by what it drops; `dropped.near_duplicate`:
     up), so the stage's counts come out right by adding them.
 
     Args:
-        folder: the near-dedup work folder (drop lists in `drops/`).
-        dead_folder: where the stage's dead-letter files go.
+        folder: the near-dedup work folder (drop lists).
+        stage: the stage folder whose dead letters collect the drops.
     """
 
-    def __init__(self, folder: str, dead_folder: str):
-        self.folder, self.dead_folder = folder, dead_folder
+    def __init__(self, folder: str, stage: str):
+        self.folder, self.stage = folder, stage
 
     def process(self, path: str):
-        stem = fileio.stem(path)
-        drops = fileio.load_json(fileio.join(self.folder, DROPS, stem + ".json"))
+        drops = fileio.load_json(layout.drops_file(self.folder, path))
         table = fileio.read_table(path)
         hashes = table.column("content_hash").to_pylist()
         keep = np.array([h not in drops for h in hashes], dtype=bool)
@@ -211,30 +193,30 @@ class ApplyDropsFn(beam.DoFn):
             letters.append(DeadLetter(sources[i], lines[i], DropReason.NEAR_DUPLICATE,
                                       f"near-duplicate of id {kept_id}, the document kept of a group of {group}",
                                       table.column("text")[i].as_py()[:200]))
-        fileio.write_bytes(fileio.join(self.dead_folder, f"near_dedup-{stem}.jsonl"),
-                           "".join(letter.to_json() + "\n" for letter in letters).encode())
+        dead_letters.write(layout.dead_letter_file(self.stage, f"near_dedup-{fileio.stem(path)}"), letters)
         if keep.any():
-            fileio.write_table(fileio.join(self.folder, STAGED, posixpath.basename(path)), table.filter(pa.array(keep)))
+            fileio.write_table(layout.staged_file(self.folder, path), table.filter(pa.array(keep)))
 
 
 def read_edges(folder: str):
     """The verified pairs of the edge files, as ((DocRef, file), (DocRef, file))."""
-    for path in fileio.match(fileio.join(folder, EDGES, "*.jsonl")):
+    for path in layout.edges_files(folder):
         for line in fileio.read_bytes(path).decode("utf-8").splitlines():
             (ka, la, ia, fa), (kb, lb, ib, fb) = json.loads(line)
             yield (DocRef(ka, la, ia), fa), (DocRef(kb, lb, ib), fb)
 
 
-def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int, dead_folder: str, work: str,
-                         lsh_buckets: int | None = None,
+def drop_near_duplicates(config: MinHashConfig, runner: BeamRunner, files: list[str], documents: int, stage: str,
+                         work: str, lsh_buckets: int | None = None,
                          pairwise_limit: int = PAIRWISE_LIMIT) -> tuple[dict, dict[str, int]]:
     """Remove near-duplicates from the documents files in place (each file replaced whole).
 
     Args:
-        options: the build options (MinHash parameters, runner).
+        config: MinHash LSH parameters.
+        runner: where the Beam steps run.
         files: the documents files.
         documents: how many documents they hold (sizes the LSH buckets).
-        dead_folder: where `near_dedup-<file>.jsonl` dead letters go.
+        stage: the stage folder whose dead letters get the `near_dedup-<file>.jsonl` files.
         work: a folder for the step's files (LSH buckets are removed at the end; edges and
             drop lists stay).
         lsh_buckets: override the LSH bucket count (default: `lsh_bucket_count`).
@@ -245,9 +227,8 @@ def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int
         candidate pairs, edges kept, groups, dropped, parameters; counter changes for the
         documents stage).
     """
-    config = minhash_config(options)
     lsh_buckets = lsh_buckets or lsh_bucket_count(documents, config.bands)
-    found = run_steps(options, [
+    found = runner.run_steps([
         ("Sign", files, SignFileFn(work, config, lsh_buckets)),
         ("Verify", list(range(lsh_buckets)), VerifyBucketFn(work, config.threshold, pairwise_limit)),
     ])
@@ -258,17 +239,17 @@ def drop_near_duplicates(options: BuildOptions, files: list[str], documents: int
     per_file: dict[str, dict[str, list]] = {}
     for d in dropped:
         per_file.setdefault(file_of[d.dropped.key], {})[d.dropped.key] = [d.kept.id, d.group_size]
-    for stem, drops in per_file.items():
-        fileio.save_json(fileio.join(work, DROPS, stem + ".json"), drops)
     changed = [path for path in files if fileio.stem(path) in per_file]
-    changes = run_each(options, "Apply", changed, ApplyDropsFn(work, dead_folder)) if changed else {}
+    for path in changed:
+        fileio.save_json(layout.drops_file(work, path), per_file[fileio.stem(path)])
+    changes = runner.run_each("Apply", changed, ApplyDropsFn(work, stage)) if changed else {}
     for path in changed:  # the driver swaps files in only once every one is staged
-        staged = fileio.join(work, STAGED, posixpath.basename(path))
+        staged = layout.staged_file(work, path)
         fileio.delete_tree(path)
         if fileio.exists(staged):
-            FileSystems.rename([staged], [path])
-    fileio.delete_tree(fileio.join(work, LSH))
-    fileio.delete_tree(fileio.join(work, STAGED))
+            fileio.rename(staged, path)
+    fileio.delete_tree(layout.lsh_folder(work))
+    fileio.delete_tree(layout.staged_folder(work))
     info = {
         "documents_signed": found.get("near_dedup.signed", 0),
         "documents_without_words": found.get("near_dedup.no_words", 0),

@@ -10,6 +10,10 @@ from contextlib import contextmanager
 
 from lorydata.errors import LoryDataError
 
+# The in-process runner. Beam's "DirectRunner" first tries the Prism runner, which
+# downloads a binary; FnApiRunner runs in this process (or local subprocesses with
+# --direct_running_mode multi_processing) and never touches the network.
+LOCAL_RUNNER = "FnApiRunner"
 DASK = "dask"
 DASK_NAMES = ("dask", "daskrunner")  # `--runner dask` and Beam's short name `DaskRunner`
 CONNECT_TIMEOUT_S = 10
@@ -19,22 +23,24 @@ def is_dask(runner: str | None) -> bool:
     return runner is not None and runner.lower() in DASK_NAMES
 
 
+def require_dask():
+    """The optional `dask[distributed]` dependency and lory's runner on it, checked here
+    only (the `dask` extra): returns `(dask.distributed, pipelines.runner.dask_runner)`."""
+    try:
+        import dask.distributed as ddist  # noqa: PLC0415 (optional dependency: the `dask` extra)
+
+        from pipelines.runner import dask_runner  # noqa: PLC0415 (imports dask at its top)
+    except ImportError:
+        raise LoryDataError("--runner dask needs dask[distributed]: pip install 'lory[dask]'") from None
+    return ddist, dask_runner
+
+
 def make_runner(name: str):
     """The runner to hand to `beam.Pipeline`: `LoryDaskRunner` for `dask` / `DaskRunner`
     (Beam's `create_runner` knows neither), else the name, which Beam resolves."""
     if is_dask(name):
-        from pipelines.dask_runner import LoryDaskRunner
-
-        return LoryDaskRunner()
+        return require_dask()[1].LoryDaskRunner()
     return name
-
-
-def _import_distributed():
-    try:
-        import dask.distributed as ddist
-    except ImportError:
-        raise LoryDataError("--runner dask needs dask[distributed]: pip install 'lory[dask]'") from None
-    return ddist
 
 
 def _check_scheduler(ddist, address: str) -> None:
@@ -51,7 +57,7 @@ def _check_scheduler(ddist, address: str) -> None:
 def runner_session(runner: str | None, dask_address: str | None = None,
                    workers: int | None = None) -> Iterator[tuple[str | None, list[str]]]:
     """Check the runner options, start a local Dask cluster if asked, and yield
-    `(runner, extra Beam flags)` for `BuildOptions`; the cluster is closed on exit.
+    `(runner, extra Beam flags)` for the build's `BeamRunner`; the cluster is closed on exit.
 
     Args:
         runner: the `--runner` value (None: Beam's in-process runner).
@@ -74,7 +80,7 @@ def runner_session(runner: str | None, dask_address: str | None = None,
         raise LoryDataError("give --dask-address (a running cluster) or --workers (a local one), not both")
     if workers is not None and workers < 1:
         raise LoryDataError(f"--workers must be positive, got {workers}")
-    ddist = _import_distributed()
+    ddist, _ = require_dask()
     # The scheduler of a local cluster runs in this process: its INFO lines are not for users.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if dask_address is not None:

@@ -28,7 +28,7 @@ Memory: a dask partition is one Beam bundle, and a ParDo's outputs for it are he
 until its consumers ran, so a worker holds about one partition's data per running task. Keep
 per-document data inside a ParDo chain that writes files, and let bags carry metadata.
 
-`--runner dask` in `pipelines.runners` maps to `LoryDaskRunner` (the stock short name
+`--runner dask` in `pipelines.runner.session` maps to `LoryDaskRunner` (the stock short name
 `DaskRunner` is unknown to Beam's `create_runner`).
 """
 
@@ -41,6 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
+import dask
+import dask.bag as db
+import dask.distributed as ddist
 from apache_beam import pvalue
 from apache_beam.internal import pickler
 from apache_beam.metrics.execution import MetricsContainer
@@ -247,13 +250,9 @@ class _BagGraph(PipelineVisitor):
 
     def side_value(self, side_input):
         """A side input as one dask dependency: its PCollection's elements as a list."""
-        import dask
-
         return dask.delayed(_concat)(self.bag_of(side_input.pvalue).to_delayed(optimize_graph=False))
 
     def visit_transform(self, node: AppliedPTransform) -> None:
-        import dask.bag as db
-
         transform = node.transform
         inputs = [self.bag_of(p) for p in node.inputs if not isinstance(p, pvalue.PBegin)]
         if type(transform) is beam.ParDo:
@@ -279,8 +278,6 @@ class _BagGraph(PipelineVisitor):
             raise NotImplementedError(f"LoryDaskRunner cannot run {type(transform).__name__} ({node.full_label})")
 
     def create(self, values: list):
-        import dask.bag as db
-
         size = self.bag_kwargs.get("partition_size")
         if size:
             return db.from_sequence(values, partition_size=size)
@@ -290,8 +287,6 @@ class _BagGraph(PipelineVisitor):
         return db.from_sequence(values, npartitions=npartitions)
 
     def read(self, source):
-        import dask.bag as db
-
         try:
             size = source.estimate_size() or 0
         except Exception:  # a source that cannot estimate is read as one bundle per split
@@ -339,8 +334,6 @@ class LoryDaskResult(PipelineResult):
         self._metrics = DirectMetrics()
 
     def wait_until_finish(self, duration=None) -> str:
-        import dask.distributed as ddist
-
         if self._state != PipelineState.RUNNING:
             return self._state
         try:
@@ -376,8 +369,6 @@ class LoryDaskRunner(DaskRunner):
     """Beam's DaskRunner with the fixes above; options as Beam's (`--dask_client_address` …)."""
 
     def run_pipeline(self, pipeline, options) -> LoryDaskResult:
-        import dask.distributed as ddist
-
         dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
         bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
         client = ddist.Client(**dask_options)

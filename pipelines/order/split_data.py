@@ -1,13 +1,14 @@
-"""One split of the bucket files, read a bucket at a time, and the routes that tell the
+"""One split of the documents files, read a file at a time, and the routes that tell the
 shards stage where each document goes.
 
-Documents are identified by (bucket file, row); every array written per bucket is
-row-aligned with that bucket's documents file. The order stage ends with one routes file
-per bucket, `routes/b<bucket>.npy`: an (n_rows, 2) int64 array of (unit, key) per row,
-unit -1 for rows of another split. A *unit* is what one packing worker packs (a k-means
+Documents are identified by (documents file, row); every array written per documents file
+is row-aligned with it. The order stage ends with one routes file per documents file
+(`layout.routes_file`): an (n_rows, 2) int64 array of (unit, key) per row, unit -1 for rows
+of another split or dropped ones. A *unit* is what one packing worker packs (a k-means
 cell, or a block of walk positions); units are packed in their numbering order, and the
-documents of a unit in their key order. `units.npy` beside the routes holds, per unit, its
-documents and tokens (EOS included), from which the shards stage numbers the sequences.
+documents of a unit in their key order. The units file (`layout.units_file`) holds, per
+unit, its documents and tokens (EOS included), from which the shards stage numbers the
+sequences.
 """
 
 from __future__ import annotations
@@ -19,12 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lorydata.shuffle import mix64
-from pipelines import fileio
-from pipelines.documents_stage import bucket_files
-from pipelines.embed_stage import embeddings_file
+from pipelines import fileio, layout
 
-ROUTES = "routes"
-UNITS = "units.npy"  # (units, 2): documents and tokens (EOS included) of each packing unit
 UNIT_TOKENS = 1 << 22  # tokens per packing block of a global or random order (16 MB of int32)
 
 
@@ -51,12 +48,16 @@ def split_rows(table: pa.Table, split: str) -> np.ndarray:
     return np.flatnonzero(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
 
 
-def routes_file(order_dir: str, documents_file: str) -> str:
-    return fileio.join(str(order_dir), ROUTES, f"{fileio.stem(documents_file)}.npy")
-
-
 def empty_routes(rows: int) -> np.ndarray:
     return np.full((rows, 2), -1, np.int64)
+
+
+def unit_counts(units: np.ndarray, lengths: np.ndarray, n_units: int) -> np.ndarray:
+    """(n_units, 2) documents and tokens (EOS included) per unit."""
+    out = np.zeros((n_units, 2), np.int64)
+    np.add.at(out[:, 0], units, 1)
+    np.add.at(out[:, 1], units, lengths + 1)
+    return out
 
 
 @dataclass
@@ -81,8 +82,8 @@ class SplitVectors:
 
 
 def load_split_vectors(documents_dir: str, embeddings_dir: str, split: str) -> SplitVectors:
-    """Every embedding and token count of `split`, a bucket at a time."""
-    files = bucket_files(documents_dir)
+    """Every embedding and token count of `split`, a documents file at a time."""
+    files = layout.documents_files(documents_dir)
     xs, lengths, rows, sizes = [], [], [], []
     for path in files:
         table = fileio.read_table(path, ["split", "tokens"])
@@ -90,7 +91,7 @@ def load_split_vectors(documents_dir: str, embeddings_dir: str, split: str) -> S
         rows.append(chosen)
         sizes.append(table.num_rows)
         lengths.append(token_lengths(table.take(chosen)))
-        xs.append(fileio.load_npy(embeddings_file(embeddings_dir, path))[chosen])
+        xs.append(fileio.load_npy(layout.embeddings_file(embeddings_dir, path))[chosen])
     dim = xs[0].shape[1] if xs else 0
     x = np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
     return SplitVectors(x.astype(np.float32, copy=False), np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
@@ -101,9 +102,9 @@ def sample_split_vectors(documents_dir: str, embeddings_dir: str, split: str, fr
                          seed: int) -> np.ndarray:
     """Embeddings of a seeded hash-chosen sample of `split` (about `fraction` of it)."""
     xs = []
-    for path in bucket_files(documents_dir):
+    for path in layout.documents_files(documents_dir):
         table = fileio.read_table(path, ["content_hash", "split"])
         chosen = split_rows(table, split)
         keep = chosen[sampled(table.column("content_hash").take(chosen), fraction, seed)]
-        xs.append(fileio.load_npy(embeddings_file(embeddings_dir, path))[keep])
+        xs.append(fileio.load_npy(layout.embeddings_file(embeddings_dir, path))[keep])
     return np.concatenate(xs).astype(np.float32, copy=False)

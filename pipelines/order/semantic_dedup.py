@@ -1,6 +1,6 @@
 """Semantic dedup in the order stage (`--semantic-dedup COS`, similarity order only).
 
-Near-dedup (`pipelines.near_dedup_stage`) removes copies by their text alone before
+Near-dedup (`pipelines.documents.near_dedup`) removes copies by their text alone before
 embedding. This finer step, the In-Context Pretraining / SemDeDup variant, runs on the kNN
 graph of each split: an edge at cosine ≥ COS whose pair also shares text (estimated MinHash
 Jaccard ≥ `--semantic-dedup-jaccard`) marks a duplicate, and one document is kept per
@@ -11,15 +11,15 @@ long licence header (most of what the embedder sees) but not their bodies.
 1. sign (`SignSplitFn`, one documents file per element): signature
    (`MinHasher.signature_or_empty`, the near-dedup MinHash parameters), characters, content
    hash and id of each of the split's documents, row-aligned with the split's rows of the
-   file (`split_data.split_rows`) → `signatures/b<bucket>.npz` in the order stage folder.
-2. drop, where the walk runs (the driver with `--partitions 1`, `cells.OrderCellFn` per cell
+   file (`split_data.split_rows`) → its signatures file (`layout.signatures_file`).
+2. drop, where the walk runs (the driver with `--partitions 1`, `cell_steps.OrderCellFn` per cell
    with P > 1, so with P > 1 only duplicates within one cell are found): `SemanticFilter`
    is the `keep` function of `lorydata.partition.order_cell`, called once the graph is
    built; the walk, the metrics and the packing units cover the kept documents only, and
    the routes of the dropped ones stay (-1, -1), so the shards stage never packs them.
 3. dead letters (`write_dead_letters`, per documents file with drops: the driver, or
-   `cells.MergeRoutesFn`) → `dead_letters/semantic_dedup-<split>-<bucket>.jsonl` in the order
-   stage folder, copied into the corpus' `dead_letters/` by `build_corpus`.
+   `cell_steps.MergeRoutesFn`) → `semantic_dedup-<split>-<bucket>.jsonl` in the order stage
+   folder's dead letters, copied into the corpus' `dead_letters/` by `build_corpus`.
 
 Memory: a signing worker holds one bucket; the driver of a global walk holds N signatures
 (4 × 128 bytes each at the default 128 permutations) beside the N embeddings it holds anyway.
@@ -33,23 +33,17 @@ import numpy as np
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.minhash import MinHashConfig, MinHasher
 from lorydata.near_dedup import DocRef, SemanticDedup, semantic_duplicates
-from pipelines import fileio
-from pipelines.near_dedup_stage import minhash_config
-from pipelines.options import BuildOptions
-from pipelines.split_data import split_rows
-from pipelines.transforms import count, run_each
+from pipelines import dead_letters, fileio, layout
+from pipelines.order.config import SemanticDedupConfig
+from pipelines.order.split_data import split_rows
+from pipelines.runner.beam import BeamRunner, count
 
-SIGNATURES, DEAD_LETTERS = "signatures", "dead_letters"
 COLUMNS = ("signatures", "chars", "keys", "ids")  # what a cell file carries besides the vectors
 
 
-def signatures_file(order_dir: str, documents_file: str) -> str:
-    return fileio.join(order_dir, SIGNATURES, f"{fileio.stem(documents_file)}.npz")
-
-
 class SignSplitFn(beam.DoFn):
-    """documents file → `signatures/b<bucket>.npz`: signatures, characters, content hashes
-    and ids of the split's documents, in the order of their rows.
+    """documents file → its signatures file: signatures, characters, content hashes and ids
+    of the split's documents, in the order of their rows.
 
     Args:
         order_dir: the order stage folder.
@@ -70,7 +64,7 @@ class SignSplitFn(beam.DoFn):
         signatures = np.zeros((len(texts), self.config.num_perm), np.uint32)
         for i, text in enumerate(texts):
             signatures[i] = self.hasher.signature_or_empty(text)
-        fileio.save_npz(signatures_file(self.order_dir, path), signatures=signatures,
+        fileio.save_npz(layout.signatures_file(self.order_dir, path), signatures=signatures,
                         chars=np.array([len(t) for t in texts], np.int64),
                         keys=np.array(chosen.column("content_hash").to_pylist(), dtype=str),
                         ids=np.array(chosen.column("id").to_pylist(), dtype=str))
@@ -78,15 +72,15 @@ class SignSplitFn(beam.DoFn):
         yield len(texts)
 
 
-def sign_split(options: BuildOptions, files: list[str], split: str, order_dir: str) -> None:
+def sign_split(config: SemanticDedupConfig, runner: BeamRunner, files: list[str], split: str, order_dir: str) -> None:
     """Step 1 over every documents file, on the runner."""
-    run_each(options, "SignSplit", files, SignSplitFn(order_dir, split, minhash_config(options)))
+    runner.run_each("SignSplit", files, SignSplitFn(order_dir, split, config.minhash))
 
 
 def load_signatures(order_dir: str, files: list[str]) -> dict[str, np.ndarray]:
     """The signature files of `files`, concatenated in that order (the order of
     `split_data.load_split_vectors`)."""
-    parts = [fileio.load_npz(signatures_file(order_dir, path)) for path in files]
+    parts = [fileio.load_npz(layout.signatures_file(order_dir, path)) for path in files]
     return {name: np.concatenate([p[name] for p in parts]) for name in COLUMNS}
 
 
@@ -126,11 +120,11 @@ class SemanticFilter:
                 "tokens_dropped": int(np.asarray(token_lengths)[[d.index for d in found.drops]].sum())}
 
 
-def summary(options: BuildOptions, counts: list[dict]) -> dict:
+def summary(config: SemanticDedupConfig, counts: list[dict]) -> dict:
     """The manifest's `order.semantic_dedup` record: parameters and the counts of every
     graph (cell) added up."""
     keys = ("edges_above_cos", "confirmed_pairs", "groups", "dropped", "tokens_dropped")
-    return {"cos": options.semantic_dedup, "confirm_jaccard": options.semantic_dedup_jaccard,
+    return {"cos": config.cos, "confirm_jaccard": config.confirm_jaccard,
             **{k: sum(int(c.get(k, 0)) for c in counts) for k in keys}}
 
 
@@ -145,13 +139,13 @@ def drops_in(drops: dict[int, dict], start: int, rows: np.ndarray) -> list[dict]
     return [{**drops[i], "row": int(rows[i - start])} for i in range(start, start + len(rows)) if i in drops]
 
 
-def write_dead_letters(path: str, drops: list[dict], dead_folder: str, split: str) -> None:
+def write_dead_letters(path: str, drops: list[dict], order_dir: str, split: str) -> None:
     """`semantic_duplicate` dead letters of one documents file.
 
     Args:
         path: the documents file.
         drops: records of `SemanticFilter.records` with `row` (the file's row) added.
-        dead_folder: the order stage's dead-letter folder.
+        order_dir: the order stage folder (its dead letters get the file).
         split: the split, part of the file name.
     """
     if not drops:
@@ -165,5 +159,4 @@ def write_dead_letters(path: str, drops: list[dict], dead_folder: str, split: st
                    f"{d['jaccard']:.3f}, the document kept of a group of {d['group']}", text[:200])
         for d, source, line, text in zip(drops, sources, lines, texts, strict=True)
     ]
-    fileio.write_bytes(fileio.join(dead_folder, f"semantic_dedup-{split}-{fileio.stem(path)}.jsonl"),
-                       "".join(letter.to_json() + "\n" for letter in letters).encode())
+    dead_letters.write(layout.dead_letter_file(order_dir, layout.semantic_dead_letter_name(split, path)), letters)

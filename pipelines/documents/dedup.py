@@ -1,0 +1,99 @@
+"""Dedup step of the documents stage: one content-hash bucket → exact dedup, split, tokens."""
+
+from __future__ import annotations
+
+import hashlib
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lorydata.documents import DeadLetter, DropReason
+from lorydata.tokenizer import Tokenizer
+from pipelines import dead_letters, fileio, layout
+from pipelines.documents.read import RAW_SCHEMA
+from pipelines.runner.beam import count
+
+TOKENIZE_ROWS = 256
+# The bucket files after dedup: the raw columns with the split before the text and the tokens after it.
+DOCUMENT_SCHEMA = RAW_SCHEMA.insert(RAW_SCHEMA.get_field_index("text"), pa.field("split", pa.string())).append(
+    pa.field("tokens", pa.list_(pa.int32())))
+
+
+def heldout_split(doc_id: str, fraction: float) -> str:
+    """'heldout' for a stable `fraction` of document ids (by hash), else 'train'."""
+    if fraction <= 0:
+        return "train"
+    value = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
+    return "heldout" if value < fraction * 2**64 else "train"
+
+
+def first_copies(table: pa.Table) -> tuple[pa.Table, list[DeadLetter]]:
+    """Exact dedup of one bucket: the copy of every content hash that comes first by
+    (source, line) is kept, the others become `duplicate` dead letters naming it.
+
+    Returns:
+        (kept rows sorted by content hash, dead letters).
+    """
+    table = table.sort_by([("content_hash", "ascending"), ("source", "ascending"), ("line", "ascending")])
+    hashes = table.column("content_hash")
+    first = np.ones(table.num_rows, bool)
+    if table.num_rows > 1:
+        first[1:] = pc.not_equal(hashes.slice(1), hashes.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
+    letters = []
+    if not first.all():
+        kept_at = np.maximum.accumulate(np.where(first, np.arange(table.num_rows), 0))
+        sources, lines = table.column("source").to_pylist(), table.column("line").to_pylist()
+        texts = table.column("text")
+        for i in np.flatnonzero(~first):
+            k = kept_at[i]
+            letters.append(DeadLetter(sources[i], lines[i], DropReason.DUPLICATE,
+                                      f"same text as {sources[k]}:{lines[k]}", texts[int(i)].as_py()[:200]))
+    return table.filter(pa.array(first)), letters
+
+
+class DedupBucketFn(beam.DoFn):
+    """bucket → `b<bucket>.parquet` (`DOCUMENT_SCHEMA`, sorted by content hash): exact dedup
+    (the first copy by (source, line) wins, whatever the scheduling), train/held-out split by
+    id hash, tokens; duplicates to `dedup-b<bucket>.jsonl`. Yields the bucket.
+
+    Args:
+        folder: the stage folder.
+        tokenizer_path: tokenizer (None: the bundled one).
+        heldout_fraction: share of documents (by id hash) in the held-out split.
+    """
+
+    def __init__(self, folder: str, tokenizer_path: str | None, heldout_fraction: float):
+        self.folder, self.tokenizer_path, self.heldout_fraction = folder, tokenizer_path, heldout_fraction
+        self.tokenizer = None
+
+    def setup(self):
+        self.tokenizer = Tokenizer(self.tokenizer_path)
+
+    def process(self, bucket: int, after=None):
+        parts = layout.raw_files(self.folder, bucket)
+        if not parts:
+            return
+        kept, letters = first_copies(fileio.read_tables(parts))
+        for letter in letters:
+            count(f"dropped.{letter.reason}")
+        dead_letters.write(layout.dead_letter_file(self.folder, f"dedup-{layout.bucket_name(bucket)}"), letters)
+        splits = [heldout_split(doc_id, self.heldout_fraction) for doc_id in kept.column("id").to_pylist()]
+        # Token lists become Arrow int32 a chunk at a time (as Python ints they take ~9x more).
+        chunks = [pa.array(self.tokenizer.encode_batch(kept.column("text").slice(start, TOKENIZE_ROWS).to_pylist()),
+                           pa.list_(pa.int32()))
+                  for start in range(0, kept.num_rows, TOKENIZE_ROWS)]
+        tokens = pa.chunked_array(chunks, pa.list_(pa.int32()))
+        lengths = pc.list_value_length(tokens).to_numpy().astype(np.int64)
+        for split in layout.SPLITS:
+            chosen = np.fromiter((s == split for s in splits), bool, len(splits))
+            count(f"documents.{split}", int(chosen.sum()))
+            count(f"tokens.{split}", int(lengths[chosen].sum()))
+        count("documents_kept", kept.num_rows)
+        count("tokens", int(lengths.sum()))
+        table = (kept.append_column("split", pa.array(splits, pa.string()))
+                 .append_column("tokens", tokens)
+                 .select(DOCUMENT_SCHEMA.names).cast(DOCUMENT_SCHEMA))
+        fileio.write_table(layout.documents_file(self.folder, bucket), table)
+        yield bucket

@@ -1,0 +1,99 @@
+"""Read step of the documents stage: input files → clean documents in content-hash bucket files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import apache_beam as beam
+import pyarrow as pa
+
+from lorydata.clean import CleanConfig, clean_document
+from lorydata.documents import DeadLetter
+from lorydata.readers import ReaderConfig, file_format, read_file
+from pipelines import dead_letters, fileio, layout
+from pipelines.runner.beam import count
+
+BUCKET_BYTES = 16 << 20  # input bytes per bucket (compressed inputs count 4x)
+MAX_BUCKETS = 4096
+FLUSH_CHARS = 32 << 20  # a reader writes its buffered documents out at this many characters
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("content_hash", pa.string()),
+        ("id", pa.string()),
+        ("domain", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("text", pa.string()),
+    ]
+)
+
+
+def bucket_of(content_hash: str, buckets: int) -> int:
+    """The bucket of a document: a range of its (uniform) content hash, so buckets in order
+    hold the documents in hash order."""
+    return (int(content_hash[:12], 16) * buckets) >> 48
+
+
+def buckets_for(files: list[str], requested: int | None = None) -> int:
+    """Buckets of a build: the requested number, or about one per `BUCKET_BYTES` of input
+    (remote inputs of unknown size count as one bucket's worth each)."""
+    if requested:
+        return requested
+    total = 0
+    for path in files:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = BUCKET_BYTES
+        total += size * (4 if file_format(path) in ("jsonl.zst", "jsonl.gz") else 1)
+    return max(1, min(MAX_BUCKETS, math.ceil(total / BUCKET_BYTES)))
+
+
+class ReadToBucketsFn(beam.DoFn):
+    """(file index, path) → the file's clean documents in raw bucket files
+    (`layout.raw_file`), flushed every `FLUSH_CHARS` characters so a reader holds a bounded
+    buffer whatever the size of its file; dead letters to `read-f<file>-<flush>.jsonl`.
+    Names depend only on the file index, so a retried bundle overwrites its own files.
+
+    Args:
+        folder: the stage folder.
+        reader: field names and size limits.
+        cleaner: normalisation and length filters.
+        buckets: number of buckets.
+    """
+
+    def __init__(self, folder: str, reader: ReaderConfig, cleaner: CleanConfig, buckets: int):
+        self.folder, self.reader, self.cleaner, self.buckets = folder, reader, cleaner, buckets
+
+    def process(self, element: tuple[int, str]):
+        index, path = element
+        rows: dict[int, list[dict]] = {}
+        letters: list[DeadLetter] = []
+        chars, flush = 0, 0
+        for record in read_file(path, self.reader):
+            count("records_read")
+            if not isinstance(record, DeadLetter):
+                record = clean_document(record, self.cleaner)
+            if isinstance(record, DeadLetter):
+                dead_letters.drop(record, letters)
+                continue
+            if record.replacements:
+                count("utf8_replacements", record.replacements)
+                count("documents_with_replacements")
+            rows.setdefault(bucket_of(record.content_hash, self.buckets), []).append(
+                {"content_hash": record.content_hash, "id": record.id, "domain": record.domain,
+                 "source": record.source, "line": record.line, "text": record.text})
+            chars += len(record.text)
+            if chars >= FLUSH_CHARS:
+                self._flush(index, flush, rows, letters)
+                rows, letters, chars, flush = {}, [], 0, flush + 1
+        self._flush(index, flush, rows, letters)
+        yield index
+
+    def _flush(self, index: int, flush: int, rows: dict[int, list[dict]], letters: list[DeadLetter]) -> None:
+        name = f"f{index:06d}-{flush:04d}"
+        for bucket, docs in rows.items():
+            fileio.write_table(layout.raw_file(self.folder, bucket, name), pa.Table.from_pylist(docs, schema=RAW_SCHEMA))
+        dead_letters.write(layout.dead_letter_file(self.folder, f"read-{name}"), letters)

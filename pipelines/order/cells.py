@@ -1,0 +1,148 @@
+"""`--partitions P > 1`: the similarity order of a split as k-means cells on the runner.
+
+k-means centroids are trained in the driver on a hash-chosen sample (256 per cell);
+`cell_steps.AssignCellsFn` writes every document to its cell's files; `OrderCellFn` builds
+each cell's graph and walk on one worker; the cells are chained by a walk over their
+centroids in the driver, and each cell is one unit. The driver holds the sample, O(cells)
+state and the adjacent similarities (4 bytes per document) for the metrics. Neighbours
+across cell borders are lost: the recorded kNN recall is measured against exact search over
+the whole split (streamed a documents file at a time), so the manifest shows what
+partitioning cost. With semantic dedup each cell drops its own duplicates.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from lorydata.knn import as_unit_float32
+from lorydata.order_metrics import adjacent_metrics, break_threshold
+from lorydata.partition import PartitionConfig, chain_cells, partition
+from pipelines import fileio, layout
+from pipelines.order import semantic_dedup
+from pipelines.order.cell_steps import AssignCellsFn, MergeRoutesFn, OrderCellFn
+from pipelines.order.config import OrderConfig
+from pipelines.order.split_data import split_rows
+from pipelines.runner.beam import BeamRunner
+
+KMEANS_POINTS_PER_CELL = 256
+RECALL_SAMPLE = 1000  # queries checked against exact search
+_INT_STATS = ("chains_walked", "short_chains_rehomed", "documents_rehomed", "ends_joined", "chains",
+              "leftover_documents")
+
+
+def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, embeddings_dir: str, split: str,
+                out: str, n: int, parts: int, sample: np.ndarray) -> dict:
+    """Order `split` as `parts` k-means cells, one unit per cell, chained by their centroids.
+
+    Args:
+        config: the order options.
+        runner: where the Beam steps run.
+        documents_dir / embeddings_dir: the finished documents and embeddings stage folders.
+        split: the split.
+        out: the order stage's (temp) folder.
+        n: documents in the split.
+        parts: cells to use.
+        sample: the k-means training sample of the split's vectors.
+
+    Returns:
+        {"order": {...}, "index": {...}} for the manifest.
+    """
+    centroids = partition(sample, PartitionConfig(parts=parts, seed=config.seed, device=config.device,
+                                                  max_points_per_cell=KMEANS_POINTS_PER_CELL)).centroids
+    threshold = break_threshold(sample, seed=config.seed)
+    files = layout.documents_files(documents_dir)
+    on = config.semantic is not None
+    if on:
+        semantic_dedup.sign_split(config.semantic, runner, files, split, out)
+    runner.run_each("AssignCells", files, AssignCellsFn(out, embeddings_dir, split, centroids,
+                                                        min(1.0, RECALL_SAMPLE / n), config.seed, semantic=on))
+    counts = sum(fileio.load_npy(p) for p in fileio.match(fileio.join(layout.cell_counts_folder(out), "*.npy")))
+    sequence = chain_cells(centroids, counts[:, 0])
+    # Largest cells first, so the longest task is not the last one a worker picks up.
+    elements = sorted(((int(c), u) for u, c in enumerate(sequence)), key=lambda e: -counts[e[0], 0])
+    semantic = (config.semantic.cos, config.semantic.confirm_jaccard) if on else None
+    # The requested index as given: each cell falls back to exact search on its own when it
+    # is too small to train it (`OrderCellFn`), and the automatic choice follows cell size.
+    runner.run_each("OrderCells", elements, OrderCellFn(out, config.knn_config(), config.walk_config(), threshold,
+                                                        semantic))
+    runner.run_each("MergeRoutes", files, MergeRoutesFn(out, {int(c): u for u, c in enumerate(sequence)}, split))
+    results = [fileio.load_json(layout.cell_result_file(out, int(c), "result.json")) for c in sequence]
+    # What each cell dropped leaves its unit: documents, and tokens with their EOS.
+    dropped = np.array([[r["semantic_dedup"]["dropped"], r["semantic_dedup"]["tokens_dropped"]
+                         + r["semantic_dedup"]["dropped"]] if on else [0, 0] for r in results], np.int64)
+    units = counts[sequence] - dropped
+    fileio.save_npy(layout.units_file(out), units)
+    walked = n - int(dropped[:, 0].sum())
+    adjacent = np.concatenate([fileio.load_npy(layout.cell_result_file(out, int(c), "adjacent.npy")) for c in sequence])
+    recall, queries = _cells_recall(out, sequence, documents_dir, embeddings_dir, split, config.k, n)
+    broken, sequences = sum(r["broken_sequences"] for r in results), sum(r["sequences"] for r in results)
+    metrics = {
+        "documents": walked,
+        "break_threshold": float(threshold),
+        "break_rule": f"0.95 quantile of random-pair cosine similarity in a sample of {len(sample)} documents "
+                      f"(seed {config.seed})",
+        "break_rate": broken / sequences if sequences else 0.0,
+        "broken_sequences": broken,
+        "sequences": sequences,
+        "seq_len": config.seq_len,
+        **adjacent_metrics(adjacent, threshold, units[:, 0]),
+        "hubness": {"orphan_share": sum(r["orphans"] for r in results) / n,
+                    "max_in_degree": max(r["max_in_degree"] for r in results), "k": config.k},
+        "knn_recall": recall,
+    }
+    graphs = [r["graph"] for r in results if r["graph"]["documents"]]
+    nprobes = sorted({g["nprobe"] for g in graphs if g["nprobe"] is not None})
+    index = {"index": " | ".join(sorted({g["index"] for g in graphs})) or "Flat", "k": config.k,
+             "nprobe": nprobes[0] if len(nprobes) == 1 else None,
+             "device": "cuda" if any(g["device"] == "cuda" for g in graphs) else "cpu", "metric": "inner_product",
+             "documents": n, "knn_recall": recall, "recall_sample": queries,
+             "recall_against": "exact search over the whole split"}
+    for scratch in (layout.cells_folder(out), layout.cell_counts_folder(out), layout.cell_routes_folder(out),
+                    layout.signatures_folder(out)):
+        fileio.delete_tree(scratch)
+    partitions = {"requested": config.partitions, "used": parts, "cell_sizes": [int(s) for s in counts[:, 0]],
+                  "cell_order": [int(c) for c in sequence]}
+    info = {"method": "similarity", "seed": config.seed, "metrics": metrics,
+            "walk": _sum_stats([r["walk"] for r in results]), "partitions": partitions, "units": len(sequence)}
+    if on:
+        info["semantic_dedup"] = semantic_dedup.summary(config.semantic, [r["semantic_dedup"] for r in results])
+    return {"order": info, "index": index}
+
+
+def _sum_stats(all_stats: list[dict]) -> dict:
+    """Walk stats of several cells added up (counts only)."""
+    total = {"method": "similarity", "documents": sum(int(s.get("documents", 0)) for s in all_stats)}
+    for key in _INT_STATS:
+        total[key] = sum(int(s.get(key, 0)) for s in all_stats)
+    total["token_aware"] = any(s.get("token_aware", False) for s in all_stats)
+    return total
+
+
+def _cells_recall(out: str, cells: list[int], documents_dir: str, embeddings_dir: str, split: str, k: int,
+                  n: int) -> tuple[float, int]:
+    """Recall@k of the cells' graphs against exact search over the whole split, for the
+    hash-chosen query sample, streaming the split's vectors a documents file at a time. A
+    neighbour counts when its similarity reaches the exact k-th one's (minus 1e-5), as in
+    `lorydata.knn.knn_recall`.
+
+    Returns:
+        (recall, number of queries).
+    """
+    recalls = [fileio.load_npz(layout.cell_result_file(out, int(c), "recall.npz")) for c in cells]
+    queries = as_unit_float32(np.concatenate([r["x"] for r in recalls]))
+    found = np.concatenate([r["similarities"] for r in recalls])
+    width = min(k, n - 1)
+    if len(queries) == 0 or width <= 0:
+        return 1.0, 0
+    best = np.full((len(queries), width + 1), -np.inf, np.float32)  # the query itself included
+    for path in layout.documents_files(documents_dir):
+        rows = split_rows(fileio.read_table(path, ["split"]), split)
+        if len(rows) == 0:
+            continue
+        x = as_unit_float32(fileio.load_npy(layout.embeddings_file(embeddings_dir, path))[rows])
+        sims, _ = faiss.knn(queries, x, min(width + 1, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        best = -np.sort(-np.concatenate([best, sims], axis=1), axis=1)[:, : width + 1]
+    kth = best[:, width]
+    hits = np.isfinite(found[:, :width]) & (found[:, :width] >= kth[:, None] - 1e-5)
+    return float(hits.sum(axis=1).mean() / width), len(queries)
