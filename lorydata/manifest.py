@@ -71,10 +71,14 @@ class Manifest:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_bytes(self) -> bytes:
+        """The manifest file's content."""
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
     def write(self, folder: str | Path) -> Path:
         """Write `folder/manifest.json` atomically (temp file, fsync, rename)."""
         path = Path(folder) / MANIFEST_NAME
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(path, self.to_bytes())
         return path
 
     @classmethod

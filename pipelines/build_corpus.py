@@ -20,13 +20,11 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
-from pathlib import Path
 
 from lorydata.clean import CleanConfig
 from lorydata.documents import DropReason
@@ -36,9 +34,10 @@ from lorydata.knn import check_index_string, use_faiss_gpu
 from lorydata.minhash import MinHashConfig
 from lorydata.readers import ReaderConfig, expand_inputs
 from lorydata.tokenizer import Tokenizer
-from pipelines import layout
+from pipelines import fileio, layout
 from pipelines.documents import DocumentsConfig, run_documents_stage
 from pipelines.embed import run_embed_stage
+from pipelines.lock import build_lock
 from pipelines.markers import Stage
 from pipelines.options import BuildOptions
 from pipelines.order import compute_order
@@ -55,9 +54,11 @@ class BuildSummary:
     documents: dict = field(default_factory=dict)
     splits: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)  # name → "ran" / "skipped" and seconds
+    partitions: dict = field(default_factory=dict)  # "<stage>/<step>" → partitions and those done before
 
     def to_dict(self) -> dict:
-        return {"out": self.out, "documents": self.documents, "splits": self.splits, "stages": self.stages}
+        return {"out": self.out, "documents": self.documents, "splits": self.splits, "stages": self.stages,
+                "partitions": self.partitions}
 
 
 def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
@@ -68,65 +69,94 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
         log: where progress lines go (the CLI passes a rich console's print).
 
     Raises:
-        LoryDataError: for bad options, missing inputs, a bad tokenizer, or outputs built
-            with other options (without `overwrite`); all before any stage runs.
+        LoryDataError: for bad options, missing inputs, a bad tokenizer, an unwritable or
+            busy `--out`, or outputs built with other options (without `overwrite`); all
+            before any stage runs.
     """
     options.validate()
-    files = expand_inputs(options.inputs)
+    fileio.configure(list(options.beam_args))
+    out = str(options.out).rstrip("/")
+    files = _inputs(options.inputs, out, log)
     tokenizer = Tokenizer(options.tokenizer)
-    out = str(options.out)
-    _check_out_folder(Path(out), options.overwrite)
     if options.order == "similarity":
         _check_similarity_options(options)
-    runner = BeamRunner(options.runner, list(options.beam_args))
+    if fileio.is_local(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise LoryDataError(f"--out {out} exists and is not a folder")
+    with build_lock(out):  # also the check that --out can be written
+        _check_out_folder(out, options.overwrite)
+        try:
+            return _build(options, out, files, tokenizer, log)
+        except OSError as exc:
+            reason = fileio.write_failure(exc)
+            if reason is None:
+                raise
+            raise LoryDataError(f"cannot write the build in {out}: {reason}; every partition written so far is "
+                                "kept: make room and rerun the same command to resume") from None
+
+
+def _build(options: BuildOptions, out: str, files: list[str], tokenizer: Tokenizer, log) -> BuildSummary:
+    """The stages in order (the lock on `out` is held)."""
+    runner = BeamRunner(options.runner, list(options.beam_args), log=log)
     summary = BuildSummary(out)
     log(f"{len(files)} input file(s), tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}), order {options.order}")
+    depends: dict = {}  # what the fingerprints cover so far, named when a rerun is refused
 
-
-    def run_stage(name: str, folder: str, fingerprint: str, work: Callable[[str], dict]) -> tuple[Stage, dict]:
-        return _run_stage(name, Stage(folder, fingerprint, options.overwrite), work, summary, log)
+    def run_stage(name: str, kind: str, folder: str, fingerprint: str, names: tuple[str, ...],
+                  work: Callable[[str], dict]) -> tuple[Stage, dict]:
+        depends.update({option: getattr(options, option) for option in names})
+        stage = Stage(folder, fingerprint, options.overwrite, dict(depends), layout.SCRATCH[kind])
+        return _run_stage(name, stage, work, summary, log)
 
     # 1. documents
-    doc_fp = options.fingerprint("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction",
-                                 "buckets")
+    names = ("text_field", "domain_field", "id_field", "min_chars", "max_chars", "heldout_fraction", "buckets",
+             "near_dedup")
+    doc_fp = options.fingerprint(*names[:-1])
     doc_fp = f"{doc_fp}:{_hash_json([_input_identity(files), tokenizer.sha256])}"
+    depends.update(inputs=_hash_json(_input_identity(files)), tokenizer=tokenizer.sha256)
     if options.near_dedup == "on":  # off keeps the fingerprint of builds made before near-dedup existed
-        doc_fp += ":" + options.fingerprint("near_dedup_threshold", "near_dedup_shingle", "near_dedup_bands",
-                                            "near_dedup_rows")
+        near = ("near_dedup_threshold", "near_dedup_shingle", "near_dedup_bands", "near_dedup_rows")
+        doc_fp += ":" + options.fingerprint(*near)
+        names += near
 
     def documents_work(folder: str) -> dict:
         counts = run_documents_stage(documents_config(options, str(tokenizer.path)), runner, files, folder)
-        _publish_documents_dead_letters(folder, out)  # before the stage is marked done: never lost
+        _publish_dead_letters(folder, out, "*.jsonl")  # before the stage is marked done: never lost
         return counts
 
-    documents, counts = run_stage("documents", layout.documents_stage(out), doc_fp, documents_work)
+    documents, counts = run_stage("documents", "documents", layout.documents_stage(out), doc_fp, names,
+                                  documents_work)
 
     # 2. embeddings
     embeddings_dir, embedder, prior_fp = None, None, doc_fp
     if options.order == "similarity":
-        prior_fp = f"{doc_fp}:{options.fingerprint('embedder', 'embed_max_tokens', 'embed_long', 'embed_batch_size')}"
-        embed, embedded = run_stage("embeddings", layout.embeddings_stage(out), prior_fp,
+        names = ("embedder", "embed_max_tokens", "embed_long", "embed_batch_size")
+        prior_fp = f"{doc_fp}:{options.fingerprint(*names)}"
+        embed, embedded = run_stage("embeddings", "embeddings", layout.embeddings_stage(out), prior_fp, names,
                                     lambda folder: run_embed_stage(embedder_config(options), runner,
                                                                    str(documents.folder), folder))
         embeddings_dir, embedder = str(embed.folder), embedded.get("embedder")
 
     # 3. order, every split
-    order_fp = f"{prior_fp}:{options.fingerprint('order', 'index', 'k', 'nprobe', 'partitions', 'seed', 'seq_len')}"
+    names = ("order", "index", "k", "nprobe", "partitions", "seed", "seq_len")
+    order_fp = f"{prior_fp}:{options.fingerprint(*names)}"
     if options.semantic_dedup is not None:  # off keeps the fingerprint of builds made before it existed
-        order_fp += ":" + options.fingerprint("semantic_dedup", "semantic_dedup_jaccard", "near_dedup_shingle",
-                                              "near_dedup_bands", "near_dedup_rows")
+        semantic = ("semantic_dedup", "semantic_dedup_jaccard", "near_dedup_shingle", "near_dedup_bands",
+                    "near_dedup_rows")
+        order_fp += ":" + options.fingerprint(*semantic)
+        names += semantic
     splits = [split for split in layout.SPLITS if counts["documents_per_split"].get(split, 0) > 0]
     orders = {}
     for split in splits:
         order = partial(compute_order, order_config(options), runner, str(documents.folder), embeddings_dir, split,
                         counts=counts)
-        orders[split] = run_stage(f"order/{split}", layout.order_stage(out, split), order_fp, order)
-        _copy_semantic_dead_letters(str(orders[split][0].folder), out, split)
+        orders[split] = run_stage(f"order/{split}", "order", layout.order_stage(out, split), order_fp, names, order)
+        _publish_dead_letters(str(orders[split][0].folder), out, layout.semantic_dead_letter_pattern(split))
     counts = _with_semantic_drops(counts, {split: info for split, (_, info) in orders.items()})
     summary.documents = counts
 
     # 4. shards, every split
-    shards_fp = f"{order_fp}:{options.fingerprint('seq_len', 'tail', 'rows_per_shard', 'seed')}:{tokenizer.sha256}"
+    names = ("seq_len", "tail", "rows_per_shard", "seed")
+    shards_fp = f"{order_fp}:{options.fingerprint(*names)}:{tokenizer.sha256}"
     for split in splits:
         order_stage, order_info = orders[split]
         manifest_fields = {"counts": {"pipeline": counts}, "order": order_info["order"], "embedder": embedder,
@@ -134,10 +164,12 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
                            "created_by": f"lory {version('lory')}"}
         write = partial(_write_split, shards_config(options), runner, tokenizer, str(documents.folder),
                         str(order_stage.folder), out, split, manifest_fields)
-        _, summary.splits[split] = run_stage(f"shards/{split}", layout.split_folder(out, split), shards_fp, write)
+        _, summary.splits[split] = run_stage(f"shards/{split}", "shards", layout.split_folder(out, split),
+                                             shards_fp, names, write)
     if not summary.splits:
         raise LoryDataError("no document survived reading and cleaning; see the dead letters in "
                             + layout.dead_letters(out))
+    summary.partitions = dict(runner.partitions)
     return summary
 
 
@@ -194,7 +226,7 @@ def _run_stage(name: str, stage: Stage, work: Callable[[str], dict], summary: Bu
         return stage, result
     log(f"{name}: running")
     start = time.perf_counter()
-    result = stage.finish(work(str(stage.start())))
+    result = stage.finish(work(stage.start()))
     summary.stages[name] = {"status": "ran", "seconds": round(time.perf_counter() - start, 2)}
     log(f"{name}: finished in {summary.stages[name]['seconds']:.1f} s")
     return stage, result
@@ -207,6 +239,19 @@ def _write_split(config, runner, tokenizer: Tokenizer, documents_dir: str, order
     return {"documents": manifest.counts["documents"], "sequences": manifest.num_rows,
             "tokens": manifest.counts["tokens"], "shards": len(manifest.shards),
             "folder": layout.split_folder(out, split)}
+
+
+def _inputs(patterns: list[str], out: str, log) -> list[str]:
+    """The input files; those inside `out` (lory's own outputs, when `--out` is inside an
+    input folder) are left out, and said so."""
+    files = expand_inputs(patterns)
+    inside = {f for f in files if f == out or f.startswith(out + "/")}
+    if inside:
+        log(f"left out {len(inside)} file(s) inside --out {out} (lory's own outputs)")
+        files = [f for f in files if f not in inside]
+        if not files:
+            raise LoryDataError(f"every input is inside --out {out}; give inputs outside the build folder")
+    return files
 
 
 def _input_identity(files: list[str]) -> list:
@@ -225,10 +270,11 @@ def _hash_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_out_folder(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LoryDataError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / layout.WORK).is_dir() and not overwrite:
+def _check_out_folder(out: str, overwrite: bool) -> None:
+    """Refuse a non-empty `--out` that is not a lory build folder (unless overwriting)."""
+    if fileio.is_empty_folder(out, ignore=(layout.LOCK,)) or overwrite:
+        return
+    if fileio.is_empty_folder(layout.work_dir(out)):
         raise LoryDataError(f"--out {out} is not empty and is not a lory corpus folder; choose another --out")
 
 
@@ -243,25 +289,13 @@ def _check_similarity_options(options: BuildOptions) -> None:
         use_faiss_gpu("cuda")  # raises when the installed faiss has no GPU support
 
 
-def _publish_documents_dead_letters(stage: str, out: str) -> None:
-    """The documents stage's dead letters become the corpus' `dead_letters/` (replacing those
-    of an earlier build)."""
-    dead = Path(layout.dead_letters(out))
-    shutil.rmtree(dead, ignore_errors=True)
-    own = Path(layout.dead_letters(stage))
-    own.mkdir(exist_ok=True)  # absent when nothing was dropped
-    own.rename(dead)
-
-
-def _copy_semantic_dead_letters(order_dir: str, out: str, split: str) -> None:
-    """The split's `semantic_duplicate` dead letters into the corpus' `dead_letters/`,
-    replacing those of an earlier order of the split."""
-    dead, pattern = Path(layout.dead_letters(out)), layout.semantic_dead_letter_pattern(split)
-    for old in dead.glob(pattern):
-        old.unlink()
-    for letters in sorted(Path(layout.dead_letters(order_dir)).glob(pattern)):
-        dead.mkdir(exist_ok=True)
-        shutil.copyfile(letters, dead / letters.name)
+def _publish_dead_letters(stage: str, out: str, pattern: str) -> None:
+    """A stage's dead-letter files matching `pattern` copied into the corpus'
+    `dead_letters/`, replacing those of an earlier run (the stage keeps its own copy)."""
+    for old in fileio.match(fileio.join(layout.dead_letters(out), pattern)):
+        fileio.delete_tree(old)
+    for letters in fileio.match(fileio.join(layout.dead_letters(stage), pattern)):
+        fileio.copy(letters, fileio.join(layout.dead_letters(out), fileio.basename(letters)))
 
 
 def _with_semantic_drops(counts: dict, orders: dict) -> dict:

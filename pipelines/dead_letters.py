@@ -2,23 +2,30 @@
 
 Every step writes its own files (`pipelines.layout.dead_letter_file`, a name prefix per step),
 so no two workers ever write one file and a step added later adds its reasons by writing
-files of its own.
+files of its own. They are committed with the partition that dropped them.
 """
 
 from __future__ import annotations
 
 from lorydata.documents import DeadLetter
 from pipelines import fileio
-from pipelines.runner.beam import count
+from pipelines.commits import Commit
 
 
-def drop(letter: DeadLetter, letters: list[DeadLetter]) -> None:
+def drop(letter: DeadLetter, letters: list[DeadLetter], out: Commit) -> None:
     """Count `letter` under `dropped.<reason>` and keep it for the step's file."""
-    count(f"dropped.{letter.reason}")
+    out.count(f"dropped.{letter.reason}")
     letters.append(letter)
 
 
-def write(path: str, letters: list[DeadLetter]) -> None:
-    """One dead-letter file (JSON lines); nothing is written for no letters."""
-    if letters:
-        fileio.write_bytes(path, "".join(letter.to_json() + "\n" for letter in letters).encode())
+def encode(letters: list[DeadLetter]) -> bytes:
+    return "".join(letter.to_json() + "\n" for letter in letters).encode()
+
+
+def write(out: Commit | None, path: str, letters: list[DeadLetter]) -> None:
+    """One dead-letter file (JSON lines), committed with the partition (`out`; None: a file
+    the driver writes); nothing for no letters."""
+    if letters and out is not None:
+        out.write_bytes(path, encode(letters))
+    elif letters:
+        fileio.write_bytes(path, encode(letters))

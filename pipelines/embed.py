@@ -10,14 +10,14 @@ runner or the worker count. Memory per worker: one chunk of texts plus the file'
 
 from __future__ import annotations
 
-import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.utils import shared
 
 from lorydata.embed import Embedder, EmbedderConfig
 from pipelines import fileio, layout
-from pipelines.runner.beam import BeamRunner, count
+from pipelines.commits import Commit, PartitionFn
+from pipelines.runner.beam import BeamRunner
 
 CHUNK_BATCHES = 16
 
@@ -29,8 +29,8 @@ class _Model:
         self.embedder = embedder
 
 
-class EmbedBucketFn(beam.DoFn):
-    """documents file → its embeddings `.npy` (see the module docstring). Yields the count.
+class EmbedBucketFn(PartitionFn):
+    """documents file → its embeddings `.npy` (see the module docstring).
 
     Args:
         out: the stage folder.
@@ -45,7 +45,7 @@ class EmbedBucketFn(beam.DoFn):
     def setup(self):
         self.embedder = self._shared.acquire(lambda: _Model(Embedder(self.config))).embedder
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
         chunk = CHUNK_BATCHES * self.config.batch_size
         vectors, texts = [], []
         with fileio.open_read(path) as f:
@@ -58,9 +58,8 @@ class EmbedBucketFn(beam.DoFn):
         if texts:
             vectors.append(self.embedder.encode(texts))
         x = np.concatenate(vectors) if vectors else np.zeros((0, self.embedder.dim), np.float32)
-        fileio.save_npy(layout.embeddings_file(self.out, path), x.astype(np.float32, copy=False))
-        count("documents_embedded", len(x))
-        yield len(x)
+        out.save_npy(layout.embeddings_file(self.out, path), x.astype(np.float32, copy=False))
+        out.count("documents_embedded", len(x))
 
 
 def run_embed_stage(config: EmbedderConfig, runner: BeamRunner, documents_dir: str, folder: str) -> dict:
@@ -77,5 +76,5 @@ def run_embed_stage(config: EmbedderConfig, runner: BeamRunner, documents_dir: s
     """
     files = layout.documents_files(str(documents_dir))
     # Largest files first would need their sizes; hash buckets are of even size anyway.
-    totals = runner.run_each("Embed", files, EmbedBucketFn(str(folder), config))
+    totals = runner.run_each(str(folder), "Embed", files, EmbedBucketFn(str(folder), config))
     return {"documents_embedded": totals.get("documents_embedded", 0), "embedder": Embedder.describe(config)}

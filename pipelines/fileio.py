@@ -1,27 +1,92 @@
-"""File access for pipeline workers, through Beam's `FileSystems`.
+"""The one file layer of a build: every file `lory build-corpus` reads or writes, in the
+driver and in every worker, goes through here (Beam's `FileSystems`), so `--out` and the
+inputs may live on any filesystem Beam serves: local disk, s3://, gs://, hdfs://.
 
-Every file a worker reads or writes goes through here, so a build folder may live on any
-filesystem Beam knows (local disk, gs://, s3://, hdfs://): the paths are plain strings and
-nothing assumes a local temp folder that a remote worker could not see. Writes are atomic
-per file (a temp name, then a rename), so a retried bundle replaces a file whole and a
-reader never sees half of one.
+- Paths are plain strings; nothing assumes a local folder another process could not see.
+- A write is atomic per file: on local disk a temp name then a rename; on an object store
+  the object appears whole when its upload completes. A retried task replaces a file whole
+  and a reader never sees half of one. Nothing relies on renaming folders.
+- S3 goes through Beam's S3 filesystem classes with one client per process (Beam's
+  `S3FileSystem` builds a new boto3 client for every call, 0.1-2 s each); its endpoint and
+  credentials come from the standard AWS environment (`configure`).
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import io
 import json
+import os
 import posixpath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.aws import s3io
+from apache_beam.io.aws.clients.s3 import boto3_client
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.value_provider import RuntimeValueProvider
 
 _RAW = CompressionTypes.UNCOMPRESSED
+# Standard AWS environment variables → Beam's S3 options, for those the user did not give.
+_AWS_ENV = {
+    "AWS_ENDPOINT_URL_S3": "s3_endpoint_url",
+    "AWS_ENDPOINT_URL": "s3_endpoint_url",
+    "AWS_ACCESS_KEY_ID": "s3_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "s3_secret_access_key",
+    "AWS_SESSION_TOKEN": "s3_session_token",
+    "AWS_REGION": "s3_region_name",
+    "AWS_DEFAULT_REGION": "s3_region_name",
+}
+_s3: dict[int, s3io.S3IO] = {}  # one S3 client per process (pid: forked workers make their own)
 
 
+# ---- configuration -----------------------------------------------------------------------
+def s3_flags(flags: list[str]) -> list[str]:
+    """`flags` plus Beam S3 options taken from the standard AWS environment for every S3
+    option `flags` does not set, so workers that do not share the driver's environment
+    (a Dask cluster started elsewhere) reach the same endpoint."""
+    given = {flag.split("=", 1)[0].removeprefix("--") for flag in flags}
+    extra = {}
+    for variable, option in _AWS_ENV.items():
+        if option not in given and option not in extra and os.environ.get(variable):
+            extra[option] = os.environ[variable]
+    return [*flags, *(f"--{option}={value}" for option, value in extra.items())]
+
+
+def configure(flags: list[str]) -> None:
+    """Give Beam's filesystems (this process's) the pipeline options: S3 endpoint and
+    credentials from `flags` or the AWS environment."""
+    FileSystems.set_options(PipelineOptions(s3_flags(flags)))
+    _s3.clear()
+
+
+def _s3io() -> s3io.S3IO:
+    client = _s3.get(os.getpid())
+    if client is None:
+        options = FileSystems._pipeline_options or RuntimeValueProvider.runtime_options
+        client = _s3[os.getpid()] = s3io.S3IO(client=boto3_client.Client(options or PipelineOptions(s3_flags([]))))
+    return client
+
+
+def scheme(path: str) -> str:
+    """"s3", "gs", ... for URLs, "" for local paths."""
+    head, sep, _ = str(path).partition("://")
+    return head.lower() if sep and head.lower() != "file" else ""
+
+
+def is_local(path: str) -> bool:
+    return scheme(path) == ""
+
+
+def _local(path: str) -> str:
+    return str(path).removeprefix("file://")
+
+
+# ---- names -------------------------------------------------------------------------------
 def join(base: str, *parts: str) -> str:
     return FileSystems.join(str(base), *parts)
 
@@ -32,18 +97,76 @@ def stem(path: str) -> str:
     return str(path).rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
+def basename(path: str) -> str:
+    """The last component of a path or URL."""
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+def dirname(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[0]
+
+
+def relative(path: str, folder: str) -> str:
+    """`path` relative to `folder`, which must contain it."""
+    folder = str(folder).rstrip("/") + "/"
+    if not str(path).startswith(folder):
+        raise ValueError(f"{path} is not inside {folder}")
+    return str(path)[len(folder):]
+
+
+# ---- bytes -------------------------------------------------------------------------------
 def write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file beside it, then rename)."""
+    """Write `data` to `path` atomically (see the module docstring)."""
+    if scheme(path) == "s3":
+        with _s3io().open(path, "w") as f:
+            f.write(data)
+        return
+    if not is_local(path):
+        with FileSystems.create(path, compression_type=_RAW) as f:
+            f.write(data)
+        return
+    path = _local(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.inprogress"
-    with FileSystems.create(tmp, compression_type=_RAW) as f:
+    with open(tmp, "wb") as f:
         f.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    os.replace(tmp, path)
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists; False when it does. Atomic on local
+    disk (O_EXCL) and on S3 (`If-None-Match: *`); elsewhere a check then a write."""
+    if scheme(path) == "s3":
+        bucket, key = s3io.parse_s3_path(path)
+        try:
+            _s3io().client.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as exc:  # botocore ClientError: 412 PreconditionFailed when the object exists
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                return False
+            raise
+        return True
+    if not is_local(path):
+        if exists(path):
+            return False
+        write_bytes(path, data)
+        return True
+    path = _local(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
 
 
 def open_read(path: str):
     """A seekable binary file object for reading."""
+    if scheme(path) == "s3":
+        return _s3io().open(path, "r")
+    if is_local(path):
+        return open(_local(path), "rb")
     return FileSystems.open(path, compression_type=_RAW)
 
 
@@ -53,26 +176,131 @@ def read_bytes(path: str) -> bytes:
 
 
 def exists(path: str) -> bool:
+    if scheme(path) == "s3":
+        return _s3io().exists(path)
+    if is_local(path):
+        return os.path.exists(_local(path))
     return FileSystems.exists(path)
 
 
+def size(path: str) -> int:
+    """Bytes of one file."""
+    if scheme(path) == "s3":
+        return _s3io().size(path)
+    if is_local(path):
+        return os.path.getsize(_local(path))
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def sizes(folder: str) -> dict[str, int]:
+    """{path: bytes} of every file below `folder` (one listing on an object store)."""
+    folder = str(folder).rstrip("/")
+    if scheme(folder) == "s3":
+        return {path: size for path, (size, _) in _s3io().list_files(folder + "/", with_metadata=True)}
+    if is_local(folder):
+        found = {}
+        for root, _, names in os.walk(_local(folder)):
+            for name in names:
+                if not name.endswith(".inprogress"):
+                    found[os.path.join(root, name)] = os.path.getsize(os.path.join(root, name))
+        return found
+    metadata = FileSystems.match([folder + "/**"])[0].metadata_list
+    return {m.path: m.size_in_bytes for m in metadata}
+
+
 def match(pattern: str) -> list[str]:
-    """Sorted paths matching a glob (empty when none); files being written are left out."""
-    found = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path for m in found if not m.path.endswith(".inprogress"))
+    """Sorted files matching a glob whose wildcards are in its last component (empty when
+    none); files being written are left out."""
+    if scheme(pattern) == "s3":
+        folder, name = pattern.rsplit("/", 1)
+        found = [path for path, _ in _s3io().list_files(folder + "/")
+                 if "/" not in path[len(folder) + 1:] and fnmatch.fnmatchcase(basename(path), name)]
+    else:
+        found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    return sorted(path for path in found if not path.endswith(".inprogress"))
 
 
+def is_empty_folder(folder: str, ignore: tuple[str, ...] = ()) -> bool:
+    """True when nothing is stored below `folder` (or it does not exist), but for the
+    entries named in `ignore`."""
+    if is_local(folder):
+        folder = _local(folder)
+        return not os.path.isdir(folder) or all(entry.name in ignore for entry in os.scandir(folder))
+    return all(relative(path, folder).split("/")[0] in ignore for path in sizes(folder))
+
+
+# ---- whole files and folders -------------------------------------------------------------
 def delete_tree(path: str) -> None:
-    """Remove a file or folder if it exists."""
+    """Remove a file or a folder (everything below the prefix, on an object store)."""
+    if scheme(path) == "s3":
+        path = str(path).rstrip("/")
+        if _s3io().exists(path):
+            _s3io().delete(path)
+        if sizes(path):
+            _s3io().delete_tree(path + "/")
+        return
     if FileSystems.exists(path):
         FileSystems.delete([path])
 
 
-def write_table(path: str, table: pa.Table, row_group_rows: int = 1024) -> None:
-    """A table as zstd Parquet, atomically."""
+def rename(source: str, target: str) -> None:
+    """Move one file (the target must not exist)."""
+    if scheme(source) == "s3":
+        _s3io().rename(source, target)
+    else:
+        FileSystems.rename([source], [target])
+
+
+def copy(source: str, target: str) -> None:
+    """Copy one file (server-side on an object store)."""
+    if scheme(source) == "s3":
+        _s3io().copy(source, target)
+    elif is_local(source):
+        write_bytes(target, read_bytes(source))
+    else:
+        FileSystems.copy([source], [target])
+
+
+_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The reason when `exc` (or the text Beam wrapped a worker's error in) is a write that
+    the storage refused (full disk, quota, file size limit, read-only), else None."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES:
+        return exc.strerror or os.strerror(exc.errno)
+    for code in _WRITE_FAILURES:
+        if f"[Errno {code}]" in str(exc):
+            return os.strerror(code)
+    return None
+
+
+# ---- serialisations (bytes, so commits can record size and hash) -------------------------
+def table_bytes(table: pa.Table, row_group_rows: int = 1024) -> bytes:
+    """A table as zstd Parquet."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows)
-    write_bytes(path, sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def json_bytes(value) -> bytes:
+    return json.dumps(value, sort_keys=True).encode()
+
+
+def write_table(path: str, table: pa.Table, row_group_rows: int = 1024) -> None:
+    write_bytes(path, table_bytes(table, row_group_rows))
 
 
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
@@ -92,9 +320,7 @@ def read_tables(paths: list[str], columns: list[str] | None = None, schema: pa.S
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, npy_bytes(array))
 
 
 def load_npy(path: str) -> np.ndarray:
@@ -102,9 +328,7 @@ def load_npy(path: str) -> np.ndarray:
 
 
 def save_npz(path: str, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, npz_bytes(**arrays))
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
@@ -113,18 +337,8 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def save_json(path: str, value) -> None:
-    write_bytes(path, json.dumps(value, sort_keys=True).encode())
+    write_bytes(path, json_bytes(value))
 
 
 def load_json(path: str):
     return json.loads(read_bytes(path))
-
-
-def basename(path: str) -> str:
-    """The last component of a path or URL."""
-    return posixpath.basename(str(path))
-
-
-def rename(source: str, target: str) -> None:
-    """Move one file (the target must not exist)."""
-    FileSystems.rename([source], [target])

@@ -5,8 +5,9 @@ A build folder (`--out`) holds the outputs (`train/`, `heldout/`, `dead_letters/
 
     _work/documents/            b<bucket>.parquet (deduplicated, tokenized documents)
         raw/b<bucket>/          f<file>-<flush>.parquet (read step → dedup step)
-        near_dedup/             lsh/l<bucket>/*.arrow, edges/, drops/, staged/
-        dead_letters/           <step>-<part>.jsonl (moved to OUT/dead_letters at the end)
+        deduped/                b<bucket>.parquet (dedup step → near dedup)
+        near_dedup/             lsh/l<bucket>/*.arrow, edges/, drops/
+        dead_letters/           <step>-<part>.jsonl (copied to OUT/dead_letters at the end)
     _work/embeddings/           b<bucket>.npy, row-aligned with b<bucket>.parquet
     _work/order/<split>/        routes/b<bucket>.npy, units.npy, knn/ (P = 1), and scratch:
                                 unitcounts/, signatures/, cells/, cellcounts/, cellroutes/,
@@ -16,7 +17,9 @@ A build folder (`--out`) holds the outputs (`train/`, `heldout/`, `dead_letters/
 Each stage writes into the folder its `pipelines.markers.Stage` gives it, so the functions
 below take that folder: a stage never builds a path from another stage's names. Partition
 files are named after the partition alone (bucket, cell, unit, shard), so a retried task
-overwrites its own files and any worker count writes the same names.
+overwrites its own files and any worker count writes the same names. Every stage folder
+also holds its markers and partition records (`pipelines.markers`, `pipelines.commits`);
+`SCRATCH` names what goes once the stage is done.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from pipelines import fileio
 WORK = "_work"
 DEAD_LETTERS = "dead_letters"
 SPLITS = ("train", "heldout")
+LOCK = "_lock.json"
+# Intermediate files of each stage, removed once it is done (relative to its folder).
+SCRATCH = {
+    "documents": ("raw", "deduped", "near_dedup/lsh"),
+    "embeddings": (),
+    "order": ("unitcounts", "signatures", "cells", "cellcounts", "cellroutes"),
+    "shards": ("_scratch",),
+}
 
 
 def bucket_name(bucket: int) -> str:
@@ -51,6 +62,10 @@ def lsh_name(bucket: int) -> str:
 # ---- the build folder -------------------------------------------------------------------
 def work_dir(out: str) -> str:
     return fileio.join(out, WORK)
+
+
+def lock_file(out: str) -> str:
+    return fileio.join(out, LOCK)
 
 
 def documents_stage(out: str) -> str:
@@ -90,8 +105,12 @@ def documents_files(stage: str) -> list[str]:
     return fileio.match(fileio.join(stage, "b*.parquet"))
 
 
-def raw_folder(stage: str) -> str:
-    return fileio.join(stage, "raw")
+def deduped_file(stage: str, bucket: int) -> str:
+    return fileio.join(stage, "deduped", f"{bucket_name(bucket)}.parquet")
+
+
+def deduped_files(stage: str) -> list[str]:
+    return fileio.match(fileio.join(stage, "deduped", "b*.parquet"))
 
 
 def raw_file(stage: str, bucket: int, part: str) -> str:
@@ -128,14 +147,6 @@ def edges_files(near_dedup: str) -> list[str]:
 
 def drops_file(near_dedup: str, documents: str) -> str:
     return fileio.join(near_dedup, "drops", f"{fileio.stem(documents)}.json")
-
-
-def staged_folder(near_dedup: str) -> str:
-    return fileio.join(near_dedup, "staged")
-
-
-def staged_file(near_dedup: str, documents: str) -> str:
-    return fileio.join(near_dedup, "staged", fileio.basename(documents))
 
 
 # ---- embeddings stage -------------------------------------------------------------------

@@ -45,3 +45,54 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class S3Server:
+    """A real S3 API on 127.0.0.1 (moto's server mode) with one bucket, reached through the
+    standard AWS environment variables, as the code under test would reach AWS or MinIO."""
+
+    def __init__(self, endpoint: str, bucket: str):
+        import boto3
+
+        self.endpoint, self.bucket = endpoint, bucket
+        self.client = boto3.client("s3", endpoint_url=endpoint)
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}".rstrip("/")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def upload(self, path: Path, key: str) -> str:
+        self.client.upload_file(str(path), self.bucket, key)
+        return self.url(key)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """`S3Server` on a free port for the module; the AWS variables point at it meanwhile."""
+    import logging
+    import uuid
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        found = S3Server(f"http://{host}:{port}", f"lory-{uuid.uuid4().hex[:8]}")
+        found.client.create_bucket(Bucket=found.bucket)
+        yield found
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

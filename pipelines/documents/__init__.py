@@ -9,8 +9,8 @@ indices and bucket numbers.
    surviving document goes to the raw files of the bucket of its content hash.
 2. dedup (`dedup.DedupBucketFn`, one element per bucket): exact dedup, train/held-out
    split by id hash, tokenization → the bucket's documents file.
-3. near dedup (`near_dedup`, unless off): MinHash LSH over the documents files; the
-   near-duplicates leave them.
+3. near dedup (`near_dedup`, unless off): MinHash LSH over the deduplicated files; the
+   documents files are those files without the near-duplicates.
 
 Output, the seam for the stages after it (`pipelines.layout`, documents stage):
 the documents files `b<bucket>.parquet` (both splits, `split` column; buckets are ranges of
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from lorydata.clean import CleanConfig
 from lorydata.minhash import MinHashConfig
 from lorydata.readers import ReaderConfig
-from pipelines import fileio, layout
+from pipelines import layout
 from pipelines.documents.dedup import DedupBucketFn
 from pipelines.documents.near_dedup import drop_near_duplicates
 from pipelines.documents.read import ReadToBucketsFn, buckets_for
@@ -71,14 +71,14 @@ def run_documents_stage(config: DocumentsConfig, runner: BeamRunner, files: list
     """
     folder = str(folder)
     buckets = buckets_for(files, config.buckets)
-    totals = runner.run_steps([
+    near = config.near_dedup is not None
+    totals = runner.run_steps(folder, [
         ("Read", list(enumerate(files)), ReadToBucketsFn(folder, config.reader, config.cleaner, buckets)),
-        ("Dedup", list(range(buckets)), DedupBucketFn(folder, config.tokenizer, config.heldout_fraction)),
+        ("Dedup", list(range(buckets)), DedupBucketFn(folder, config.tokenizer, config.heldout_fraction, final=not near)),
     ])
-    fileio.delete_tree(layout.raw_folder(folder))
     near_dedup = None
-    if config.near_dedup is not None:
-        near_dedup, changes = drop_near_duplicates(config.near_dedup, runner, layout.documents_files(folder),
+    if near:
+        near_dedup, changes = drop_near_duplicates(config.near_dedup, runner, layout.deduped_files(folder),
                                                    totals.get("documents_kept", 0), folder,
                                                    layout.near_dedup_folder(folder))
         for name, value in changes.items():

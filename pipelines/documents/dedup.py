@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,8 +11,8 @@ import pyarrow.compute as pc
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.tokenizer import Tokenizer
 from pipelines import dead_letters, fileio, layout
+from pipelines.commits import Commit, PartitionFn
 from pipelines.documents.read import RAW_SCHEMA
-from pipelines.runner.beam import count
 
 TOKENIZE_ROWS = 256
 # The bucket files after dedup: the raw columns with the split before the text and the tokens after it.
@@ -53,32 +52,35 @@ def first_copies(table: pa.Table) -> tuple[pa.Table, list[DeadLetter]]:
     return table.filter(pa.array(first)), letters
 
 
-class DedupBucketFn(beam.DoFn):
-    """bucket → `b<bucket>.parquet` (`DOCUMENT_SCHEMA`, sorted by content hash): exact dedup
+class DedupBucketFn(PartitionFn):
+    """bucket → its documents file (`DOCUMENT_SCHEMA`, sorted by content hash): exact dedup
     (the first copy by (source, line) wins, whatever the scheduling), train/held-out split by
-    id hash, tokens; duplicates to `dedup-b<bucket>.jsonl`. Yields the bucket.
+    id hash, tokens; duplicates to `dedup-b<bucket>.jsonl`.
 
     Args:
         folder: the stage folder.
         tokenizer_path: tokenizer (None: the bundled one).
         heldout_fraction: share of documents (by id hash) in the held-out split.
+        final: write the stage's documents file (`layout.documents_file`); False: the
+            deduplicated file that near-dedup reads (`layout.deduped_file`).
     """
 
-    def __init__(self, folder: str, tokenizer_path: str | None, heldout_fraction: float):
+    def __init__(self, folder: str, tokenizer_path: str | None, heldout_fraction: float, final: bool = True):
         self.folder, self.tokenizer_path, self.heldout_fraction = folder, tokenizer_path, heldout_fraction
+        self.final = final
         self.tokenizer = None
 
     def setup(self):
         self.tokenizer = Tokenizer(self.tokenizer_path)
 
-    def process(self, bucket: int, after=None):
+    def run(self, bucket: int, out: Commit) -> None:
         parts = layout.raw_files(self.folder, bucket)
         if not parts:
             return
         kept, letters = first_copies(fileio.read_tables(parts))
         for letter in letters:
-            count(f"dropped.{letter.reason}")
-        dead_letters.write(layout.dead_letter_file(self.folder, f"dedup-{layout.bucket_name(bucket)}"), letters)
+            out.count(f"dropped.{letter.reason}")
+        dead_letters.write(out, layout.dead_letter_file(self.folder, f"dedup-{layout.bucket_name(bucket)}"), letters)
         splits = [heldout_split(doc_id, self.heldout_fraction) for doc_id in kept.column("id").to_pylist()]
         # Token lists become Arrow int32 a chunk at a time (as Python ints they take ~9x more).
         chunks = [pa.array(self.tokenizer.encode_batch(kept.column("text").slice(start, TOKENIZE_ROWS).to_pylist()),
@@ -88,12 +90,12 @@ class DedupBucketFn(beam.DoFn):
         lengths = pc.list_value_length(tokens).to_numpy().astype(np.int64)
         for split in layout.SPLITS:
             chosen = np.fromiter((s == split for s in splits), bool, len(splits))
-            count(f"documents.{split}", int(chosen.sum()))
-            count(f"tokens.{split}", int(lengths[chosen].sum()))
-        count("documents_kept", kept.num_rows)
-        count("tokens", int(lengths.sum()))
+            out.count(f"documents.{split}", int(chosen.sum()))
+            out.count(f"tokens.{split}", int(lengths[chosen].sum()))
+        out.count("documents_kept", kept.num_rows)
+        out.count("tokens", int(lengths.sum()))
         table = (kept.append_column("split", pa.array(splits, pa.string()))
                  .append_column("tokens", tokens)
                  .select(DOCUMENT_SCHEMA.names).cast(DOCUMENT_SCHEMA))
-        fileio.write_table(layout.documents_file(self.folder, bucket), table)
-        yield bucket
+        target = layout.documents_file if self.final else layout.deduped_file
+        out.write_table(target(self.folder, bucket), table)

@@ -1,13 +1,13 @@
 """Near-duplicate removal on Beam: MinHash LSH over the exactly deduplicated documents.
 
-The last step of the documents stage (`pipelines.documents.run_documents_stage` calls
+The last steps of the documents stage (`pipelines.documents.run_documents_stage` calls
 `drop_near_duplicates` after exact dedup), so it runs before embedding for both orders:
 similarity and random builds of one input hold the same documents, copies are never
 embedded, and every later stage reads the documents files as before. Documents move
 between steps through files partitioned by destination, never through an in-memory
 shuffle, and Beam carries only file names and bucket numbers:
 
-1. sign (`SignFileFn`, one documents file per element): MinHash signature and band keys of
+1. sign (`SignFileFn`, one deduplicated file per element): MinHash signature and band keys of
    every document; each (band key, content hash, length, id, file, signature) record goes
    to the LSH bucket file of `band key % lsh_buckets` (`layout.lsh_file`).
 2. verify (`VerifyBucketFn`, one LSH bucket per element): records sorted by (band key,
@@ -19,10 +19,10 @@ shuffle, and Beam carries only file names and bucket numbers:
 3. driver: connected components over the (few) edges, one keeper per component
    (`lorydata.near_dedup.group_duplicates`); drop lists written per documents file
    (`layout.drops_file`: dropped hash → [kept id, group size]).
-4. apply (`ApplyDropsFn`, one documents file with drops per element): the file without its
-   dropped documents, staged and then moved over the original by the driver, so a retried
-   bundle reads the unchanged original; the dropped documents become `near_duplicate` dead
-   letters naming the id they duplicate (`near_dedup-<file>.jsonl`).
+4. apply (`ApplyDropsFn`, one deduplicated file per element): the stage's documents file,
+   which is the deduplicated file without its dropped documents (a copy where it has none);
+   the dropped documents become `near_duplicate` dead letters naming the id they duplicate
+   (`near_dedup-<file>.jsonl`). Inputs are never changed, so every step can be resumed.
 
 Dedup spans both splits, so a held-out document never has a near-copy in training. Every
 output depends on the documents only (members sorted, keeper by length then hash, files
@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,7 +45,8 @@ from lorydata.documents import DeadLetter, DropReason
 from lorydata.minhash import MinHashConfig, MinHasher
 from lorydata.near_dedup import PAIRWISE_LIMIT, DocRef, UnionFind, bucket_pairs, group_duplicates
 from pipelines import dead_letters, fileio, layout
-from pipelines.runner.beam import BeamRunner, count
+from pipelines.commits import Commit, PartitionFn
+from pipelines.runner.beam import BeamRunner
 
 # Band records per LSH bucket the step aims for: ≈ 100k × (4·128 + ~100) bytes ≈ 60 MB for
 # one verifying worker at the default 128 permutations.
@@ -63,8 +63,8 @@ def band_schema(num_perm: int) -> pa.Schema:
                       ("file", pa.string()), ("signature", pa.list_(pa.uint32(), num_perm))])
 
 
-class SignFileFn(beam.DoFn):
-    """documents file → its band records in LSH bucket files.
+class SignFileFn(PartitionFn):
+    """deduplicated documents file → its band records in LSH bucket files.
 
     Args:
         folder: the near-dedup work folder.
@@ -78,23 +78,23 @@ class SignFileFn(beam.DoFn):
     def setup(self):
         self.hasher = MinHasher(self.config)
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
         stem, part, pending = fileio.stem(path), 0, []
         table = fileio.read_table(path, columns=["content_hash", "id", "text"])
         for key, doc_id, text in zip(*(table.column(i).to_pylist() for i in range(3)), strict=True):
             signature = self.hasher.signature(text)
             if signature is None:
-                count("near_dedup.no_words")
+                out.count("near_dedup.no_words")
                 continue
-            count("near_dedup.signed")
+            out.count("near_dedup.signed")
             pending.append((key, len(text), doc_id, signature))
             if len(pending) * self.config.bands >= FLUSH_RECORDS:
-                self._write(pending, stem, part)
+                self._write(out, pending, stem, part)
                 pending, part = [], part + 1
         if pending:
-            self._write(pending, stem, part)
+            self._write(out, pending, stem, part)
 
-    def _write(self, docs: list[tuple], stem: str, part: int) -> None:
+    def _write(self, out: Commit, docs: list[tuple], stem: str, part: int) -> None:
         signatures = np.stack([d[3] for d in docs])
         bands = np.stack([self.hasher.band_keys(s) for s in signatures])  # (documents, bands)
         destination = bands % np.uint64(self.buckets)
@@ -116,10 +116,10 @@ class SignFileFn(beam.DoFn):
             sink = pa.BufferOutputStream()
             with pa.ipc.new_file(sink, schema) as writer:
                 writer.write_table(table)
-            fileio.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), sink.getvalue().to_pybytes())
+            out.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), sink.getvalue().to_pybytes())
 
 
-class VerifyBucketFn(beam.DoFn):
+class VerifyBucketFn(PartitionFn):
     """LSH bucket → its verified near-duplicate edges (a spanning forest per band key).
 
     Args:
@@ -131,7 +131,7 @@ class VerifyBucketFn(beam.DoFn):
     def __init__(self, folder: str, threshold: float, pairwise_limit: int = PAIRWISE_LIMIT):
         self.folder, self.threshold, self.pairwise_limit = folder, threshold, pairwise_limit
 
-    def process(self, bucket: int, after=None):
+    def run(self, bucket: int, out: Commit) -> None:
         paths = layout.lsh_files(self.folder, bucket)
         if not paths:
             return
@@ -141,7 +141,7 @@ class VerifyBucketFn(beam.DoFn):
         starts = np.flatnonzero(np.r_[True, bands[1:] != bands[:-1]])
         ends = np.r_[starts[1:], len(bands)]
         shared = [(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True) if e - s > 1]
-        count("near_dedup.band_records", len(bands))
+        out.count("near_dedup.band_records", len(bands))
         if not shared:
             return
         num_perm = table.schema.field("signature").type.list_size
@@ -149,34 +149,38 @@ class VerifyBucketFn(beam.DoFn):
         columns = [table.column(c).to_pylist() for c in ("key", "length", "id", "file")]
         lines = []
         for start, end in shared:
-            count("near_dedup.candidate_pairs", (end - start) * (end - start - 1) // 2)
+            out.count("near_dedup.candidate_pairs", (end - start) * (end - start - 1) // 2)
             sets = UnionFind()
             for i, j, _ in bucket_pairs(signatures[start:end], self.threshold, self.pairwise_limit):
                 if not sets.union(i, j):
                     continue  # already connected within this band key: the edge adds nothing
                 lines.append(json.dumps([[c[start + i] for c in columns], [c[start + j] for c in columns]]) + "\n")
-        count("near_dedup.edges", len(lines))
+        out.count("near_dedup.edges", len(lines))
         if lines:
-            fileio.write_bytes(layout.edges_file(self.folder, bucket), "".join(lines).encode())
+            out.write_bytes(layout.edges_file(self.folder, bucket), "".join(lines).encode())
 
 
-class ApplyDropsFn(beam.DoFn):
-    """documents file → the file without its dropped documents, staged
-    (`layout.staged_file`; not written when nothing is left), and `near_duplicate` dead letters.
-
-    The counters it bumps are the documents stage's own (`documents_kept`, `tokens`,
+class ApplyDropsFn(PartitionFn):
+    """deduplicated documents file → the stage's documents file without its dropped documents
+    (not written when nothing is left; a copy when it has none), and `near_duplicate` dead
+    letters. The counts it adds are the documents stage's own (`documents_kept`, `tokens`,
     `documents.<split>`, `tokens.<split>`: down by what it drops; `dropped.near_duplicate`:
     up), so the stage's counts come out right by adding them.
 
     Args:
         folder: the near-dedup work folder (drop lists).
-        stage: the stage folder whose dead letters collect the drops.
+        stage: the documents stage folder.
+        with_drops: names (`fileio.stem`) of the files that have drops.
     """
 
-    def __init__(self, folder: str, stage: str):
-        self.folder, self.stage = folder, stage
+    def __init__(self, folder: str, stage: str, with_drops: set[str]):
+        self.folder, self.stage, self.with_drops = folder, stage, with_drops
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
+        target = layout.documents_file(self.stage, int(fileio.stem(path)[1:]))
+        if fileio.stem(path) not in self.with_drops:
+            out.copy(path, target)
+            return
         drops = fileio.load_json(layout.drops_file(self.folder, path))
         table = fileio.read_table(path)
         hashes = table.column("content_hash").to_pylist()
@@ -186,16 +190,16 @@ class ApplyDropsFn(beam.DoFn):
         letters = []
         for i in np.flatnonzero(~keep).tolist():
             kept_id, group = drops[hashes[i]]
-            count(f"dropped.{DropReason.NEAR_DUPLICATE}")
+            out.count(f"dropped.{DropReason.NEAR_DUPLICATE}")
             for name, n in (("documents_kept", 1), (f"documents.{splits[i]}", 1), ("tokens", tokens[i]),
                             (f"tokens.{splits[i]}", tokens[i])):
-                count(name, -int(n))
+                out.count(name, -int(n))
             letters.append(DeadLetter(sources[i], lines[i], DropReason.NEAR_DUPLICATE,
                                       f"near-duplicate of id {kept_id}, the document kept of a group of {group}",
                                       table.column("text")[i].as_py()[:200]))
-        dead_letters.write(layout.dead_letter_file(self.stage, f"near_dedup-{fileio.stem(path)}"), letters)
+        dead_letters.write(out, layout.dead_letter_file(self.stage, f"near_dedup-{fileio.stem(path)}"), letters)
         if keep.any():
-            fileio.write_table(layout.staged_file(self.folder, path), table.filter(pa.array(keep)))
+            out.write_table(target, table.filter(pa.array(keep)))
 
 
 def read_edges(folder: str):
@@ -209,14 +213,15 @@ def read_edges(folder: str):
 def drop_near_duplicates(config: MinHashConfig, runner: BeamRunner, files: list[str], documents: int, stage: str,
                          work: str, lsh_buckets: int | None = None,
                          pairwise_limit: int = PAIRWISE_LIMIT) -> tuple[dict, dict[str, int]]:
-    """Remove near-duplicates from the documents files in place (each file replaced whole).
+    """Write the stage's documents files: the deduplicated `files` without near-duplicates.
 
     Args:
         config: MinHash LSH parameters.
         runner: where the Beam steps run.
-        files: the documents files.
+        files: the deduplicated documents files (`layout.deduped_files`).
         documents: how many documents they hold (sizes the LSH buckets).
-        stage: the stage folder whose dead letters get the `near_dedup-<file>.jsonl` files.
+        stage: the documents stage folder (documents files, `near_dedup-<file>.jsonl` dead
+            letters, partition records).
         work: a folder for the step's files (LSH buckets are removed at the end; edges and
             drop lists stay).
         lsh_buckets: override the LSH bucket count (default: `lsh_bucket_count`).
@@ -228,7 +233,7 @@ def drop_near_duplicates(config: MinHashConfig, runner: BeamRunner, files: list[
         documents stage).
     """
     lsh_buckets = lsh_buckets or lsh_bucket_count(documents, config.bands)
-    found = runner.run_steps([
+    found = runner.run_steps(stage, [
         ("Sign", files, SignFileFn(work, config, lsh_buckets)),
         ("Verify", list(range(lsh_buckets)), VerifyBucketFn(work, config.threshold, pairwise_limit)),
     ])
@@ -239,17 +244,10 @@ def drop_near_duplicates(config: MinHashConfig, runner: BeamRunner, files: list[
     per_file: dict[str, dict[str, list]] = {}
     for d in dropped:
         per_file.setdefault(file_of[d.dropped.key], {})[d.dropped.key] = [d.kept.id, d.group_size]
-    changed = [path for path in files if fileio.stem(path) in per_file]
-    for path in changed:
-        fileio.save_json(layout.drops_file(work, path), per_file[fileio.stem(path)])
-    changes = runner.run_each("Apply", changed, ApplyDropsFn(work, stage)) if changed else {}
-    for path in changed:  # the driver swaps files in only once every one is staged
-        staged = layout.staged_file(work, path)
-        fileio.delete_tree(path)
-        if fileio.exists(staged):
-            fileio.rename(staged, path)
-    fileio.delete_tree(layout.lsh_folder(work))
-    fileio.delete_tree(layout.staged_folder(work))
+    for path in files:
+        if fileio.stem(path) in per_file:
+            fileio.save_json(layout.drops_file(work, path), per_file[fileio.stem(path)])
+    changes = runner.run_each(stage, "Apply", files, ApplyDropsFn(work, stage, set(per_file)))
     info = {
         "documents_signed": found.get("near_dedup.signed", 0),
         "documents_without_words": found.get("near_dedup.no_words", 0),

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import os
 
-import apache_beam as beam
 import pyarrow as pa
 
 from lorydata.clean import CleanConfig, clean_document
 from lorydata.documents import DeadLetter
 from lorydata.readers import ReaderConfig, file_format, read_file
-from pipelines import dead_letters, fileio, layout
-from pipelines.runner.beam import count
+from pipelines import dead_letters, layout
+from pipelines.commits import Commit, PartitionFn
 
 BUCKET_BYTES = 16 << 20  # input bytes per bucket (compressed inputs count 4x)
 MAX_BUCKETS = 4096
@@ -51,7 +50,7 @@ def buckets_for(files: list[str], requested: int | None = None) -> int:
     return max(1, min(MAX_BUCKETS, math.ceil(total / BUCKET_BYTES)))
 
 
-class ReadToBucketsFn(beam.DoFn):
+class ReadToBucketsFn(PartitionFn):
     """(file index, path) → the file's clean documents in raw bucket files
     (`layout.raw_file`), flushed every `FLUSH_CHARS` characters so a reader holds a bounded
     buffer whatever the size of its file; dead letters to `read-f<file>-<flush>.jsonl`.
@@ -67,33 +66,36 @@ class ReadToBucketsFn(beam.DoFn):
     def __init__(self, folder: str, reader: ReaderConfig, cleaner: CleanConfig, buckets: int):
         self.folder, self.reader, self.cleaner, self.buckets = folder, reader, cleaner, buckets
 
-    def process(self, element: tuple[int, str]):
+    def key(self, element: tuple[int, str]) -> str:
+        return f"f{element[0]:06d}"
+
+    def run(self, element: tuple[int, str], out: Commit) -> None:
         index, path = element
         rows: dict[int, list[dict]] = {}
         letters: list[DeadLetter] = []
         chars, flush = 0, 0
         for record in read_file(path, self.reader):
-            count("records_read")
+            out.count("records_read")
             if not isinstance(record, DeadLetter):
                 record = clean_document(record, self.cleaner)
             if isinstance(record, DeadLetter):
-                dead_letters.drop(record, letters)
+                dead_letters.drop(record, letters, out)
                 continue
             if record.replacements:
-                count("utf8_replacements", record.replacements)
-                count("documents_with_replacements")
+                out.count("utf8_replacements", record.replacements)
+                out.count("documents_with_replacements")
             rows.setdefault(bucket_of(record.content_hash, self.buckets), []).append(
                 {"content_hash": record.content_hash, "id": record.id, "domain": record.domain,
                  "source": record.source, "line": record.line, "text": record.text})
             chars += len(record.text)
             if chars >= FLUSH_CHARS:
-                self._flush(index, flush, rows, letters)
+                self._flush(out, index, flush, rows, letters)
                 rows, letters, chars, flush = {}, [], 0, flush + 1
-        self._flush(index, flush, rows, letters)
-        yield index
+        self._flush(out, index, flush, rows, letters)
 
-    def _flush(self, index: int, flush: int, rows: dict[int, list[dict]], letters: list[DeadLetter]) -> None:
+    def _flush(self, out: Commit, index: int, flush: int, rows: dict[int, list[dict]],
+               letters: list[DeadLetter]) -> None:
         name = f"f{index:06d}-{flush:04d}"
         for bucket, docs in rows.items():
-            fileio.write_table(layout.raw_file(self.folder, bucket, name), pa.Table.from_pylist(docs, schema=RAW_SCHEMA))
-        dead_letters.write(layout.dead_letter_file(self.folder, f"read-{name}"), letters)
+            out.write_table(layout.raw_file(self.folder, bucket, name), pa.Table.from_pylist(docs, schema=RAW_SCHEMA))
+        dead_letters.write(out, layout.dead_letter_file(self.folder, f"read-{name}"), letters)

@@ -20,25 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 
-import apache_beam as beam
 import numpy as np
 
 from lorydata.knn import as_unit_float32, index_for
 from lorydata.order_metrics import adjacent_similarities, break_rate
 from lorydata.partition import order_cell
-from pipelines import fileio, layout
-from pipelines.order.semantic_dedup import (
-    COLUMNS,
-    SemanticFilter,
-    drops_in,
-    load_signatures,
-    write_dead_letters,
-)
+from pipelines import dead_letters, fileio, layout
+from pipelines.commits import Commit, PartitionFn
+from pipelines.order.semantic_dedup import COLUMNS, SemanticFilter, dead_letters_of, drops_in, load_signatures
 from pipelines.order.split_data import empty_routes, sampled, split_rows, token_lengths, unit_counts
-from pipelines.runner.beam import count
 
 
-class AssignCellsFn(beam.DoFn):
+class AssignCellsFn(PartitionFn):
     """documents file → its split's documents in the files of their nearest cell.
 
     Args:
@@ -59,7 +52,7 @@ class AssignCellsFn(beam.DoFn):
         self.centroids, self.recall_fraction, self.seed = centroids, recall_fraction, seed
         self.semantic = semantic
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
         table = fileio.read_table(path, ["content_hash", "split", "tokens"])
         rows = split_rows(table, self.split)
         x = as_unit_float32(fileio.load_npy(layout.embeddings_file(self.embeddings_dir, path))[rows])
@@ -71,14 +64,13 @@ class AssignCellsFn(beam.DoFn):
             carried = load_signatures(self.order_dir, [path])  # row-aligned with `rows`
         for cell in np.unique(cells):
             members = np.flatnonzero(cells == cell)
-            fileio.save_npz(layout.cell_member_file(self.order_dir, int(cell), path),
+            out.save_npz(layout.cell_member_file(self.order_dir, int(cell), path),
                             x=x[members], rows=rows[members], lengths=lengths[members], query=query[members],
                             **{name: values[members] for name, values in carried.items()})
-        fileio.save_npy(layout.cell_counts_file(self.order_dir, path), unit_counts(cells, lengths, len(self.centroids)))
-        yield len(rows)
+        out.save_npy(layout.cell_counts_file(self.order_dir, path), unit_counts(cells, lengths, len(self.centroids)))
 
 
-class OrderCellFn(beam.DoFn):
+class OrderCellFn(PartitionFn):
     """(cell, unit) → the cell's walk, written as positions per source documents file, plus
     its adjacent similarities (`adjacent.npy`), recall rows (`recall.npz`) and `result.json`
     (walk stats, graph description, broken and total sequences, hubness counts).
@@ -97,7 +89,10 @@ class OrderCellFn(beam.DoFn):
         self.order_dir, self.knn_config, self.walk_config = order_dir, knn_config, walk_config
         self.threshold, self.semantic = threshold, semantic
 
-    def process(self, element: tuple[int, int]):
+    def key(self, element: tuple[int, int]) -> str:
+        return layout.cell_name(element[0])
+
+    def run(self, element: tuple[int, int], out: Commit) -> None:
         cell, _unit = element
         parts = layout.cell_member_files(self.order_dir, cell)
         loaded = [fileio.load_npz(p) for p in parts]
@@ -115,30 +110,29 @@ class OrderCellFn(beam.DoFn):
         for path, part in zip(parts, loaded, strict=True):
             end = start + len(part["rows"])
             on = position[start:end] >= 0
-            fileio.save_npy(layout.cell_routes_file(self.order_dir, path, cell),
-                            np.stack([part["rows"][on], position[start:end][on]], axis=1))
+            out.save_npy(layout.cell_routes_file(self.order_dir, path, cell),
+                         np.stack([part["rows"][on], position[start:end][on]], axis=1))
             here = drops_in(drops, start, part["rows"])
             if here:
-                fileio.save_json(layout.cell_routes_file(self.order_dir, path, cell, ".drops.json"), here)
+                out.save_json(layout.cell_routes_file(self.order_dir, path, cell, ".drops.json"), here)
             start = end
         adjacent = adjacent_similarities(x, result.order)
         _, broken, sequences = break_rate(adjacent, self.threshold, lengths[result.order], self.walk_config.seq_len)
         query = np.concatenate([p["query"] for p in loaded])
-        fileio.save_npy(layout.cell_result_file(self.order_dir, cell, "adjacent.npy"), adjacent)
-        fileio.save_npz(layout.cell_result_file(self.order_dir, cell, "recall.npz"), x=x[query],
-                        similarities=result.graph.similarities[query])
+        out.save_npy(layout.cell_result_file(self.order_dir, cell, "adjacent.npy"), adjacent)
+        out.save_npz(layout.cell_result_file(self.order_dir, cell, "recall.npz"), x=x[query],
+                     similarities=result.graph.similarities[query])
         neighbors = result.graph.neighbors
         degree = np.bincount(neighbors[neighbors >= 0], minlength=len(x))
-        fileio.save_json(layout.cell_result_file(self.order_dir, cell, "result.json"), {
+        out.save_json(layout.cell_result_file(self.order_dir, cell, "result.json"), {
             "walk": result.stats, "graph": result.graph.describe(), "broken_sequences": int(broken),
             "sequences": int(sequences), "orphans": int((degree == 0).sum()), "max_in_degree": int(degree.max(initial=0)),
             **({"semantic_dedup": semantic.counts(lengths)} if semantic is not None else {}),
         })
-        count("cells_ordered")
-        yield cell
+        out.count("cells_ordered")
 
 
-class MergeRoutesFn(beam.DoFn):
+class MergeRoutesFn(PartitionFn):
     """documents file → its routes, from the positions the cells wrote for it.
 
     Args:
@@ -150,16 +144,17 @@ class MergeRoutesFn(beam.DoFn):
     def __init__(self, order_dir: str, unit_of_cell: dict[int, int], split: str = ""):
         self.order_dir, self.unit_of_cell, self.split = order_dir, unit_of_cell, split
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
         table = fileio.read_table(path, ["split"])
         routes = empty_routes(table.num_rows)
         for cell, part in layout.cell_routes_files(self.order_dir, path).items():
             pairs = fileio.load_npy(part)
             routes[pairs[:, 0], 0] = self.unit_of_cell[cell]
             routes[pairs[:, 0], 1] = pairs[:, 1]
-        fileio.save_npy(layout.routes_file(self.order_dir, path), routes)
+        out.save_npy(layout.routes_file(self.order_dir, path), routes)
         drop_files = layout.cell_routes_files(self.order_dir, path, ".drops.json")
         if drop_files:
             drops = [d for _, f in sorted(drop_files.items()) for d in fileio.load_json(f)]
-            write_dead_letters(path, drops, self.order_dir, self.split)
-        yield fileio.stem(path)
+            letters = dead_letters_of(path, drops)
+            dead_letters.write(out, layout.dead_letter_file(self.order_dir,
+                                                            layout.semantic_dead_letter_name(self.split, path)), letters)

@@ -55,8 +55,8 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
     on = config.semantic is not None
     if on:
         semantic_dedup.sign_split(config.semantic, runner, files, split, out)
-    runner.run_each("AssignCells", files, AssignCellsFn(out, embeddings_dir, split, centroids,
-                                                        min(1.0, RECALL_SAMPLE / n), config.seed, semantic=on))
+    runner.run_each(out, "AssignCells", files, AssignCellsFn(out, embeddings_dir, split, centroids,
+                                                             min(1.0, RECALL_SAMPLE / n), config.seed, semantic=on))
     counts = sum(fileio.load_npy(p) for p in fileio.match(fileio.join(layout.cell_counts_folder(out), "*.npy")))
     sequence = chain_cells(centroids, counts[:, 0])
     # Largest cells first, so the longest task is not the last one a worker picks up.
@@ -64,9 +64,9 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
     semantic = (config.semantic.cos, config.semantic.confirm_jaccard) if on else None
     # The requested index as given: each cell falls back to exact search on its own when it
     # is too small to train it (`OrderCellFn`), and the automatic choice follows cell size.
-    runner.run_each("OrderCells", elements, OrderCellFn(out, config.knn_config(), config.walk_config(), threshold,
-                                                        semantic))
-    runner.run_each("MergeRoutes", files, MergeRoutesFn(out, {int(c): u for u, c in enumerate(sequence)}, split))
+    runner.run_each(out, "OrderCells", elements, OrderCellFn(out, config.knn_config(), config.walk_config(),
+                                                             threshold, semantic))
+    runner.run_each(out, "MergeRoutes", files, MergeRoutesFn(out, {int(c): u for u, c in enumerate(sequence)}, split))
     results = [fileio.load_json(layout.cell_result_file(out, int(c), "result.json")) for c in sequence]
     # What each cell dropped leaves its unit: documents, and tokens with their EOS.
     dropped = np.array([[r["semantic_dedup"]["dropped"], r["semantic_dedup"]["tokens_dropped"]
@@ -98,9 +98,6 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
              "device": "cuda" if any(g["device"] == "cuda" for g in graphs) else "cpu", "metric": "inner_product",
              "documents": n, "knn_recall": recall, "recall_sample": queries,
              "recall_against": "exact search over the whole split"}
-    for scratch in (layout.cells_folder(out), layout.cell_counts_folder(out), layout.cell_routes_folder(out),
-                    layout.signatures_folder(out)):
-        fileio.delete_tree(scratch)
     partitions = {"requested": config.partitions, "used": parts, "cell_sizes": [int(s) for s in counts[:, 0]],
                   "cell_order": [int(c) for c in sequence]}
     info = {"method": "similarity", "seed": config.seed, "metrics": metrics,

@@ -15,7 +15,7 @@ from lorydata.knn import compact_graph, knn_recall
 from lorydata.order_metrics import ordering_metrics
 from lorydata.pack import block_starts
 from lorydata.partition import order_cell
-from pipelines import fileio, layout
+from pipelines import dead_letters, fileio, layout
 from pipelines.order import semantic_dedup
 from pipelines.order.config import OrderConfig
 from pipelines.order.split_data import UNIT_TOKENS, empty_routes, load_split_vectors, unit_counts
@@ -63,7 +63,9 @@ def global_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, em
         routes[rows[on], 0], routes[rows[on], 1] = unit_at[mine[on]], mine[on]
         fileio.save_npy(layout.routes_file(out, path), routes)
         if drops:
-            semantic_dedup.write_dead_letters(path, semantic_dedup.drops_in(drops, start, rows), out, split)
+            letters = semantic_dedup.dead_letters_of(path, semantic_dedup.drops_in(drops, start, rows))
+            dead_letters.write(None, layout.dead_letter_file(out, layout.semantic_dead_letter_name(split, path)),
+                               letters)
         start += len(rows)
     fileio.save_npy(layout.units_file(out), unit_counts(unit_at, lengths[order], len(cuts)))
     info = {"method": "similarity", "seed": config.seed, "metrics": metrics, "walk": result.stats,
@@ -85,5 +87,4 @@ def _semantic_filter(config: OrderConfig, runner: BeamRunner, files: list[str], 
         return None
     semantic_dedup.sign_split(config.semantic, runner, files, split, out)
     carried = semantic_dedup.load_signatures(out, files)
-    fileio.delete_tree(layout.signatures_folder(out))  # scratch: the filter holds them now
     return semantic_dedup.SemanticFilter(carried, config.semantic.cos, config.semantic.confirm_jaccard)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 
-import apache_beam as beam
 import numpy as np
 
 from lorydata.shuffle import mix64
 from pipelines import fileio, layout
+from pipelines.commits import Commit, PartitionFn
 from pipelines.order.split_data import (
     UNIT_TOKENS,
     empty_routes,
@@ -21,7 +21,7 @@ from pipelines.order.split_data import (
 from pipelines.runner.beam import BeamRunner
 
 
-class RandomRoutesFn(beam.DoFn):
+class RandomRoutesFn(PartitionFn):
     """documents file → its routes for the random order: key = seeded hash of the content
     hash, unit = the key's range among `units` equal ranges; per-unit counts beside.
 
@@ -35,7 +35,7 @@ class RandomRoutesFn(beam.DoFn):
     def __init__(self, order_dir: str, split: str, units: int, seed: int):
         self.order_dir, self.split, self.units, self.seed = order_dir, split, units, seed
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
         table = fileio.read_table(path, ["content_hash", "split", "tokens"])
         rows = split_rows(table, self.split)
         keys = mix64(hash_keys(table.column("content_hash").take(rows)), self.seed)
@@ -44,10 +44,9 @@ class RandomRoutesFn(beam.DoFn):
         routes = empty_routes(table.num_rows)
         routes[rows, 0] = unit
         routes[rows, 1] = (keys >> np.uint64(1)).astype(np.int64)
-        fileio.save_npy(layout.routes_file(self.order_dir, path), routes)
+        out.save_npy(layout.routes_file(self.order_dir, path), routes)
         lengths = token_lengths(table.take(rows))
-        fileio.save_npy(layout.unit_counts_file(self.order_dir, path), unit_counts(unit, lengths, self.units))
-        yield len(rows)
+        out.save_npy(layout.unit_counts_file(self.order_dir, path), unit_counts(unit, lengths, self.units))
 
 
 def random_order(seed: int, runner: BeamRunner, documents_dir: str, split: str, out: str, n: int,
@@ -63,9 +62,8 @@ def random_order(seed: int, runner: BeamRunner, documents_dir: str, split: str, 
         n / tokens: documents and tokens of the split (size the units: about `UNIT_TOKENS`).
     """
     units = max(1, math.ceil((tokens + n) / UNIT_TOKENS))
-    runner.run_each("RandomRoutes", layout.documents_files(documents_dir), RandomRoutesFn(out, split, units, seed))
+    runner.run_each(out, "RandomRoutes", layout.documents_files(documents_dir), RandomRoutesFn(out, split, units, seed))
     parts = fileio.match(fileio.join(layout.unit_counts_folder(out), "*.npy"))
     totals = sum((fileio.load_npy(p) for p in parts), np.zeros((units, 2), np.int64))
     fileio.save_npy(layout.units_file(out), totals)
-    fileio.delete_tree(layout.unit_counts_folder(out))
     return {"order": {"method": "random", "seed": seed, "metrics": {}, "units": units}}

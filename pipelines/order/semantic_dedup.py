@@ -27,21 +27,21 @@ Memory: a signing worker holds one bucket; the driver of a global walk holds N s
 
 from __future__ import annotations
 
-import apache_beam as beam
 import numpy as np
 
 from lorydata.documents import DeadLetter, DropReason
 from lorydata.minhash import MinHashConfig, MinHasher
 from lorydata.near_dedup import DocRef, SemanticDedup, semantic_duplicates
-from pipelines import dead_letters, fileio, layout
+from pipelines import fileio, layout
+from pipelines.commits import Commit, PartitionFn
 from pipelines.order.config import SemanticDedupConfig
 from pipelines.order.split_data import split_rows
-from pipelines.runner.beam import BeamRunner, count
+from pipelines.runner.beam import BeamRunner
 
 COLUMNS = ("signatures", "chars", "keys", "ids")  # what a cell file carries besides the vectors
 
 
-class SignSplitFn(beam.DoFn):
+class SignSplitFn(PartitionFn):
     """documents file → its signatures file: signatures, characters, content hashes and ids
     of the split's documents, in the order of their rows.
 
@@ -57,24 +57,23 @@ class SignSplitFn(beam.DoFn):
     def setup(self):
         self.hasher = MinHasher(self.config)
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
         table = fileio.read_table(path, ["content_hash", "id", "text", "split"])
         chosen = table.take(split_rows(table, self.split))
         texts = chosen.column("text").to_pylist()
         signatures = np.zeros((len(texts), self.config.num_perm), np.uint32)
         for i, text in enumerate(texts):
             signatures[i] = self.hasher.signature_or_empty(text)
-        fileio.save_npz(layout.signatures_file(self.order_dir, path), signatures=signatures,
+        out.save_npz(layout.signatures_file(self.order_dir, path), signatures=signatures,
                         chars=np.array([len(t) for t in texts], np.int64),
                         keys=np.array(chosen.column("content_hash").to_pylist(), dtype=str),
                         ids=np.array(chosen.column("id").to_pylist(), dtype=str))
-        count("semantic_dedup.signed", len(texts))
-        yield len(texts)
+        out.count("semantic_dedup.signed", len(texts))
 
 
 def sign_split(config: SemanticDedupConfig, runner: BeamRunner, files: list[str], split: str, order_dir: str) -> None:
     """Step 1 over every documents file, on the runner."""
-    runner.run_each("SignSplit", files, SignSplitFn(order_dir, split, config.minhash))
+    runner.run_each(order_dir, "SignSplit", files, SignSplitFn(order_dir, split, config.minhash))
 
 
 def load_signatures(order_dir: str, files: list[str]) -> dict[str, np.ndarray]:
@@ -139,24 +138,22 @@ def drops_in(drops: dict[int, dict], start: int, rows: np.ndarray) -> list[dict]
     return [{**drops[i], "row": int(rows[i - start])} for i in range(start, start + len(rows)) if i in drops]
 
 
-def write_dead_letters(path: str, drops: list[dict], order_dir: str, split: str) -> None:
+def dead_letters_of(path: str, drops: list[dict]) -> list[DeadLetter]:
     """`semantic_duplicate` dead letters of one documents file.
 
     Args:
         path: the documents file.
         drops: records of `SemanticFilter.records` with `row` (the file's row) added.
-        order_dir: the order stage folder (its dead letters get the file).
-        split: the split, part of the file name.
     """
     if not drops:
-        return
+        return []
     drops = sorted(drops, key=lambda d: d["row"])
     table = fileio.read_table(path, ["source", "line", "text"]).take([d["row"] for d in drops])
     sources, lines, texts = (table.column(c).to_pylist() for c in ("source", "line", "text"))
-    letters = [
+    return [
         DeadLetter(source, line, DropReason.SEMANTIC_DUPLICATE,
                    f"semantic duplicate of id {d['kept']}: cosine {d['cosine']:.4f}, estimated Jaccard "
                    f"{d['jaccard']:.3f}, the document kept of a group of {d['group']}", text[:200])
         for d, source, line, text in zip(drops, sources, lines, texts, strict=True)
     ]
-    dead_letters.write(layout.dead_letter_file(order_dir, layout.semantic_dead_letter_name(split, path)), letters)
+

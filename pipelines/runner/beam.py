@@ -8,36 +8,34 @@ travels through Beam: DoFns read and write partition files (see `pipelines.layou
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from lorydata.errors import LoryDataError
+from pipelines import fileio
+from pipelines.commits import PartitionFn, done_partitions, load_records, totals
 from pipelines.runner.session import LOCAL_RUNNER, make_runner
 
-NAMESPACE = "lory"
 
-
-def count(name: str, n: int = 1) -> None:
-    """Add `n` to the `lory` counter `name` (summed over workers, read back by the driver)."""
-    Metrics.counter(NAMESPACE, name).inc(n)
-
-
-@dataclass(frozen=True)
+@dataclass
 class BeamRunner:
     """Where a build's steps run: a Beam runner and its pass-through flags.
 
     Args:
         name: Beam runner name; the default is the in-process FnApiRunner.
         flags: extra Beam pipeline flags, verbatim (`--direct_num_workers=2`, ...).
+        log: where a line about partitions done by an earlier run goes.
     """
 
     name: str = LOCAL_RUNNER
     flags: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = field(default=lambda _: None, repr=False, compare=False)
+    # {step: {"partitions", "done_before"}} of every step run so far (the build's summary)
+    partitions: dict[str, dict] = field(default_factory=dict, repr=False, compare=False)
 
     def pipeline(self) -> beam.Pipeline:
         """A new Beam pipeline on this runner."""
@@ -49,59 +47,77 @@ class BeamRunner:
         runner = FnApiRunner() if self.name == LOCAL_RUNNER else make_runner(self.name)
         return beam.Pipeline(runner=runner, options=options)
 
-    def run_each(self, label: str, elements: list, fn: beam.DoFn) -> dict[str, int]:
-        """One step: `fn` on each of `elements`; returns the `lory` counters."""
-        return self.run_steps([(label, elements, fn)])
+    def run_each(self, stage: str, label: str, elements: list, fn: PartitionFn) -> dict[str, int]:
+        """One step: `fn` on each of `elements`; returns the counts of its partitions."""
+        return self.run_steps(stage, [(label, elements, fn)])
 
-    def run_steps(self, steps: list[tuple[str, list, beam.DoFn]]) -> dict[str, int]:
-        """Steps that each need all files of the step before, in one Beam pipeline.
+    def run_steps(self, stage: str, steps: list[tuple[str, list, PartitionFn]]) -> dict[str, int]:
+        """Steps of one stage that each need all files of the step before, in one pipeline.
 
-        From the second step on, the DoFn gets the number of outputs of the previous step as
-        a side input (its `process(element, after)`): a runner computes a side input in full
-        before the step that reads it starts, so the side input is a barrier that carries one
-        number.
+        Partitions committed by an earlier run (`pipelines.commits`) are not run again.
+        From the second step on, the DoFn gets the number of outputs of the previous step
+        as a side input (its `process(element, after)`): a runner computes a side input in
+        full before the step that reads it starts, so the side input is a barrier that
+        carries one number.
 
         Args:
-            steps: (label, elements, DoFn) in order.
+            stage: the stage folder (commit records and every file the steps write).
+            steps: (label, elements, PartitionFn) in order; labels unique in the stage.
 
         Returns:
-            The `lory` counters of the whole pipeline.
+            The counts of every partition of every step, added up.
         """
-        pipeline = self.pipeline()
-        done = None
+        stored = fileio.sizes(stage)
+        pipeline, done, todo = self.pipeline(), None, 0
         for label, elements, fn in steps:
-            spread = pipeline | f"{label}Elements" >> beam.Create(elements) | f"Spread{label}" >> beam.Reshuffle()
+            fn.bind(stage, label)
+            finished = done_partitions(stage, label, stored)
+            pending = [e for e in elements if fn.key(e) not in finished]
+            self.partitions[f"{fileio.basename(stage)}/{label}"] = {"partitions": len(elements),
+                                                                   "done_before": len(elements) - len(pending)}
+            if len(pending) < len(elements):
+                self.log(f"  {label}: {len(elements) - len(pending)} of {len(elements)} partitions done by an "
+                         "earlier run, verified and kept")
+            todo += len(pending)
+            spread = pipeline | f"{label}Elements" >> beam.Create(pending) | f"Spread{label}" >> beam.Reshuffle()
             after = [] if done is None else [beam.pvalue.AsSingleton(done)]
             done = spread | label >> beam.ParDo(fn, *after) | f"{label}Done" >> beam.combiners.Count.Globally()
-        return counters(run_pipeline(pipeline))
+        if todo:
+            run_pipeline(pipeline)
+        records = []
+        for label, elements, fn in steps:
+            found = load_records(stage, label)
+            missing = [e for e in elements if fn.key(e) not in found]
+            if missing:
+                raise RuntimeError(f"step {label}: {len(missing)} partition(s) finished without a commit record")
+            records += [found[fn.key(e)] for e in elements]
+        return totals(records)
 
 
 def run_pipeline(pipeline: beam.Pipeline):
-    """Run a pipeline to the end; a `LoryDataError` raised inside a worker process comes back
-    as one, with its message only.
+    """Run a pipeline to the end. What a worker raised comes back as the user should see it:
+    a `LoryDataError` with its message only, a full disk as one `LoryDataError`, Ctrl-C as
+    `KeyboardInterrupt`.
 
-    In-process, Beam re-raises the worker's exception itself; from worker processes it
-    raises a RuntimeError whose text is the worker's whole traceback, which the CLI would
-    print in full for a plain user mistake.
+    In-process, Beam re-raises the worker's exception itself (or wraps it in a RuntimeError
+    "... [while running 'Step']"); from worker processes it raises a RuntimeError whose text
+    is the worker's whole traceback, which the CLI would print in full.
     """
     try:
         result = pipeline.run()
         result.wait_until_finish()
-    except LoryDataError:
+    except (LoryDataError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        found = re.findall(r"(?:LoryDataError|InputNotFoundError|ShardError|MismatchError): (.+)", str(exc))
+        text = str(exc)
+        found = re.findall(r"(?:LoryDataError|InputNotFoundError|ShardError|MismatchError): (.+)", text)
         if found:
             raise LoryDataError(re.sub(r" \[while running .*\]$", "", found[-1].strip())) from exc
+        if "KeyboardInterrupt" in text:
+            raise KeyboardInterrupt from None
+        reason = fileio.write_failure(exc)
+        if reason:
+            raise LoryDataError(f"a worker could not write the build: {reason}; every partition written so far is "
+                                "kept: make room and rerun the same command to resume") from None
         raise
     return result
-
-
-def counters(result) -> dict[str, int]:
-    """The committed values of the `lory` Beam counters of a finished pipeline."""
-    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    totals: dict[str, int] = {}
-    for counter in found:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
-    return totals

@@ -16,6 +16,9 @@ loses data or work in six ways, each fixed here (and pinned by `tests/pipelines/
   dask dependency, computed once and handed to every task.
 - `result.metrics()` raised NotImplementedError. Here each bundle runs under a
   MetricsContainer and the counters come back with the results.
+- workers never saw the pipeline options, so Beam's filesystems had none (S3: "Must provide
+  one of client or options"). Here every worker sets them once per run, as Beam's SDK
+  harness does.
 
 Also: one DoFn instance per worker thread is set up once per pipeline run and reused across
 bundles (as Beam's runners do; RunInference loads its model once, not per partition), `Create`
@@ -46,7 +49,9 @@ import dask.bag as db
 import dask.distributed as ddist
 from apache_beam import pvalue
 from apache_beam.internal import pickler
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.execution import MetricsContainer
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor
 from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, Receiver, _OutputHandler
 from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner
@@ -102,6 +107,15 @@ _POOL_LOCK = threading.Lock()
 _POOL: dict[str, Any] = {"run": None, "idle": {}}
 
 
+def _set_options(run: str, options: dict) -> None:
+    """The run's pipeline options for Beam's filesystems in this worker, once per run."""
+    with _POOL_LOCK:
+        if _POOL.get("options_run") == run:
+            return
+        _POOL["options_run"] = run
+    FileSystems.set_options(PipelineOptions.from_dictionary(options))
+
+
 def _take_dofn(run: str, key: str, fn_bytes: bytes):
     """A set-up DoFn for `key`: an idle one of this run, or a fresh one (set up now).
 
@@ -140,6 +154,7 @@ class _ParDoSpec:
     args: tuple
     kwargs: dict
     views: list = field(default_factory=list)  # (view class, view options) per side input
+    options: dict = field(default_factory=dict)  # the pipeline options (filesystems need them)
 
 
 def _run_bundle(items, spec: _ParDoSpec, *side_values) -> list:
@@ -149,6 +164,7 @@ def _run_bundle(items, spec: _ParDoSpec, *side_values) -> list:
     updates under `METRICS_TAG`.
     """
     key = spec.label
+    _set_options(spec.run, spec.options)
     fn = _take_dofn(spec.run, key, spec.fn_bytes)
     receivers = _Receivers()
     handler = _OutputHandler(
@@ -231,12 +247,14 @@ class _BagGraph(PipelineVisitor):
         bag_kwargs: `--dask_npartitions` / `--dask_partition_size`, for `Create`.
         partitions: fewest partitions `Create`, `Reshuffle` and `GroupByKey` spread over.
         run: a fresh id per run (keys the per-worker DoFn pool).
+        options: the pipeline options as a dict (handed to every worker).
     """
 
-    def __init__(self, bag_kwargs: dict, partitions: int, run: str):
+    def __init__(self, bag_kwargs: dict, partitions: int, run: str, options: dict | None = None):
         self.bag_kwargs = bag_kwargs
         self.partitions = max(1, partitions)
         self.run = run
+        self.options = options or {}
         self.bags: dict[AppliedPTransform, Any] = {}
         self.tagged: set[AppliedPTransform] = set()  # transforms whose bag holds (tag, value)
         self.consumed: set[AppliedPTransform] = set()
@@ -305,6 +323,7 @@ class _BagGraph(PipelineVisitor):
             args=tuple(transform.args),
             kwargs=dict(transform.kwargs),
             views=[(type(si), si._view_options()) for si in node.side_inputs],
+            options=self.options,
         )
         side_values = [self.side_value(si) for si in node.side_inputs]
         return bag.map_partitions(_run_bundle, spec, *side_values)
@@ -375,7 +394,8 @@ class LoryDaskRunner(DaskRunner):
         try:
             threads = sum(client.nthreads().values())
             pipeline.replace_all(dask_overrides())
-            graph = _BagGraph(bag_kwargs, partitions=threads, run=uuid.uuid4().hex)
+            graph = _BagGraph(bag_kwargs, partitions=threads, run=uuid.uuid4().hex,
+                              options=options.get_all_options(drop_default=True))
             pipeline.visit(graph)
             metrics, leaves = graph.targets()
             futures = client.compute([*metrics, *leaves])

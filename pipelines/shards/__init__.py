@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorydata.manifest import Manifest, ShardInfo
+from lorydata.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from lorydata.pack import PackStats
 from lorydata.tokenizer import Tokenizer
 from pipelines import fileio, layout
 from pipelines.runner.beam import BeamRunner
 from pipelines.shards.steps import AssembleShardFn, PackUnitFn, RouteTokensFn, sequences_per_unit
+
+TOKENIZER_FILE = "tokenizer.json"  # beside the manifest, so a copied corpus keeps its tokenizer
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def write_split_shards(config: ShardsConfig, runner: BeamRunner, tokenizer: Toke
     # Largest units first, so the longest task is not the last one a worker picks up.
     work.sort(key=lambda e: -units[e[0], 1])
     shard_count = math.ceil(total / rows)
-    runner.run_steps([
+    runner.run_steps(folder, [
         ("Route", layout.documents_files(str(documents_dir)), RouteTokensFn(order_dir, scratch)),
         ("Pack", work, PackUnitFn(scratch, config.seq_len, tokenizer.eos_id, tokenizer.pad_id, config.tail, total,
                                   rows, config.seed)),
@@ -75,12 +77,14 @@ def write_split_shards(config: ShardsConfig, runner: BeamRunner, tokenizer: Toke
     for path in layout.pack_stats_files(scratch):
         for name, value in fileio.load_json(path).items():
             setattr(stats, name, getattr(stats, name) + value)
-    fileio.delete_tree(scratch)
     counts = dict(manifest_fields.pop("counts", {}))
     counts.update({"documents": int(units[:, 0].sum()), "sequences": stats.sequences, "tokens": stats.tokens,
                    "continued_documents": stats.continued_documents, "packing_units": len(units),
                    "tail_tokens_dropped": stats.tail_tokens_dropped, "pad_tokens": stats.pad_tokens})
-    manifest = Manifest(seq_len=config.seq_len, tokenizer=tokenizer.identity().to_dict(), shards=shards,
-                        counts=counts, split=split, **manifest_fields)
-    manifest.write(folder)
+    # The corpus carries its tokenizer: a relative name and its sha256, never a path of this machine.
+    fileio.write_bytes(fileio.join(folder, TOKENIZER_FILE), tokenizer.path.read_bytes())
+    identity = {**tokenizer.identity().to_dict(), "file": TOKENIZER_FILE}
+    manifest = Manifest(seq_len=config.seq_len, tokenizer=identity, shards=shards, counts=counts, split=split,
+                        **manifest_fields)
+    fileio.write_bytes(fileio.join(folder, MANIFEST_NAME), manifest.to_bytes())
     return manifest

@@ -13,7 +13,6 @@ files (`pipelines.layout`, shards stage scratch):
 
 from __future__ import annotations
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
@@ -22,7 +21,7 @@ from lorydata.pack import SequencePacker
 from lorydata.shards import sequences_to_table, shard_name, table_to_ipc_bytes
 from lorydata.shuffle import permute
 from pipelines import fileio, layout
-from pipelines.runner.beam import count
+from pipelines.commits import Commit, PartitionFn
 
 UNIT_SCHEMA = pa.schema([("key", pa.int64()), ("tokens", pa.list_(pa.int32())), ("domain", pa.string())])
 
@@ -33,7 +32,7 @@ def sequences_per_unit(tokens: np.ndarray, seq_len: int, tail: str) -> np.ndarra
     return tokens // seq_len + ((tokens % seq_len > 0) if tail == "pad" else 0)
 
 
-class RouteTokensFn(beam.DoFn):
+class RouteTokensFn(PartitionFn):
     """documents file → its split's documents in their units' files.
 
     Args:
@@ -44,7 +43,7 @@ class RouteTokensFn(beam.DoFn):
     def __init__(self, order_dir: str, scratch: str):
         self.order_dir, self.scratch = order_dir, scratch
 
-    def process(self, path: str):
+    def run(self, path: str, out: Commit) -> None:
         routes = fileio.load_npy(layout.routes_file(self.order_dir, path))
         mine = np.flatnonzero(routes[:, 0] >= 0)
         if len(mine) == 0:
@@ -55,11 +54,10 @@ class RouteTokensFn(beam.DoFn):
             rows = np.flatnonzero(units == unit)
             part = pa.table({"key": keys[rows], "tokens": table.column("tokens").take(rows),
                              "domain": table.column("domain").take(rows)}, schema=UNIT_SCHEMA)
-            fileio.write_table(layout.unit_part_file(self.scratch, int(unit), path), part)
-        yield len(mine)
+            out.write_table(layout.unit_part_file(self.scratch, int(unit), path), part)
 
 
-class PackUnitFn(beam.DoFn):
+class PackUnitFn(PartitionFn):
     """(unit, first seq_id, sequences expected) → the unit's sequences in the shard parts,
     and its `PackStats` beside (`layout.pack_stats_file`).
 
@@ -76,7 +74,10 @@ class PackUnitFn(beam.DoFn):
         self.scratch, self.seq_len, self.eos_id, self.pad_id, self.tail = scratch, seq_len, eos_id, pad_id, tail
         self.total, self.rows_per_shard, self.seed = total, rows_per_shard, seed
 
-    def process(self, element: tuple[int, int, int], after=None):
+    def key(self, element: tuple[int, int, int]) -> str:
+        return layout.unit_name(element[0])
+
+    def run(self, element: tuple[int, int, int], out: Commit) -> None:
         unit, first, expected = element
         parts = layout.unit_part_files(self.scratch, unit)
         table = fileio.read_tables(parts, schema=UNIT_SCHEMA).sort_by("key")
@@ -96,13 +97,12 @@ class PackUnitFn(beam.DoFn):
             for target in np.unique(shard):
                 chosen = [sequences[i] for i in np.flatnonzero(shard == target)]
                 data = table_to_ipc_bytes(sequences_to_table(chosen, self.seq_len), compression=None)
-                fileio.write_bytes(layout.shard_part_file(self.scratch, int(target), unit), data)
-        fileio.save_json(layout.pack_stats_file(self.scratch, unit), packer.stats.to_dict())
-        count("sequences_packed", len(sequences))
-        yield unit
+                out.write_bytes(layout.shard_part_file(self.scratch, int(target), unit), data)
+        out.save_json(layout.pack_stats_file(self.scratch, unit), packer.stats.to_dict())
+        out.count("sequences_packed", len(sequences))
 
 
-class AssembleShardFn(beam.DoFn):
+class AssembleShardFn(PartitionFn):
     """shard → the shard file (rows in the order of their places), written atomically, and
     its `ShardInfo` beside (`layout.shard_info_file`).
 
@@ -116,7 +116,7 @@ class AssembleShardFn(beam.DoFn):
         self.scratch, self.folder = scratch, folder
         self.total, self.rows_per_shard, self.seed = total, rows_per_shard, seed
 
-    def process(self, shard: int, after=None):
+    def run(self, shard: int, out: Commit) -> None:
         parts = layout.shard_part_files(self.scratch, shard)
         tables = [pa.ipc.open_file(pa.BufferReader(fileio.read_bytes(p))).read_all() for p in parts]
         table = pa.concat_tables(tables)
@@ -127,7 +127,5 @@ class AssembleShardFn(beam.DoFn):
         table = table.take(pa.array(np.argsort(place, kind="stable")))
         data = table_to_ipc_bytes(table)
         name = shard_name(shard)
-        fileio.write_bytes(fileio.join(self.folder, name), data)
-        info = ShardInfo.of(name, data, table.num_rows)
-        fileio.save_json(layout.shard_info_file(self.scratch, shard), info.__dict__)
-        yield shard
+        out.write_bytes(fileio.join(self.folder, name), data)
+        out.save_json(layout.shard_info_file(self.scratch, shard), ShardInfo.of(name, data, table.num_rows).__dict__)

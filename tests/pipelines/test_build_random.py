@@ -60,6 +60,9 @@ def test_bad_input_gives_dead_letters_counts_and_every_good_document(bad_build, 
     assert text.count("crème is a fine dessert") == 0 and text.count("caf\ufffd cr\ufffdme") == 1
     summary = json.loads(stdout)
     assert summary["documents"]["records_read"] == 13
+    work = out / "_work" / "documents"
+    assert (work / "_DONE.json").is_file() and not (work / "raw").exists() and not (work / "_commits").exists(), \
+        "a finished stage keeps no scratch"
 
 
 def test_rerun_skips_finished_stages_and_refuses_other_options(bad_build, capsys):
@@ -148,15 +151,18 @@ def test_rerun_after_a_kill_during_the_shards_stage_finishes_like_an_uninterrupt
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (killed / "train.tmp" / "_scratch").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        while not list((killed / "train" / "_commits").glob("*/*.json")) and proc.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)  # the shards pipeline has written its first files
+        proc.send_signal(signal.SIGKILL)  # the shards pipeline has committed its first partition
     finally:
         proc.wait()
-    assert (killed / "_work" / "order" / "train" / "_DONE.json").is_file() and not (killed / "train").exists(), \
-        "the kill did not land inside the shards stage"
+    assert (killed / "_work" / "order" / "train" / "_DONE.json").is_file() and \
+        not (killed / "train" / "_DONE.json").exists(), "the kill did not land inside the shards stage"
     summary = build_corpus(BuildOptions(out=str(killed), **common), log=lambda *_: None)
     assert summary.stages["order/train"]["status"].startswith("skipped") and summary.stages["shards/train"]["status"] == "ran"
-    assert not (killed / "train.tmp").exists()
+    resumed = sum(v["done_before"] for k, v in summary.partitions.items() if k.startswith("train/"))
+    assert resumed >= 1, summary.partitions  # committed partitions were kept, not redone
+    assert not (killed / "train" / "_commits").exists() and not (killed / "train" / "_STARTED.json").exists()
     assert [s.sha256 for s in Manifest.read(killed / "train").shards] == \
         [s.sha256 for s in Manifest.read(tmp_path / "ref" / "train").shards]

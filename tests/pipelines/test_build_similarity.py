@@ -200,31 +200,37 @@ def test_two_worker_processes_give_identical_shards(built, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_rerun_after_a_kill_during_embedding_finishes_like_an_uninterrupted_run(built, corpus, tmp_path):
-    out, _ = built
+def test_rerun_after_a_kill_during_embedding_embeds_only_the_rest(corpus, tmp_path):
+    buckets = {"buckets": 4}  # four partitions to embed
+    reference = tmp_path / "reference"
+    build_corpus(options(corpus[0], reference, **buckets), log=quiet)
     killed = tmp_path / "killed"
     script = ("import json, sys; from pipelines.build_corpus import build_corpus; from pipelines.options import "
               "BuildOptions; build_corpus(BuildOptions(**json.loads(sys.argv[1])))")
-    payload = json.dumps({**COMMON, "inputs": [str(corpus[0])], "out": str(killed)})
+    payload = json.dumps({**COMMON, **buckets, "inputs": [str(corpus[0])], "out": str(killed)})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", script, payload], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work = killed / "_work"
+    embeddings = killed / "_work" / "embeddings"
     try:
-        deadline = time.monotonic() + 120
-        while not (work / "embeddings.tmp").is_dir() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)  # into the embedding pipeline itself
-        proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while len(list((embeddings / "_commits" / "Embed").glob("*.json"))) < 2 and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)  # two buckets are embedded and committed
     finally:
         proc.wait()
-    assert (work / "documents" / "_DONE.json").is_file() and not (work / "embeddings").exists(), \
+    committed = sorted((embeddings / "_commits" / "Embed").glob("*.json"))
+    assert 2 <= len(committed) < 4 and not (embeddings / "_DONE.json").exists(), \
         "the kill did not land inside the embeddings stage"
-    summary = build_corpus(options(corpus[0], killed), log=quiet)
+    damaged = embeddings / f"{committed[0].stem}.npy"  # a committed output cut short: embedded again
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    summary = build_corpus(options(corpus[0], killed, **buckets), log=quiet)
     stages = summary.stages
     assert stages["documents"]["status"].startswith("skipped") and stages["embeddings"]["status"] == "ran"
-    assert not (work / "embeddings.tmp").exists()
-    assert checksums(killed) == checksums(out)
+    assert summary.partitions["embeddings/Embed"] == {"partitions": 4, "done_before": len(committed) - 1}
+    assert not (embeddings / "_commits").exists()
+    assert checksums(killed) == checksums(reference)
 
 
 def test_bad_index_string_fails_in_one_line_before_any_stage(corpus, tmp_path):
