@@ -1,7 +1,10 @@
 """Resume that cannot be done wrong: torchdata's StatefulDataLoader, and the plain DataLoader path."""
 
+import importlib.util
 import io
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from lorydata.errors import LoryDataError, MismatchError
 from tests.lorydata.shardkit import build_shards, make_documents
 
 BATCH = 4
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_hf_llama.py"
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +98,24 @@ def _dicts(tree):
         yield tree
         for value in tree.values():
             yield from _dicts(value)
+
+
+def run_example(argv, capsys) -> list[dict]:
+    """examples/train_hf_llama.py in this process; its JSON step lines."""
+    spec = importlib.util.spec_from_file_location("train_hf_llama", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    module.main(argv)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.slow
+def test_the_hf_llama_example_resumes_mid_epoch_exactly(folder, tmp_path, capsys):
+    tiny = [str(folder), "--steps", "8", "--batch-size", "4", "--workers", "2", "--hidden", "32"]
+    straight = run_example([*tiny, "--out", str(tmp_path / "a")], capsys)
+    first = run_example([*tiny, "--out", str(tmp_path / "b"), "--stop-after", "3"], capsys)
+    rest = run_example([*tiny, "--out", str(tmp_path / "b"), "--resume"], capsys)
+    assert [r["step"] for r in first + rest] == list(range(1, 9))
+    assert [r["seq_ids"] for r in first + rest] == [r["seq_ids"] for r in straight]
+    assert [r["loss"] for r in first + rest] == pytest.approx([r["loss"] for r in straight], abs=1e-5)
