@@ -115,9 +115,13 @@ class ShardDataset(IterableDataset):
         if self.samples_per_epoch == 0:
             raise ShardError(f"{self.folder} has {self.num_rows} sequences, fewer than world size {world_size}")
         self._continued = continued_sequences(self.folder, self.manifest) if with_metadata else None
-        # Set to 1 by dataloader workers when they start reading their copies of this dataset
-        # (shared memory, so this object sees it): from then on its own position is stale.
-        self._worker_reads = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Which setting of `position` dataloader workers have read on from. Every setting
+        # starts a generation; a worker copies the generation with the dataset and, when it
+        # starts reading, marks that generation stale in shared memory, which this object sees.
+        # A position set after the workers were made is a new generation, so a late-starting
+        # worker cannot make it stale.
+        self._generation = 0
+        self._stale_generation = torch.full((1,), -1, dtype=torch.int64).share_memory_()
         # Workers split the stream in blocks counted from where the stream started: a fresh
         # stream starts at `position`, a worker restored by StatefulDataLoader inside its old one.
         self._resume_origin: int | None = None
@@ -134,7 +138,7 @@ class ShardDataset(IterableDataset):
         """Resume at `value`: a fresh stream starts there, and this object's position is known again."""
         self._position, self._resume_origin = int(value), None
         if get_worker_info() is None:
-            self._worker_reads.zero_()
+            self._generation += 1
 
     # ---- checks -------------------------------------------------------------------------
     def _check_expectations(self, seq_len: int | None, tokenizer) -> None:
@@ -188,7 +192,7 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
-            self._worker_reads.fill_(1)
+            self._stale_generation.clamp_(min=self._generation)
         origin = self._resume_origin if self._resume_origin is not None else self._position
         self._resume_origin, self._stream_origin = None, origin
         end = self.total_samples
@@ -255,7 +259,7 @@ class ShardDataset(IterableDataset):
                 position was last set, so its own position is not where the loader stands.
         """
         info = get_worker_info()
-        if position is None and info is None and int(self._worker_reads.item()):
+        if position is None and info is None and int(self._stale_generation.item()) >= self._generation:
             raise LoryDataError(
                 "ShardDataset.state_dict(): DataLoader workers read this dataset, so its own position is stale. "
                 "Save the loader's state with torchdata's StatefulDataLoader (loader.state_dict()), or pass "
