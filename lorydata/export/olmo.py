@@ -1,7 +1,8 @@
 """OLMo-core: fixed-length token arrays as its `NumpyFSLDataset` reads them.
 
-`part-NNNNN.npy` files hold raw tokens (no `.npy` header: OLMo memory-maps the bytes), uint16
-when the vocabulary fits (at most 65,536 ids), else uint32. Every file holds whole sequences,
+`part-NNNNN.npy` files hold raw tokens (no `.npy` header: OLMo memory-maps the bytes) in the
+smallest unsigned dtype that holds the vocabulary (uint16 up to 65,536 ids, else uint32), the
+dtype OLMo-core assumes from `vocab_size`. Every file holds whole sequences,
 so OLMo's instance i (tokens `[i * seq_len, (i + 1) * seq_len)` across the files in order,
 with `sequence_length = seq_len`) is lory's `seq_id` i. Beside each array,
 `part-NNNNN.csv.gz` lists its documents Dolma-style, one line `start,end,seq_id,domain` per
@@ -23,8 +24,12 @@ from lorydata.export.target import ExportTarget, token_matrix
 
 
 def olmo_token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """The smallest of OLMo's unsigned token dtypes that holds every id."""
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    """The smallest of OLMo's unsigned token dtypes that holds every id: the dtype OLMo-core's
+    dataset config assumes from the vocabulary size when none is given."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return dtype
+    return np.uint64
 
 
 def document_spans(chunk: pa.Table, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
