@@ -81,7 +81,8 @@ def export_corpus(folder: str | Path, out: str | Path, fmt: str, rows_per_file: 
     partial.mkdir(parents=True)
     try:
         target = ExportTarget(out=partial, seq_len=manifest.seq_len, vocab_size=int(tok["vocab_size"]),
-                              eos_id=int(tok["eos_id"]), pad_id=int(tok["pad_id"]), split=manifest.split)
+                              eos_id=int(tok["eos_id"]), pad_id=int(tok["pad_id"]), split=manifest.split,
+                              tokenizer=tok)
         writer = FORMATS[fmt](target)  # a missing library fails here, before any reading
         with SeqIdOrder(folder, partial) as ordered:
             total = math.ceil(ordered.num_rows / rows)

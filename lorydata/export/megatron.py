@@ -6,8 +6,9 @@ the dtype Megatron's `preprocess_data.py` picks for the vocabulary (uint16 below
 tokens, else int32). Megatron's `GPTDataset` cuts samples of `--seq-length` tokens from the
 concatenated items, so with `--seq-length` equal to lory's `seq_len` every sample's input is
 exactly one lory sequence (its shuffle moves whole sequences). Document boundaries travel as
-the EOS token after every document: give Megatron a tokenizer whose EOD is lory's EOS and
-`--reset-position-ids --reset-attention-mask` to attend within documents.
+the EOS token after every document: give Megatron a tokenizer whose EOD is lory's EOS (the
+export writes one to `tokenizer/`: `--tokenizer-type HuggingFaceTokenizer --tokenizer-model
+OUT/tokenizer`) and `--reset-position-ids --reset-attention-mask` to attend within documents.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 import pyarrow as pa
 import torch
 
-from lorydata.export.target import ExportTarget, missing_extra, token_matrix
+from lorydata.export.target import ExportTarget, missing_extra, token_matrix, write_tokenizer_folder
 
 
 def _indexed_dataset_module():
@@ -43,6 +44,7 @@ class MegatronWriter:
         self.prefix = str(target.out / f"{target.split}_text_document")
         self.dtype = self._mod.DType.optimal_dtype(target.vocab_size)
         self._builder = self._mod.IndexedDatasetBuilder(self._mod.get_bin_path(self.prefix), dtype=self.dtype)
+        self.tokenizer_written = False
 
     def write(self, chunk: pa.Table) -> None:
         for row in token_matrix(chunk, self.target.seq_len):
@@ -52,7 +54,13 @@ class MegatronWriter:
     def finish(self) -> list[str]:
         self._builder.finalize(self._mod.get_idx_path(self.prefix))
         name = f"{self.target.split}_text_document"
-        return [f"{name}.bin", f"{name}.idx"]
+        self.tokenizer_written = write_tokenizer_folder(self.target.tokenizer, self.target.out / "tokenizer")
+        extra = ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"] if self.tokenizer_written else []
+        return [f"{name}.bin", f"{name}.idx", *extra]
 
     def describe(self) -> dict:
-        return {"dtype": self.dtype.__name__, "path_prefix": f"{self.target.split}_text_document"}
+        tokenizer = ("tokenizer/" if self.tokenizer_written else
+                     f"not written: {self.target.tokenizer.get('path')} is gone or changed; "
+                     f"use a tokenizer whose EOD id is {self.target.eos_id}")
+        return {"dtype": self.dtype.__name__, "path_prefix": f"{self.target.split}_text_document",
+                "tokenizer": tokenizer, "eod_id": self.target.eos_id}

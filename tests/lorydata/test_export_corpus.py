@@ -28,6 +28,7 @@ with warnings.catch_warnings():  # megatron.core warns at import that Apex / Tra
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.utils import Split
+    from megatron.core.tokenizers import MegatronTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +53,13 @@ def run_cli(args, capsys):
 
 
 # ---- megatron ------------------------------------------------------------------------------
-class LoryTokensForMegatron:
-    """What GPTDataset asks of a tokenizer: the EOD (lory's EOS) and pad ids."""
-
-    def __init__(self, manifest):
-        self.vocab_size = manifest.tokenizer["vocab_size"]
-        self.eod, self.pad = manifest.tokenizer["eos_id"], manifest.tokenizer["pad_id"]
-        self.unique_identifiers = {"class": "lory", "eod": self.eod}
-
-
 def test_megatron_indexed_dataset_reads_the_sequences_in_order(corpus, tmp_path, capsys):
     folder, manifest, ordered = corpus
     code, out, _ = run_cli(["export-corpus", str(folder), str(tmp_path / "mg"), "--format", "megatron"], capsys)
     assert code == 0 and f"wrote {manifest.num_rows} sequences" in out
     dataset = IndexedDataset(str(tmp_path / "mg" / "train_text_document"))
+    tokenizer = MegatronTokenizer.from_pretrained(str(tmp_path / "mg" / "tokenizer"), metadata_path={"library": "huggingface"})
+    assert (tokenizer.eod, tokenizer.pad) == (manifest.tokenizer["eos_id"], manifest.tokenizer["pad_id"])
     assert len(dataset) == manifest.num_rows and dataset.index.dtype == np.uint16
     assert [dataset[i].tolist() for i in range(len(dataset))] == [r["input_ids"] for r in ordered]
     assert dataset.document_indices.tolist() == list(range(manifest.num_rows + 1))  # a document per sequence
@@ -76,7 +70,8 @@ def test_megatron_gpt_samples_are_whole_lory_sequences_with_their_documents(corp
     folder, manifest, ordered = corpus
     export_corpus(folder, tmp_path / "mg", "megatron")
     prefix = str(tmp_path / "mg" / "train_text_document")
-    config = GPTDatasetConfig(random_seed=1, sequence_length=SEQ_LEN, tokenizer=LoryTokensForMegatron(manifest),
+    tokenizer = MegatronTokenizer.from_pretrained(str(tmp_path / "mg" / "tokenizer"), metadata_path={"library": "huggingface"})
+    config = GPTDatasetConfig(random_seed=1, sequence_length=SEQ_LEN, tokenizer=tokenizer,
                               reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=False,
                               add_extra_token_to_sequence=extra_token, path_to_cache=str(tmp_path / "cache"))
     gpt = GPTDataset(IndexedDataset(prefix), prefix, np.arange(manifest.num_rows), None, Split.train, config)
@@ -201,3 +196,13 @@ def test_a_folder_with_broken_seq_ids_is_refused(tmp_path):
     with pytest.raises(ShardError, match="seq_ids are not"):
         export_corpus(folder, tmp_path / "out", "parquet")
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_megatron_export_without_the_tokenizer_file_says_so(tmp_path):
+    folder = tmp_path / "train"
+    manifest = build_shards(folder, make_documents(10), seq_len=SEQ_LEN)
+    manifest.tokenizer = {**manifest.tokenizer, "path": str(tmp_path / "gone" / "tokenizer.json")}
+    manifest.write(folder)
+    summary = export_corpus(folder, tmp_path / "mg", "megatron")
+    assert not (tmp_path / "mg" / "tokenizer").exists()
+    assert summary.details["tokenizer"].startswith("not written") and summary.details["eod_id"] == 0
