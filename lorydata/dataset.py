@@ -193,6 +193,8 @@ class ShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             self._stale_generation.clamp_(min=self._generation)
+        else:  # read in this process: its own position is where the reader stands
+            self._generation += 1
         origin = self._resume_origin if self._resume_origin is not None else self._position
         self._resume_origin, self._stream_origin = None, origin
         end = self.total_samples
