@@ -50,27 +50,28 @@ def continued_sequences(folder: str | Path, manifest: Manifest | None = None) ->
         manifest: its manifest, when already read.
 
     Returns:
-        bool array indexed by `seq_id` (length: the largest seq_id + 1).
+        bool array indexed by `seq_id` (length: the largest seq_id + 1); False where the
+        previous seq_id is not in the folder.
 
     Raises:
-        ShardError: a shard is unreadable, or a seq_id repeats.
+        ShardError: a shard is unreadable, or a seq_id is negative or repeats.
     """
     folder = Path(folder)
     manifest = manifest or Manifest.read(folder)
     eos, pad = manifest.tokenizer.get("eos_id"), manifest.tokenizer.get("pad_id")
-    n = manifest.num_rows
-    open_end = np.zeros(n, dtype=bool)
-    first_domain = np.full(n, None, dtype=object)
-    last_domain = np.full(n, None, dtype=object)
-    seen = np.zeros(n, dtype=bool)
+    shards = []  # (seq_ids, ends inside a document, first-piece domain, last-piece domain)
     for entry in progress_bar(manifest.shards, description="continuations"):
         seq_ids, last_tokens, first, last = _row_ends(read_shard(folder / entry.file, manifest.seq_len), manifest.seq_len)
-        if len(seq_ids) and (seq_ids.min() < 0 or seq_ids.max() >= n):
-            raise ShardError(f"{entry.file} holds seq_id {seq_ids.max()} outside 0..{n - 1}")
+        if len(seq_ids) and seq_ids.min() < 0:
+            raise ShardError(f"{entry.file} holds a negative seq_id")
+        shards.append((seq_ids, (last_tokens != eos) & (last_tokens != pad), first, last))
+    n = max((int(ids.max()) + 1 for ids, *_ in shards if len(ids)), default=0)
+    open_end, seen = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    first_domain, last_domain = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
+    for (seq_ids, ends, first, last), entry in zip(shards, manifest.shards, strict=True):
         if seen[seq_ids].any() or len(np.unique(seq_ids)) != len(seq_ids):
             raise ShardError(f"{entry.file} repeats a seq_id: seq_ids must be unique in a folder")
-        seen[seq_ids] = True
-        open_end[seq_ids] = (last_tokens != eos) & (last_tokens != pad)
+        seen[seq_ids], open_end[seq_ids] = True, ends
         first_domain[seq_ids], last_domain[seq_ids] = first, last
     continued = np.zeros(n, dtype=bool)
     if n > 1:

@@ -2,6 +2,7 @@
 transformers Llama, and the continuation flag against the packing it comes from."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 
 from lorydata.continuation import continued_sequences
 from lorydata.dataset import ShardDataset
-from lorydata.errors import LoryDataError
+from lorydata.errors import LoryDataError, ShardError
 from lorydata.masks import (
     block_causal_mask,
     document_ids,
@@ -19,6 +20,7 @@ from lorydata.masks import (
     position_ids,
     varlen_metadata,
 )
+from lorydata.shards import read_shard, write_shard
 from lorydata.tokenizer import Tokenizer
 from tests.lorydata.shardkit import build_shards, make_documents
 
@@ -191,3 +193,19 @@ def test_continuation_flags_match_the_packing(tmp_path, seq_len):
     rows = list(ShardDataset(tmp_path, shuffle=False, epochs=1, with_metadata=True))
     assert all(r["continues"] == flags[r["seq_id"]] for r in rows)
     assert ShardDataset.collate(rows[:3])["continues"].dtype == torch.bool
+
+
+def test_continuation_flags_need_the_previous_seq_id(tmp_path):
+    manifest = build_shards(tmp_path, make_documents(20), seq_len=16, rows_per_shard=100)
+    table = read_shard(tmp_path / manifest.shards[0].file)
+    field = table.schema.field("seq_id")
+    gaps = pa.array(table.column("seq_id").to_numpy() * 2)  # no sequence has its predecessor
+    manifest.shards = [write_shard(table.set_column(3, field, gaps), tmp_path, manifest.shards[0].file)]
+    manifest.write(tmp_path)
+    assert not continued_sequences(tmp_path).any()
+    assert len(list(ShardDataset(tmp_path, shuffle=False, epochs=1, with_metadata=True))) == table.num_rows
+    repeated = pa.array(np.zeros(table.num_rows, dtype=np.int64))
+    manifest.shards = [write_shard(table.set_column(3, field, repeated), tmp_path, manifest.shards[0].file)]
+    manifest.write(tmp_path)
+    with pytest.raises(ShardError, match="repeats a seq_id"):
+        continued_sequences(tmp_path)
