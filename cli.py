@@ -404,6 +404,27 @@ def _print_inspect(report: dict) -> None:
         click.echo(seq["text"])
 
 
+@lory.command("export-corpus")
+@click.argument("folder", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(["megatron", "olmo", "parquet"]),
+              help="megatron: .bin/.idx indexed dataset; olmo: fixed-length token .npy files; parquet: zstd Parquet.")
+@click.option("--rows-per-file", type=int, default=None,
+              help="Sequences per output file, olmo and parquet (default: the shards' rows per shard).")
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
+def export_corpus_cmd(folder, out, fmt, rows_per_file, as_json):
+    """Write shard FOLDER as another trainer's format into the new folder OUT, one lory sequence
+    per sample, in seq_id order."""
+    from lorydata.export import export_corpus
+
+    summary = export_corpus(folder, out, fmt, rows_per_file=rows_per_file)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        click.echo(f"wrote {summary.sequences:,} sequences × {summary.seq_len} tokens as {fmt} to {summary.out} "
+                   f"({len(summary.files)} files, {summary.seconds:.1f} s)")
+
+
 @lory.command("train-tokenizer")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for tokenizer.json.")

@@ -15,6 +15,18 @@ exactly the order in which a `DataLoader(batch_size=batch_size, num_workers=n)` 
 batches, so the loader's output order equals the rank's stream order for any number of
 workers. Every sample carries its `position`; after consuming a batch, the next position
 is `max(batch["position"]) + 1` (`ShardDataset.next_position(batch)`).
+
+Saving the position, three ways that are exact:
+
+- torchdata's `StatefulDataLoader`: `loader.state_dict()` / `loader.load_state_dict()`, any
+  `num_workers`. The loader asks every worker's copy of the dataset for its state after each
+  batch it yields (`state_dict()` in a worker records that worker's own next position) and
+  hands each copy its state back on resume.
+- a plain `DataLoader` with `num_workers=0`: `dataset.state_dict()` after a batch.
+- a plain `DataLoader` with workers: the workers' copies advance, not this object, so
+  `dataset.state_dict()` raises `LoryDataError` once workers have read from it; pass the
+  position of the last consumed batch, `dataset.state_dict(position=ShardDataset.next_position(batch))`,
+  or assign `dataset.position` first.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lorydata.continuation import continued_sequences
 from lorydata.errors import LoryDataError, MismatchError, ShardError
 from lorydata.manifest import Manifest
 from lorydata.shards import read_shard
@@ -49,7 +62,9 @@ class ShardDataset(IterableDataset):
         expected_seq_len: raise `MismatchError` unless the shards have this seq_len.
         expected_tokenizer: raise `MismatchError` unless the shards were made by the
             tokenizer with this sha256 (a string or any object with a `sha256` attribute).
-        with_metadata: also yield `doc_starts` and `domains` (use `collate` to batch them).
+        with_metadata: also yield `doc_starts`, `domains` and `continues` (whether the first piece
+            continues a document of the previous sequence, `lorydata.continuation`; costs one
+            read of every shard when the dataset is made). Use `collate` to batch them.
         check_files: check that every shard exists with the manifest's size before starting
             (cheap; full sha256 verification is `lory inspect`'s job).
         cache_shards: decompressed shards each worker keeps in memory.
@@ -99,7 +114,31 @@ class ShardDataset(IterableDataset):
         self.samples_per_epoch = self._local_count()
         if self.samples_per_epoch == 0:
             raise ShardError(f"{self.folder} has {self.num_rows} sequences, fewer than world size {world_size}")
-        self.position = 0
+        self._continued = continued_sequences(self.folder, self.manifest) if with_metadata else None
+        # Which setting of `position` dataloader workers have read on from. Every setting
+        # starts a generation; a worker copies the generation with the dataset and, when it
+        # starts reading, marks that generation stale in shared memory, which this object sees.
+        # A position set after the workers were made is a new generation, so a late-starting
+        # worker cannot make it stale.
+        self._generation = 0
+        self._stale_generation = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+        # Workers split the stream in blocks counted from where the stream started: a fresh
+        # stream starts at `position`, a worker restored by StatefulDataLoader inside its old one.
+        self._resume_origin: int | None = None
+        self._stream_origin = 0
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        """The next sample this object streams (see the module docstring for workers)."""
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        """Resume at `value`: a fresh stream starts there, and this object's position is known again."""
+        self._position, self._resume_origin = int(value), None
+        if get_worker_info() is None:
+            self._generation += 1
 
     # ---- checks -------------------------------------------------------------------------
     def _check_expectations(self, seq_len: int | None, tokenizer) -> None:
@@ -152,14 +191,21 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start, end = self.position, self.total_samples
+        if info is not None:
+            self._stale_generation.clamp_(min=self._generation)
+        else:  # read in this process: its own position is where the reader stands
+            self._generation += 1
+        origin = self._resume_origin if self._resume_origin is not None else self._position
+        self._resume_origin, self._stream_origin = None, origin
+        end = self.total_samples
         cache: OrderedDict[int, dict] = OrderedDict()
         epoch, order = -1, None
-        position = start
+        position = self._position
         while end is None or position < end:
-            block = (position - start) // self.batch_size
+            block = (position - origin) // self.batch_size
             if block % workers != worker:  # another worker's block: jump to our next one
-                position = start + (block + (worker - block) % workers) * self.batch_size
+                position = origin + (block + (worker - block) % workers) * self.batch_size
+                self._position = position
                 continue
             if position // self.samples_per_epoch != epoch:
                 epoch = position // self.samples_per_epoch
@@ -168,8 +214,7 @@ class ShardDataset(IterableDataset):
             sample = self._sample(row, cache)
             sample["position"] = position
             position += 1
-            if info is None:
-                self.position = position
+            self._position = position
             yield sample
 
     def _sample(self, row: int, cache: OrderedDict) -> dict:
@@ -187,6 +232,7 @@ class ShardDataset(IterableDataset):
         if self.with_metadata:
             sample["doc_starts"] = data["doc_starts"][local].as_py()
             sample["domains"] = data["domains"][local].as_py()
+            sample["continues"] = bool(self._continued[sample["seq_id"]])
         return sample
 
     def _load(self, shard: int) -> dict:
@@ -203,26 +249,64 @@ class ShardDataset(IterableDataset):
         }
 
     # ---- resumption ---------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The data position, with what it depends on. Save it with the checkpoint."""
-        return {
-            "position": self.position,
+    def state_dict(self, position: int | None = None) -> dict:
+        """The data position, with what it depends on. Save it with the checkpoint.
+
+        Args:
+            position: the position to record instead of this object's own, e.g.
+                `ShardDataset.next_position(batch)` after a plain multi-worker DataLoader.
+
+        Raises:
+            LoryDataError: dataloader workers have read copies of this dataset since its
+                position was last set, so its own position is not where the loader stands.
+        """
+        info = get_worker_info()
+        if position is None and info is None and int(self._stale_generation.item()) >= self._generation:
+            raise LoryDataError(
+                "ShardDataset.state_dict(): DataLoader workers read this dataset, so its own position is stale. "
+                "Save the loader's state with torchdata's StatefulDataLoader (loader.state_dict()), or pass "
+                "position=ShardDataset.next_position(last_batch)"
+            )
+        state = {
+            "position": self._position if position is None else int(position),
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
             "num_rows": self.num_rows,
             "shuffle": self.shuffle,
             "even": self.even,
+            "batch_size": self.batch_size,
         }
+        if info is not None and position is None:  # a worker's copy, asked by StatefulDataLoader
+            origin = self._resume_origin if self._resume_origin is not None else self._stream_origin
+            state.update(origin=origin, worker=info.id, num_workers=info.num_workers)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at `state["position"]`; refuses a state from a different stream."""
+        """Resume at `state["position"]`; refuses a state from a different stream.
+
+        A state saved by a dataloader worker (StatefulDataLoader) is only accepted by the same
+        worker of a loader with as many workers.
+        """
         for key in ("seed", "world_size", "num_rows", "shuffle", "even"):
             if key in state and state[key] != getattr(self, key):
                 raise MismatchError(
                     f"cannot resume data position: saved {key}={state[key]!r}, dataset has {getattr(self, key)!r}"
                 )
+        if "worker" in state:
+            info = get_worker_info()
+            here = (info.id, info.num_workers) if info is not None else None
+            if here != (state["worker"], state["num_workers"]):
+                raise MismatchError(
+                    f"this data state belongs to dataloader worker {state['worker']} of {state['num_workers']}: "
+                    "restore it with StatefulDataLoader.load_state_dict on a loader with as many workers"
+                )
+            if state.get("batch_size", self.batch_size) != self.batch_size:
+                raise MismatchError(f"cannot resume data position: saved batch_size={state['batch_size']}, "
+                                    f"dataset has {self.batch_size}")
         self.position = int(state["position"])
+        if "worker" in state:
+            self._resume_origin = int(state["origin"])
 
     @staticmethod
     def next_position(batch: dict) -> int:
@@ -237,6 +321,8 @@ class ShardDataset(IterableDataset):
             "seq_id": torch.tensor([s["seq_id"] for s in samples]),
             "position": torch.tensor([s["position"] for s in samples]),
         }
+        if "continues" in samples[0]:
+            batch["continues"] = torch.tensor([s["continues"] for s in samples])
         for key in ("doc_starts", "domains"):
             if key in samples[0]:
                 batch[key] = [s[key] for s in samples]

@@ -1,7 +1,12 @@
-"""`manifest.json`: what a shard folder holds and how it was made.
+"""`.manifest.json`: what a shard folder holds and how it was made.
 
 Written last and atomically, so a folder with a manifest is a finished folder. Readers
 trust nothing else: the shard list, row counts and sha256 come from here.
+
+The name starts with a dot so that folder-level readers skip it and see only the shards:
+pyarrow.dataset ignores names starting with "." or "_", Hugging Face `datasets` (both
+`load_dataset(folder)` and `load_dataset("arrow", data_dir=folder)`) only hidden ones.
+Folders written before the rename hold `manifest.json`; `Manifest.read` still reads them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from lorydata.hashing import bytes_sha256
 
 FORMAT_NAME = "lory-shards"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = ".manifest.json"
+LEGACY_MANIFEST_NAME = "manifest.json"  # what earlier lory versions wrote; still read
 
 
 @dataclass
@@ -76,23 +82,27 @@ class Manifest:
         return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
     def write(self, folder: str | Path) -> Path:
-        """Write `folder/manifest.json` atomically (temp file, fsync, rename)."""
+        """Write `folder/.manifest.json` atomically (temp file, fsync, rename).
+
+        A legacy `manifest.json` beside it is removed afterwards, so a folder never holds two.
+        """
         path = Path(folder) / MANIFEST_NAME
         atomic_write_bytes(path, self.to_bytes())
+        (Path(folder) / LEGACY_MANIFEST_NAME).unlink(missing_ok=True)
         return path
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
-        """Read and check `folder/manifest.json`.
+        """Read and check `folder/.manifest.json` (or a legacy `folder/manifest.json`).
 
         Raises:
             ShardError: the folder or manifest is missing, unparsable, or of another format.
         """
         folder = Path(folder)
-        path = folder / MANIFEST_NAME
         if not folder.is_dir():
             raise ShardError(f"shard folder not found: {folder}")
-        if not path.is_file():
+        path = manifest_path(folder)
+        if path is None:
             raise ShardError(f"no {MANIFEST_NAME} in {folder}: not a finished lory shard folder")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -110,6 +120,15 @@ class Manifest:
             return cls(shards=shards, **{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError) as exc:
             raise ShardError(f"malformed manifest {path}: {exc}") from None
+
+
+def manifest_path(folder: str | Path) -> Path | None:
+    """The manifest file of a shard folder (the current name first, then the legacy one), or None."""
+    for name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME):
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
 
 
 def fsync_dir(folder: Path) -> None:

@@ -24,7 +24,8 @@ FLOORS = {
     "lorytrain.errors": 0, "lorytrain.agreement": 0, "lorytrain.model": 1, "lorytrain": 1,
     "lorytrain.evaluation": 2, "lorytrain.generation": 2, "lorytrain.training": 3, "lorytrain.runs": 4,
     "lorytrain.analysis": 5, "lorytrain.export": 5, "lorytrain.harness": 5,
-    "pipelines.fileio": 0, "pipelines.options": 0, "pipelines.runner": 0, "pipelines.layout": 1,
+    "pipelines.fileio": 0, "pipelines.commits": 0, "pipelines.options": 0, "pipelines.runner": 0,
+    "pipelines.layout": 1,
     "pipelines.markers": 1, "pipelines.dead_letters": 1, "pipelines": 1, "pipelines.documents": 2,
     "pipelines.embed": 2, "pipelines.order": 2, "pipelines.shards": 2, "pipelines.build_corpus": 3,
 }

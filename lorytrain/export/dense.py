@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lorydata.manifest import manifest_path
 from lorytrain.errors import LoryTrainError
 from lorytrain.evaluation import evaluate, token_domains
 from lorytrain.export.hf import _fresh_folder, write_tokenizer
@@ -79,7 +80,7 @@ def average_routing(model: LoryLM, source: str | Path, tokenizer=None, domain: s
 
     Args:
         model: a `LoryLM` of the lory family.
-        source: a shard folder (with manifest.json), a text file, or the text itself.
+        source: a shard folder (with its manifest), a text file, or the text itself.
         tokenizer: a `lorydata.tokenizer.Tokenizer` (needed for text; checked against shards).
         domain: with shards, keep only segments whose tokens are mostly from this domain.
         seq_len: tokens per forward pass for text (default: 8 segments).
@@ -134,7 +135,7 @@ def average_routing(model: LoryLM, source: str | Path, tokenizer=None, domain: s
 def _kind_of(path: Path) -> tuple[bool, bool]:
     """(is a shard folder, is a file); a string too long or odd to be a path is neither."""
     try:
-        return path.is_dir() and (path / "manifest.json").is_file(), path.is_file()
+        return path.is_dir() and manifest_path(path) is not None, path.is_file()
     except (OSError, ValueError):
         return False, False
 

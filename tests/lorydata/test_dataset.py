@@ -70,7 +70,7 @@ def test_resume_gives_exactly_the_remaining_stream(shards, workers):
     head = []
     for batch_data in itertools.islice(dl, 5):  # stop after 20 samples, then resume
         head += batch_data["seq_id"].tolist()
-        state = {**first.state_dict(), "position": ShardDataset.next_position(batch_data)}
+        state = first.state_dict(position=ShardDataset.next_position(batch_data))
     assert state["position"] == 20
     if workers == 0:  # iterated in this process: the dataset itself knows where it stopped
         assert first.state_dict()["position"] == 20

@@ -7,7 +7,7 @@ import pytest
 from cli import main as lory_main
 from lorydata.dataset import ShardDataset
 from lorydata.errors import ShardError
-from lorydata.manifest import Manifest
+from lorydata.manifest import MANIFEST_NAME, Manifest
 from lorydata.shards import read_shard, shard_schema
 from lorydata.tokenizer import Tokenizer
 from lorydata.verify import inspect_folder, verify_folder
@@ -39,7 +39,8 @@ def test_shards_follow_the_v1_schema_and_any_arrow_reader_opens_them(tmp_path):
     assert table.schema.equals(shard_schema(16), check_metadata=False)
     assert table.schema.field("input_ids").type == pa.list_(pa.int32(), 16)
     assert [s.rows for s in manifest.shards[:-1]] == [4] * (len(manifest.shards) - 1)
-    assert not list(tmp_path.glob(".*")), "no temp or staging files may remain"
+    hidden = {p.name for p in tmp_path.glob(".*")}
+    assert hidden == {MANIFEST_NAME}, "no temp or staging files may remain"
     seq_ids = np.concatenate([read_shard(tmp_path / s.file).column("seq_id").to_numpy() for s in manifest.shards])
     assert sorted(seq_ids) == list(range(manifest.num_rows))
     assert not np.array_equal(seq_ids, np.arange(manifest.num_rows)), "rows must be shuffled"
@@ -51,7 +52,7 @@ def test_same_input_and_seed_give_byte_identical_shards(tmp_path):
     b = build_shards(tmp_path / "b", docs, seed=7)
     c = build_shards(tmp_path / "c", docs, seed=8)
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
-    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    assert (tmp_path / "a" / MANIFEST_NAME).read_bytes() == (tmp_path / "b" / MANIFEST_NAME).read_bytes()
     assert [s.sha256 for s in a.shards] != [s.sha256 for s in c.shards]
 
 
@@ -100,8 +101,8 @@ def test_inspect_decodes_a_sequence(tmp_path, capsys):
 def test_manifest_problems_are_clear_errors(tmp_path):
     with pytest.raises(ShardError, match="not found"):
         Manifest.read(tmp_path / "missing")
-    with pytest.raises(ShardError, match=r"no manifest\.json"):
+    with pytest.raises(ShardError, match=r"no \.manifest\.json"):
         Manifest.read(tmp_path)
-    (tmp_path / "manifest.json").write_text("{not json")
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ShardError, match="unreadable manifest"):
         Manifest.read(tmp_path)

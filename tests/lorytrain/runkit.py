@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorydata.documents import Document
-from lorydata.manifest import Manifest
+from lorydata.manifest import Manifest, manifest_path
 from lorydata.pack import PackStats, pack_documents
 from lorydata.readers import ReaderConfig, read_file
 from lorydata.shards import ShuffledShardWriter
@@ -41,7 +41,7 @@ def write_shards(folder: Path, documents: list[tuple[str, str]], seq_len: int, r
 def make_corpus(root: Path, seq_len: int = 64) -> tuple[Path, Path]:
     """Train (every 4th sample document) and held-out (every 20th, offset 1) shard folders."""
     train, heldout = root / "train", root / "heldout"
-    if not (train / "manifest.json").exists():
+    if manifest_path(train) is None:
         write_shards(train, sample_documents(lambda i: i % 4 == 0), seq_len)
         write_shards(heldout, sample_documents(lambda i: i % 20 == 1, max_chars=1500), seq_len)
     return train, heldout
