@@ -22,8 +22,11 @@ _INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF, 0x00AD])
 # C0/C1 control characters other than tab and newline (DEL included).
 _CONTROL = dict.fromkeys([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0)])
 _TRANSLATE = str.maketrans({**_SPACES, **_INVISIBLE, **_CONTROL})
-_TRAILING_SPACE = re.compile(r"[ \t]+\n")
-_BLANK_RUNS = re.compile(r"\n{3,}")
+# str.translate looks every character up in a dict once the text is not pure ASCII (most of
+# the cleaning time); finding the few characters to change with a regex and replacing each
+# distinct one is the same mapping at a fraction of the cost.
+_TO_TRANSLATE = re.compile("[" + "".join(f"\\u{c:04x}" for c in sorted(_TRANSLATE)) + "]")
+_REPLACEMENTS = {chr(c): (r or "") for c, r in _TRANSLATE.items()}
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,22 @@ class CleanConfig:
 
 
 def normalize_text(text: str) -> str:
-    """NFC, Unix line endings, plain spaces, no controls or trailing spaces, ≤ 1 blank line."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = unicodedata.normalize("NFC", text).translate(_TRANSLATE)
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
+    """NFC, Unix line endings, plain spaces, no controls or trailing spaces, ≤ 1 blank line.
+
+    Each step runs only where a fast substring test finds its pattern; the result is that of
+    `text.translate(_TRANSLATE)` and the regex substitutions `[ \\t]+\\n` → `\\n` and
+    `\\n{3,}` → `\\n\\n` (tests compare against a copy of that reference).
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
+    for char in set(_TO_TRANSLATE.findall(text)):
+        text = text.replace(char, _REPLACEMENTS[char])
+    if " \n" in text or "\t\n" in text:
+        # Also strips the last line, which the final strip() would strip anyway.
+        text = "\n".join([line.rstrip(" \t") for line in text.split("\n")])
+    while "\n\n\n" in text:  # each pass shortens every run of 3+ newlines, down to 2
+        text = text.replace("\n\n\n", "\n\n")
     return text.strip()
 
 
