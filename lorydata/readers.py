@@ -261,7 +261,7 @@ def read_parquet(path: str, config: ReaderConfig, batch_rows: int = 1024,
                 rows = pf.metadata.num_rows
                 detail = f"no column {config.text_field!r} ({rows} rows)"
                 yield DeadLetter(path, 0, DropReason.MISSING_TEXT, detail,
-                                 fields=tuple(schema.names[:_MAX_FIELDS]), records=rows)
+                                 fields=tuple(sorted(schema.names)[:_MAX_FIELDS]), records=rows)
                 return
             wanted = {text_column} | {schema_column(schema, f) for f in (config.domain_field, config.id_field) if f}
             wanted.discard(None)
