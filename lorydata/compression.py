@@ -26,9 +26,9 @@ STREAM_ERRORS = (OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError)
 
 STREAM_BUFFER_BYTES = 1 << 20
 # Compressed bytes fed to zstd per call. A zstd block holds at most 128 KiB and takes at
-# least 4 bytes (an RLE block), so one call yields at most (256 / 4 + 2) × 128 KiB ≈ 8 MiB
+# least 4 bytes (an RLE block), so one call yields at most (1024 / 4 + 2) × 128 KiB ≈ 32 MiB
 # however the input was made; decompressing in slices this small costs no measurable speed.
-_ZSTD_INPUT_SLICE = 256
+_ZSTD_INPUT_SLICE = 1024
 _ZSTD_READ_BYTES = 1 << 20
 
 
@@ -52,7 +52,7 @@ class ZstdStream(io.RawIOBase):
     `zstandard`'s stream reader returns a short read for a truncated file without any
     error, and its decompressobj has no output limit; so frames are tracked here and the
     compressed input is fed in slices small enough that one call cannot yield more than
-    about 8 MiB (see `_ZSTD_INPUT_SLICE`).
+    about 32 MiB (see `_ZSTD_INPUT_SLICE`).
 
     Args:
         raw: the compressed binary stream (closed with this one).

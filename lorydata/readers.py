@@ -169,10 +169,16 @@ def _parse(raw: bytes, max_depth: int, exact: bool = False) -> tuple[dict, int]:
     return _checked(value, raw, max_depth, replacements, exact=True)
 
 
+def _nested(value) -> bool:
+    if isinstance(value, dict):
+        return any(isinstance(v, dict | list) for v in value.values())
+    return isinstance(value, list) and bool(value)
+
+
 def _checked(value, raw: bytes, max_depth: int, replacements: int, exact: bool) -> tuple[dict, int]:
-    # Nesting depth never exceeds the number of opening brackets: count before walking.
-    if isinstance(value, dict | list) and raw.count(b"[") + raw.count(b"{") > max_depth and _deeper_than(
-            value, max_depth):
+    # Most records hold no containers; else depth never exceeds the number of opening
+    # brackets: count those before walking.
+    if _nested(value) and raw.count(b"[") + raw.count(b"{") > max_depth and _deeper_than(value, max_depth):
         raise _Drop(DropReason.JSON_TOO_DEEP, f"JSON nested deeper than max_json_depth {max_depth}", _snippet(raw))
     if not isinstance(value, dict):
         if not exact:
