@@ -12,8 +12,9 @@ counted: hidden files and folders (a name starting with `.` or `_`: `.git/`, `_w
 `_SUCCESS`), files with another suffix (`README.md`, `LICENSE`), metadata JSON (a `.json`
 named `dataset_info.json`, `dataset_dict.json` or `state.json`, or one whose first line is
 not a whole JSON object, i.e. a pretty-printed or array document) and anything inside the
-`exclude` folder (the build's own output). A file named explicitly, or matched by a glob,
-that is not a data file is an error, so a typo never silently reads nothing.
+`exclude` folder (the build's own output). Globs skip hidden names below their fixed folder
+the same way; a file named explicitly, or matched by a glob, that is not a data file is an
+error, so a glob never silently reads a README or a metadata file as data.
 """
 
 from __future__ import annotations
@@ -140,17 +141,33 @@ def _walk_local(folder: str, excluded: Callable[[str], bool]) -> tuple[list[str]
     return files, hidden
 
 
+def _hidden_entry(root: str, path: str) -> str | None:
+    """The hidden file or folder (`root/.git/`) that holds `path` below `root`, or None."""
+    root = root.rstrip("/")
+    parts = path[len(root) + 1 :].replace(os.sep, "/").split("/") if path.startswith(root) else []
+    at = next((i for i, part in enumerate(parts) if _is_hidden(part)), None)
+    if at is None:
+        return None
+    return root + "/" + "/".join(parts[: at + 1]) + ("/" if at < len(parts) - 1 else "")
+
+
+def _fixed_folder(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard (`a/b/**/*.jsonl` → `a/b`)."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return "/".join(parts[:fixed])
+
+
 def _walk_listed(folder: str, lister: Lister) -> tuple[list[str], list[str]]:
     """(files, hidden entries) under `folder` from a listing of `folder/**`."""
     root = folder.rstrip("/")
     files, hidden = [], set()
     for path in lister(root + "/**"):
-        parts = path[len(root) + 1 :].split("/")
-        at = next((i for i, part in enumerate(parts) if _is_hidden(part)), None)
-        if at is None:
+        entry = _hidden_entry(root, path)
+        if entry is None:
             files.append(path)
         else:
-            hidden.add(root + "/" + "/".join(parts[: at + 1]) + ("/" if at < len(parts) - 1 else ""))
+            hidden.add(entry)
     return files, sorted(hidden)
 
 
@@ -195,9 +212,8 @@ class _Selector:
         paths = self.skipped.setdefault(reason, [])
         if reason == OUTPUT:  # the output folder counts once, however much it holds
             path = self.exclude_given
-            if path in paths:
-                return
-        paths.append(path)
+        if path not in paths:
+            paths.append(path)
 
     def folder(self, folder: str) -> list[str]:
         if self.excluded(folder):
@@ -222,10 +238,15 @@ class _Selector:
         return taken
 
     def named(self, pattern: str, matched: list[str]) -> list[str]:
-        """Files matched by a glob or named explicitly: every one must be a data file."""
+        """Files matched by a glob or named explicitly: every one must be a data file.
+        Below a glob's fixed folder, hidden names are skipped as they are in folders."""
         taken, bad = [], []
+        root = _fixed_folder(pattern) if _has_magic(pattern) else None
         for path in matched:
-            if self.excluded(path):
+            hidden = _hidden_entry(root, path) if root is not None else None
+            if hidden:
+                self.skip(HIDDEN, hidden)
+            elif self.excluded(path):
                 self.skip(OUTPUT, path)
             elif file_format(path) is None:
                 bad.append(f"{path} (not a data file)")

@@ -80,6 +80,20 @@ class ReaderConfig:
         if self.domain_from_path:
             PathDomain(self.domain_from_path)  # a bad regex is an error now, not per file
 
+    def check_paths(self, files: Sequence[str]) -> None:
+        """Refuse, before any reading, files whose path the `domain_from_path` regex misses.
+
+        Raises:
+            LoryDataError: naming the first such files.
+        """
+        if not self.domain_from_path:
+            return
+        missed = PathDomain(self.domain_from_path).unmatched(list(files))
+        if missed:
+            more = f" and {len(missed) - 3} more" if len(missed) > 3 else ""
+            raise LoryDataError(f"--domain-from-path {self.domain_from_path!r} does not match "
+                                f"{', '.join(missed[:3])}{more}")
+
     def path_domain(self, path: str) -> str:
         """The domain `domain_from_path` gives the documents of `path` ("" when none)."""
         if not self.domain_from_path:

@@ -145,6 +145,11 @@ def test_bad_domain_from_path_is_an_error_at_configuration():
     with pytest.raises(LoryDataError, match="needs a capture group"):
         ReaderConfig(domain_from_path="corpus/")
     assert PathDomain("x/(a)").unmatched(["x/a/1.txt", "y/b.txt"]) == ["y/b.txt"]
+    config = ReaderConfig(domain_from_path="x/(a)")
+    config.check_paths(["x/a/1.txt"])
+    with pytest.raises(LoryDataError, match=r"^--domain-from-path 'x/\(a\)' does not match y/b\.txt, y/c\.txt$"):
+        config.check_paths(["x/a/1.txt", "y/b.txt", "y/c.txt"])
+    ReaderConfig(domain_from_path="parent").check_paths(["a.txt", "/b.txt"])  # parent always answers
 
 
 def test_txt_tree_takes_its_domain_from_the_folder(tmp_path):

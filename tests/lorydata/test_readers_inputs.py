@@ -63,6 +63,13 @@ def test_named_or_globbed_non_data_files_are_one_line_errors(tmp_path):
     assert select_inputs([str(root / "data" / "*.jsonl")]).files == [str(root / "data" / "train.jsonl")]
 
 
+def test_globs_skip_hidden_names_like_folders(tmp_path):
+    root = make_dump(tmp_path / "dump")
+    selection = select_inputs([str(root / "**" / "*.jsonl")])
+    assert selection.files == [str(root / "data" / "train.jsonl")]
+    assert selection.skipped == {"hidden": [str(root / ".git") + "/", str(root / ".hidden.jsonl"), str(root / "_work") + "/"]}
+
+
 def test_folder_of_only_clutter_says_what_it_skipped(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "README.md").write_text("x")
