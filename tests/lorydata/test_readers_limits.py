@@ -21,13 +21,22 @@ BOMB_PIECE = 16 << 20  # bytes of one compressed frame / gzip member
 BOMB_PIECES = {"zst": 128, "gz": 40}
 RSS_LIMIT_MB = 500
 
+# Peak RSS of the child itself: Linux's VmHWM. (ru_maxrss of a child also counts the RSS its
+# parent had when it was spawned, which is pytest's, so it says nothing about the reader.)
 CHILD = textwrap.dedent("""
     import json, resource, sys
     from lorydata.readers import ReaderConfig, read_file
+
+    def peak_mb():
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+        except OSError:  # not Linux
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = []
     for record in read_file(sys.argv[1], ReaderConfig()):
         out.append([type(record).__name__, record.line, getattr(record, "reason", ""), getattr(record, "detail", "")])
-    print(json.dumps({"records": out, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"records": out, "max_rss_mb": peak_mb()}))
 """)
 
 
