@@ -185,6 +185,7 @@ def json_kind(path: str, opener: Opener | None = None) -> str | None:
             head = f.read(_SNIFF_BYTES)
     except OSError:
         return None  # unreadable: the reader reports it as a dead letter
+    head = head.removeprefix(b"\xef\xbb\xbf")  # a BOM does not make JSON lines metadata
     first = next((line.strip() for line in head.splitlines() if line.strip()), b"")
     if first and (not first.startswith(b"{") or first == b"{"):
         return "a JSON document, not JSON lines (one object per line)"

@@ -18,7 +18,7 @@ def make_dump(root):
     """A Hugging Face-style folder: data, metadata and clutter."""
     (root / "data").mkdir(parents=True)
     (root / "data" / "train.jsonl").write_text('{"text": "a"}\n')
-    (root / "data" / "more.json").write_text('{"text": "b"}\n{"text": "c"}\n')  # JSON lines named .json
+    (root / "data" / "more.json").write_bytes(b'\xef\xbb\xbf{"text": "b"}\n{"text": "c"}\n')  # JSON lines, a BOM
     (root / "data" / "dataset_info.json").write_text('{"description": "x", "features": {}}')
     (root / "data" / "pretty.json").write_text('{\n  "citation": "",\n  "splits": {}\n}\n')
     (root / "data" / "array.json").write_text('[{"text": "an array document"}]\n')
