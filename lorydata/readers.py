@@ -7,8 +7,9 @@ source, line and reason, never an exception. Only input selection raises (`expan
 Reading limits (what becomes a dead letter instead of exhausting memory or the stack):
 - a line longer than `max_line_bytes` (64 MiB by default) is `line_too_long`; it is skipped
   in 1 MiB pieces, never held whole, and compressed input is decompressed in bounded
-  pieces (`lorydata.compression`), so no input can take the reader's memory beyond about
-  three times `max_line_bytes`;
+  pieces (`lorydata.compression`). Peak memory thus depends on `max_line_bytes`, never on
+  the input: measured ~190 MB for a 2 GiB zstd bomb line, ~410 MB for a line just under
+  64 MiB of 4-byte characters (the parsed text takes 4 bytes a character);
 - JSON nested deeper than `max_json_depth` (128) is `json_too_deep`;
 - a text longer than `max_chars` is `too_long`.
 
