@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from lorydata.documents import DeadLetter, Document, DropReason
 
@@ -22,8 +22,11 @@ _INVISIBLE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF, 0x00AD])
 # C0/C1 control characters other than tab and newline (DEL included).
 _CONTROL = dict.fromkeys([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0)])
 _TRANSLATE = str.maketrans({**_SPACES, **_INVISIBLE, **_CONTROL})
-_TRAILING_SPACE = re.compile(r"[ \t]+\n")
-_BLANK_RUNS = re.compile(r"\n{3,}")
+# str.translate is fast on ASCII text, but looks every character up in a dict once the text
+# is not pure ASCII (most of the cleaning time); there, finding the few characters to change
+# with a regex and replacing each distinct one is the same mapping at a fraction of the cost.
+_TO_TRANSLATE = re.compile("[" + "".join(f"\\u{c:04x}" for c in sorted(_TRANSLATE)) + "]")
+_REPLACEMENTS = {chr(c): (r or "") for c, r in _TRANSLATE.items()}
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,25 @@ class CleanConfig:
 
 
 def normalize_text(text: str) -> str:
-    """NFC, Unix line endings, plain spaces, no controls or trailing spaces, ≤ 1 blank line."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = unicodedata.normalize("NFC", text).translate(_TRANSLATE)
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
+    """NFC, Unix line endings, plain spaces, no controls or trailing spaces, ≤ 1 blank line.
+
+    Each step runs only where a fast substring test finds its pattern; the result is that of
+    `text.translate(_TRANSLATE)` and the regex substitutions `[ \\t]+\\n` → `\\n` and
+    `\\n{3,}` → `\\n\\n` (tests compare against a copy of that reference).
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
+    if text.isascii():
+        text = text.translate(_TRANSLATE)
+    else:
+        for char in set(_TO_TRANSLATE.findall(text)):
+            text = text.replace(char, _REPLACEMENTS[char])
+    if " \n" in text or ("\t" in text and "\t\n" in text):
+        # Also strips the last line, which the final strip() would strip anyway.
+        text = "\n".join([line.rstrip(" \t") for line in text.split("\n")])
+    while "\n\n\n" in text:  # each pass shortens every run of 3+ newlines, down to 2
+        text = text.replace("\n\n\n", "\n\n")
     return text.strip()
 
 
@@ -63,7 +80,7 @@ def content_hash(text: str) -> str:
 def _looks_binary(text: str, max_share: float) -> str | None:
     if "\x00" in text:
         return "contains NUL characters"
-    bad = text.count("\ufffd")
+    bad = 0 if text.isascii() else text.count("\ufffd")
     if bad and bad > max_share * len(text):
         return f"{bad} of {len(text)} characters are U+FFFD replacements"
     return None
@@ -92,7 +109,7 @@ def clean_document(doc: Document, config: CleanConfig) -> Document | DeadLetter:
         detail = f"{len(text)} chars > max_chars {config.max_chars}"
         return DeadLetter(doc.source, doc.line, DropReason.TOO_LONG, detail, text[:200])
     digest = content_hash(text)
-    return replace(doc, text=text, content_hash=digest, id=doc.id or digest[:16])
+    return Document(doc.id or digest[:16], text, doc.source, doc.line, doc.domain, doc.replacements, digest)
 
 
 class ExactDeduper:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 
 class DropReason:
     """Why a record left the data path. The values are what manifests and dead letters use."""
 
     MALFORMED_JSON = "malformed_json"
+    JSON_TOO_DEEP = "json_too_deep"
+    LINE_TOO_LONG = "line_too_long"
     MISSING_TEXT = "missing_text"
     NON_STRING_TEXT = "non_string_text"
     EMPTY = "empty"
@@ -31,7 +33,8 @@ class Document:
         text: the document text (cleaned once it passed `clean_document`).
         source: path or URL of the file it was read from.
         line: 1-based line number (jsonl), row number (parquet) or 0 (a whole .txt file).
-        domain: value of the `--domain-field`, or "" when unknown.
+        domain: value of the `--domain-field` (canonical JSON when it is not a string), else
+            the domain of its path (`--domain-from-path`), else "".
         replacements: invalid UTF-8 sequences replaced by U+FFFD while decoding.
         content_hash: hash of the cleaned text, the key of exact dedup (set by cleaning).
     """
@@ -55,6 +58,10 @@ class DeadLetter:
         reason: one of `DropReason`.
         detail: human-readable detail (parser message, length, ...).
         snippet: the first characters of the offending record.
+        fields: top-level field names of a record that lacked the wanted field (for the
+            per-file summary; not written to dead-letter files).
+        records: how many records this letter stands for: 1, or the rows of a whole file
+            dropped at once (not written to dead-letter files).
     """
 
     source: str
@@ -62,6 +69,10 @@ class DeadLetter:
     reason: str
     detail: str = ""
     snippet: str = ""
+    fields: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    records: int = field(default=1, compare=False, repr=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        record = {"source": self.source, "line": self.line, "reason": self.reason, "detail": self.detail,
+                  "snippet": self.snippet}
+        return json.dumps(record, ensure_ascii=False)

@@ -56,13 +56,27 @@ def test_decode_counts_only_new_replacements():
 
 
 def test_enormous_line_is_skipped_without_parsing(tmp_path):
-    config = ReaderConfig(max_chars=100)
+    config = ReaderConfig(max_chars=100, max_line_bytes=1000)
     path = tmp_path / "big.jsonl"
-    huge = json.dumps({"text": "y" * (config.max_line_bytes * 3)})
+    huge = json.dumps({"text": "y" * 3_000_000})
     path.write_text(json.dumps({"text": "before"}) + "\n" + huge + "\n" + json.dumps({"text": "after"}) + "\n")
     docs, dead = split(list(read_file(str(path), config)))
     assert [d.text for d in docs] == ["before", "after"]
-    assert [(d.line, d.reason) for d in dead] == [(2, "too_long")]
+    assert [(d.line, d.reason) for d in dead] == [(2, "line_too_long")]
+    assert dead[0].detail == f"line of {len(huge) + 1} bytes > max_line_bytes 1000"
+    assert dead[0].snippet.startswith('{"text": "yyy')
+
+
+def test_line_limit_is_exact_and_separate_from_max_chars(tmp_path):
+    fits = json.dumps({"text": "z" * 80})
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes((fits + "\n" + fits + " \n" + fits).encode())  # the last line has no newline
+    docs, dead = split(list(read_file(str(path), ReaderConfig(max_line_bytes=len(fits)))))
+    assert [d.line for d in docs] == [1, 3]
+    assert [(d.line, d.reason) for d in dead] == [(2, "line_too_long")]
+    # a long line within max_line_bytes is parsed, and its text judged by max_chars
+    docs, dead = split(list(read_file(str(path), ReaderConfig(max_chars=50))))
+    assert docs == [] and {d.reason for d in dead} == {"too_long"}
 
 
 def test_truncated_zstd_keeps_documents_before_the_damage(tmp_path):
@@ -89,7 +103,7 @@ def test_globs_and_folders_expand_to_supported_files(tmp_path):
     assert set(files) == {paths[k] for k in ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")} | {
         str(tmp_path / "texts" / "g1.txt"), str(tmp_path / "texts" / "g2.txt")}
     assert expand_inputs([str(tmp_path / "*.jsonl*")]) == sorted([paths["jsonl"], paths["jsonl.gz"], paths["jsonl.zst"]])
-    with pytest.raises(LoryDataError, match="unsupported input format"):
+    with pytest.raises(LoryDataError, match=r"notes\.md \(not a data file\); data files end in \.json "):
         expand_inputs([str(tmp_path / "notes.md")])
 
 
