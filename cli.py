@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -273,9 +274,20 @@ def _build_option(*decls: str, help: str = "", **kwargs):
 @lory.command("build-corpus", context_settings={"ignore_unknown_options": True})
 @click.argument("inputs", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@_build_option("--text-field", help="Field holding the text.")
-@_build_option("--domain-field", help="Field holding a domain label.")
-@_build_option("--id-field", help="Field holding a document id (default: content hash).")
+@_build_option("--text-field", help="Field holding the text (a dotted path reaches into objects and Parquet "
+                                    "structs: meta.body).")
+@_build_option("--domain-field", help="Field holding a domain label (dotted path, e.g. meta.pile_set_name); "
+                                      "a non-string value is stored as JSON.")
+@_build_option("--domain-from-path", metavar="parent|REGEX",
+               help="Domain from each file's path: 'parent' (its folder's name) or a regex with a group, "
+                    "e.g. 'corpus/([^/]+)/'; a non-empty --domain-field wins.")
+@_build_option("--id-field", help="Field holding a document id (dotted path; default: content hash).")
+@_build_option("--max-line-bytes", type=int,
+               help="JSON lines longer than this are dead-lettered as line_too_long without being read whole.")
+@_build_option("--max-json-depth", type=int, help="JSON nested deeper than this is dead-lettered as json_too_deep.")
+@click.option("--strict", is_flag=True, default=None,
+              help="Fail when an input file lost most of its records (or, with a domain option, most domains) "
+                   "instead of warning.")
 @_build_option("--tokenizer", help="tokenizer.json or folder (default: the bundled BPE-8192).")
 @_build_option("--seq-len", type=int, help="Tokens per sequence.")
 @_build_option("--tail", type=click.Choice(["drop", "pad"]),
@@ -457,6 +469,12 @@ class _QuietImportNoise(logging.Filter):
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().addFilter(_QuietImportNoise())
+    # Beam logs a worker's exception with its traceback before raising it; lory turns the
+    # raised error into one line (or shows the traceback with LORY_DEBUG=1).
+    if not os.environ.get("LORY_DEBUG"):
+        for name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
+                     "apache_beam.runners.portability.fn_api_runner"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> None:

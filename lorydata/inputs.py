@@ -158,12 +158,13 @@ def _fixed_folder(pattern: str) -> str:
     return "/".join(parts[:fixed])
 
 
-def _walk_listed(folder: str, lister: Lister) -> tuple[list[str], list[str]]:
-    """(files, hidden entries) under `folder` from a listing of `folder/**`."""
+def _walk_listed(folder: str, lister: Lister, excluded: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+    """(files, hidden entries) under `folder` from a listing of `folder/**`; excluded files
+    are returned among the files (to be counted), never looked into."""
     root = folder.rstrip("/")
     files, hidden = [], set()
     for path in lister(root + "/**"):
-        entry = _hidden_entry(root, path)
+        entry = None if excluded(path) else _hidden_entry(root, path)
         if entry is None:
             files.append(path)
         else:
@@ -172,7 +173,7 @@ def _walk_listed(folder: str, lister: Lister) -> tuple[list[str], list[str]]:
 
 
 def _is_local_folder(path: str, lister: Lister | None) -> bool:
-    return lister is None and not is_url(path) and os.path.isdir(path.removeprefix("file://"))
+    return not is_url(path) and os.path.isdir(path.removeprefix("file://"))
 
 
 def json_kind(path: str, opener: Opener | None = None) -> str | None:
@@ -222,7 +223,7 @@ class _Selector:
         if _is_local_folder(folder, self.lister):
             files, hidden = _walk_local(folder.removeprefix("file://"), self.excluded)
         else:
-            files, hidden = _walk_listed(folder, self.lister or default_lister)
+            files, hidden = _walk_listed(folder, self.lister or default_lister, self.excluded)
         for h in hidden:
             self.skip(HIDDEN, h)
         taken = []

@@ -30,12 +30,14 @@ from lorydata.clean import CleanConfig
 from lorydata.documents import DropReason
 from lorydata.embed import Embedder, EmbedderConfig, pick_device
 from lorydata.errors import LoryDataError
+from lorydata.inputs import InputSelection, select_inputs
 from lorydata.knn import check_index_string, use_faiss_gpu
 from lorydata.minhash import MinHashConfig
-from lorydata.readers import ReaderConfig, expand_inputs
+from lorydata.read_summary import check_losses
+from lorydata.readers import ReaderConfig
 from lorydata.tokenizer import Tokenizer
 from pipelines import fileio, layout
-from pipelines.documents import DocumentsConfig, run_documents_stage
+from pipelines.documents import DocumentsConfig, read_summaries, run_documents_stage
 from pipelines.embed import run_embed_stage
 from pipelines.lock import build_lock
 from pipelines.markers import Stage
@@ -76,7 +78,8 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     options.validate()
     fileio.configure(list(options.beam_args))
     out = str(options.out).rstrip("/")
-    files = _inputs(options.inputs, out, log)
+    selection = select_inputs(options.inputs, exclude=out, lister=fileio.lister, opener=fileio.opener)
+    documents_config(options, None).reader.check_paths(selection.files)
     tokenizer = Tokenizer(options.tokenizer)
     if options.order == "similarity":
         _check_similarity_options(options)
@@ -85,7 +88,7 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
     with build_lock(out):  # also the check that --out can be written
         _check_out_folder(out, options.overwrite)
         try:
-            return _build(options, out, files, tokenizer, log)
+            return _build(options, out, selection, tokenizer, log)
         except OSError as exc:
             reason = fileio.write_failure(exc)
             if reason is None:
@@ -94,11 +97,13 @@ def build_corpus(options: BuildOptions, log=print) -> BuildSummary:
                                 "kept: make room and rerun the same command to resume") from None
 
 
-def _build(options: BuildOptions, out: str, files: list[str], tokenizer: Tokenizer, log) -> BuildSummary:
+def _build(options: BuildOptions, out: str, selection: InputSelection, tokenizer: Tokenizer, log) -> BuildSummary:
     """The stages in order (the lock on `out` is held)."""
     runner = BeamRunner(options.runner, list(options.beam_args), log=log)
     summary = BuildSummary(out)
-    log(f"{len(files)} input file(s), tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}), order {options.order}")
+    files, skipped = selection.files, selection.counts()
+    log(f"{selection.describe()}; tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}), "
+        f"order {options.order}")
     depends: dict = {}  # what the fingerprints cover so far, named when a rerun is refused
 
     def run_stage(name: str, kind: str, folder: str, fingerprint: str, names: tuple[str, ...],
@@ -112,6 +117,11 @@ def _build(options: BuildOptions, out: str, files: list[str], tokenizer: Tokeniz
              "near_dedup")
     doc_fp = options.fingerprint(*names[:-1])
     doc_fp = f"{doc_fp}:{_hash_json([_input_identity(files), tokenizer.sha256])}"
+    reading = tuple(name for name in ("domain_from_path", "max_line_bytes", "max_json_depth")
+                    if getattr(options, name) != BuildOptions.default(name))
+    if reading:  # the defaults keep the fingerprint of builds made before these options existed
+        doc_fp += ":" + options.fingerprint(*reading)
+        names += reading
     depends.update(inputs=_hash_json(_input_identity(files)), tokenizer=tokenizer.sha256)
     if options.near_dedup == "on":  # off keeps the fingerprint of builds made before near-dedup existed
         near = ("near_dedup_threshold", "near_dedup_shingle", "near_dedup_bands", "near_dedup_rows")
@@ -121,7 +131,11 @@ def _build(options: BuildOptions, out: str, files: list[str], tokenizer: Tokeniz
     def documents_work(folder: str) -> dict:
         counts = run_documents_stage(documents_config(options, str(tokenizer.path)), runner, files, folder)
         _publish_dead_letters(folder, out, "*.jsonl")  # before the stage is marked done: never lost
-        return counts
+        wanted = bool(options.domain_field or options.domain_from_path)
+        # --strict fails here, before the stage is marked done: a rerun without it resumes.
+        for line in check_losses(read_summaries(folder), options.strict, domain_wanted=wanted):
+            log(f"[yellow]warning[/]: {line}")
+        return {**counts, "inputs_skipped": skipped}
 
     documents, counts = run_stage("documents", "documents", layout.documents_stage(out), doc_fp, names,
                                   documents_work)
@@ -182,7 +196,9 @@ def minhash_config(options: BuildOptions) -> MinHashConfig:
 
 def documents_config(options: BuildOptions, tokenizer_path: str | None) -> DocumentsConfig:
     return DocumentsConfig(
-        reader=ReaderConfig(options.text_field, options.domain_field, options.id_field, options.max_chars),
+        reader=ReaderConfig(options.text_field, options.domain_field, options.id_field, options.max_chars,
+                            max_line_bytes=options.max_line_bytes, max_json_depth=options.max_json_depth,
+                            domain_from_path=options.domain_from_path),
         cleaner=CleanConfig(min_chars=options.min_chars, max_chars=options.max_chars),
         tokenizer=tokenizer_path,
         heldout_fraction=options.heldout_fraction,
@@ -241,28 +257,16 @@ def _write_split(config, runner, tokenizer: Tokenizer, documents_dir: str, order
             "folder": layout.split_folder(out, split)}
 
 
-def _inputs(patterns: list[str], out: str, log) -> list[str]:
-    """The input files; those inside `out` (lory's own outputs, when `--out` is inside an
-    input folder) are left out, and said so."""
-    files = expand_inputs(patterns)
-    inside = {f for f in files if f == out or f.startswith(out + "/")}
-    if inside:
-        log(f"left out {len(inside)} file(s) inside --out {out} (lory's own outputs)")
-        files = [f for f in files if f not in inside]
-        if not files:
-            raise LoryDataError(f"every input is inside --out {out}; give inputs outside the build folder")
-    return files
-
-
 def _input_identity(files: list[str]) -> list:
-    """Paths with size and mtime, so edited inputs invalidate the documents stage."""
+    """Paths with size (and mtime on local disk), so edited inputs invalidate the documents
+    stage."""
     identity = []
     for path in files:
-        try:
+        if fileio.is_local(path):
             st = os.stat(path)
             identity.append([path, st.st_size, int(st.st_mtime)])
-        except OSError:  # remote URL: the path alone
-            identity.append([path])
+        else:
+            identity.append([path, fileio.size(path)])
     return identity
 
 

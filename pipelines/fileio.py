@@ -30,6 +30,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.value_provider import RuntimeValueProvider
 
+from lorydata.inputs import default_lister
+
 _RAW = CompressionTypes.UNCOMPRESSED
 # Standard AWS environment variables → Beam's S3 options, for those the user did not give.
 _AWS_ENV = {
@@ -206,6 +208,23 @@ def sizes(folder: str) -> dict[str, int]:
         return found
     metadata = FileSystems.match([folder + "/**"])[0].metadata_list
     return {m.path: m.size_in_bytes for m in metadata}
+
+
+def lister(pattern: str) -> list[str]:
+    """Files a glob matches (`*` and `**` may cross folders on object stores), or the path
+    itself when it names a file: what `lorydata.inputs.select_inputs` lists inputs with."""
+    if is_local(pattern):
+        return default_lister(pattern)
+    if not any(c in pattern for c in "*?["):
+        return [pattern] if exists(pattern) else []
+    fixed = pattern[: min(pattern.find(c) for c in "*?[" if c in pattern)].rsplit("/", 1)[0]
+    return sorted(path for path in sizes(fixed) if fnmatch.fnmatchcase(path, pattern))
+
+
+def opener(path: str):
+    """A binary file of `path` (compressed files come as they are stored: lory decompresses
+    by suffix): what `lorydata.readers.read_file` opens inputs with."""
+    return open_read(path)
 
 
 def match(pattern: str) -> list[str]:

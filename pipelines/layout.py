@@ -113,6 +113,15 @@ def deduped_files(stage: str) -> list[str]:
     return fileio.match(fileio.join(stage, "deduped", "b*.parquet"))
 
 
+def read_summary_file(stage: str, index: int) -> str:
+    """What reading input file `index` gave (`lorydata.read_summary.FileSummary`)."""
+    return fileio.join(stage, "read_summaries", f"f{index:06d}.json")
+
+
+def read_summary_files(stage: str) -> list[str]:
+    return fileio.match(fileio.join(stage, "read_summaries", "f*.json"))
+
+
 def raw_file(stage: str, bucket: int, part: str) -> str:
     return fileio.join(stage, "raw", bucket_name(bucket), f"{part}.parquet")
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from lorydata.errors import LoryDataError
+from lorydata.readers import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_LINE_BYTES
 from pipelines.runner.session import LOCAL_RUNNER
 
 
@@ -22,7 +23,14 @@ class BuildOptions:
     Args:
         inputs: files, folders, globs or fsspec URLs of text dumps.
         out: output folder (shards under `train/` and `heldout/`).
-        text_field / domain_field / id_field: record fields to read.
+        text_field / domain_field / id_field: record fields to read; dotted paths reach into
+            objects and Parquet structs (`meta.pile_set_name`).
+        domain_from_path: `parent` or a regex with a group: the domain from each file's path
+            (a non-empty domain field wins).
+        max_line_bytes: JSON lines longer than this are dead-lettered as `line_too_long`.
+        max_json_depth: JSON nested deeper than this is dead-lettered as `json_too_deep`.
+        strict: fail when an input file lost most of its records (or, with a domain
+            option, most domains) instead of warning.
         min_chars / max_chars: document length limits (characters, after cleaning).
         tokenizer: tokenizer.json file or folder; None = the bundled BPE.
         seq_len: tokens per packed sequence.
@@ -61,6 +69,10 @@ class BuildOptions:
     text_field: str = "text"
     domain_field: str | None = None
     id_field: str | None = None
+    domain_from_path: str | None = None
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    strict: bool = False
     min_chars: int = 1
     max_chars: int = 1_000_000
     tokenizer: str | None = None

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 from lorydata.clean import CleanConfig
 from lorydata.minhash import MinHashConfig
+from lorydata.read_summary import FileSummary
 from lorydata.readers import ReaderConfig
-from pipelines import layout
+from pipelines import fileio, layout
 from pipelines.documents.dedup import DedupBucketFn
 from pipelines.documents.near_dedup import drop_near_duplicates
 from pipelines.documents.read import ReadToBucketsFn, buckets_for
@@ -54,6 +55,11 @@ class DocumentsConfig:
     heldout_fraction: float
     buckets: int | None = None
     near_dedup: MinHashConfig | None = None
+
+
+def read_summaries(folder: str) -> list[FileSummary]:
+    """What reading each input file gave, from a documents stage folder."""
+    return [FileSummary.from_dict(fileio.load_json(path)) for path in layout.read_summary_files(folder)]
 
 
 def run_documents_stage(config: DocumentsConfig, runner: BeamRunner, files: list[str], folder: str) -> dict:

@@ -9,8 +9,10 @@ import pyarrow as pa
 
 from lorydata.clean import CleanConfig, clean_document
 from lorydata.documents import DeadLetter
-from lorydata.readers import ReaderConfig, file_format, read_file
-from pipelines import dead_letters, layout
+from lorydata.inputs import file_format
+from lorydata.read_summary import FileSummary
+from lorydata.readers import ReaderConfig, read_file
+from pipelines import dead_letters, fileio, layout
 from pipelines.commits import Commit, PartitionFn
 
 BUCKET_BYTES = 16 << 20  # input bytes per bucket (compressed inputs count 4x)
@@ -42,10 +44,7 @@ def buckets_for(files: list[str], requested: int | None = None) -> int:
         return requested
     total = 0
     for path in files:
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            size = BUCKET_BYTES
+        size = os.stat(path).st_size if fileio.is_local(path) else fileio.size(path)
         total += size * (4 if file_format(path) in ("jsonl.zst", "jsonl.gz") else 1)
     return max(1, min(MAX_BUCKETS, math.ceil(total / BUCKET_BYTES)))
 
@@ -53,8 +52,10 @@ def buckets_for(files: list[str], requested: int | None = None) -> int:
 class ReadToBucketsFn(PartitionFn):
     """(file index, path) → the file's clean documents in raw bucket files
     (`layout.raw_file`), flushed every `FLUSH_CHARS` characters so a reader holds a bounded
-    buffer whatever the size of its file; dead letters to `read-f<file>-<flush>.jsonl`.
-    Names depend only on the file index, so a retried bundle overwrites its own files.
+    buffer whatever the size of its file; dead letters to `read-f<file>-<flush>.jsonl`; what
+    reading the file gave (`FileSummary`) to its summary file. Names depend only on the file
+    index, so a retried bundle overwrites its own files. Files are opened through the file
+    layer, so inputs may be object-store URLs.
 
     Args:
         folder: the stage folder.
@@ -74,10 +75,12 @@ class ReadToBucketsFn(PartitionFn):
         rows: dict[int, list[dict]] = {}
         letters: list[DeadLetter] = []
         chars, flush = 0, 0
-        for record in read_file(path, self.reader):
-            out.count("records_read")
+        summary = FileSummary(path)
+        for record in read_file(path, self.reader, opener=fileio.opener):
+            out.count("records_read", record.records if isinstance(record, DeadLetter) else 1)
             if not isinstance(record, DeadLetter):
                 record = clean_document(record, self.cleaner)
+            summary.add(record)
             if isinstance(record, DeadLetter):
                 dead_letters.drop(record, letters, out)
                 continue
@@ -92,6 +95,7 @@ class ReadToBucketsFn(PartitionFn):
                 self._flush(out, index, flush, rows, letters)
                 rows, letters, chars, flush = {}, [], 0, flush + 1
         self._flush(out, index, flush, rows, letters)
+        out.save_json(layout.read_summary_file(self.folder, index), summary.to_dict())
 
     def _flush(self, out: Commit, index: int, flush: int, rows: dict[int, list[dict]],
                letters: list[DeadLetter]) -> None:
