@@ -541,6 +541,8 @@ def export_dense_cmd(run_dir, out, routing_from, domain, eval_data, checkpoint, 
 
     report = export_dense_run(run_dir, out, routing_from, domain=domain, checkpoint=checkpoint, eval_data=eval_data,
                               batch_size=batch_size, max_batches=max_batches, overwrite=overwrite)
+    for warning in report.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from lorydata.tokenizer import Tokenizer
 from lorytrain.errors import LoryTrainError
-from lorytrain.export.dense import average_routing, export_llama, merge_to_dense
+from lorytrain.export.dense import average_routing, export_llama, merge_to_dense, vllm_head_size_warning
 from lorytrain.export.hf import export_hf
 from lorytrain.generation import SamplingConfig, generate
 from lorytrain.model import LoryLM, ModelConfig
@@ -189,3 +189,14 @@ def test_average_routing_over_text_is_the_mean_segment_weight(default_tokenizer_
     assert average.segments == sum(w.shape[0] for w in per_layer[0])
     with pytest.raises(LoryTrainError, match="domains"):
         average_routing(model, text, tok, domain="git")
+
+
+def test_vllm_head_size_warning_names_what_fits():
+    tiny_preset = vllm_head_size_warning(64, 4)  # the tiny preset: heads of 16
+    assert "head size 16" in tiny_preset and "CPU backend" in tiny_preset and "at least 32" in tiny_preset
+    assert "--model-override n_heads=2" in tiny_preset
+    cpu_only = vllm_head_size_warning(96, 2)  # 48: FlashAttention and Triton take it, the CPU backend not
+    assert "CPU backend" in cpu_only and "GPU" not in cpu_only and "3 heads of 32" in cpu_only
+    assert "multiple of 8" in vllm_head_size_warning(600, 10)
+    for d_model, heads in ((64, 2), (256, 4), (1024, 16), (1536, 24)):  # 32, 64, 64, 64
+        assert vllm_head_size_warning(d_model, heads) is None
