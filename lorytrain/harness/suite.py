@@ -12,6 +12,7 @@ tasks exactly as `lm_eval --include_path` does. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,10 +132,15 @@ def run_suite(lm, names: list[str], data_dir: str | Path, num_fewshot: int | Non
     specs = [load_spec(n) for n in names]
     for spec in specs:
         check_data(spec, data_dir, num_fewshot)
-    output = simple_evaluate(model=lm, tasks=[s.task for s in specs], task_manager=task_manager(data_dir),
-                             num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0, log_samples=False,
-                             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                             fewshot_random_seed=seed)
+    task_logger = logging.getLogger("lm_eval.api.task")
+    task_logger.addFilter(_quiet_custom_dataset)
+    try:
+        output = simple_evaluate(model=lm, tasks=[s.task for s in specs], task_manager=task_manager(data_dir),
+                                 num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0, log_samples=False,
+                                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                 fewshot_random_seed=seed)
+    finally:
+        task_logger.removeFilter(_quiet_custom_dataset)
     results = {}
     for spec in specs:
         raw = output["results"][spec.task]
@@ -143,6 +149,12 @@ def run_suite(lm, names: list[str], data_dir: str | Path, num_fewshot: int | Non
                               "metrics": metrics, "samples": int(output["n-samples"][spec.task]["effective"]),
                               "shots": int(output["n-shot"].get(spec.task, spec.shots))}
     return summarise(results)
+
+
+def _quiet_custom_dataset(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's advice, printed once per task, on passing kwargs to a `custom_dataset`:
+    lory benchmark passes the only one (data_dir) itself."""
+    return "Custom kwargs can be passed" not in record.getMessage()
 
 
 def summarise(tasks: dict) -> dict:
