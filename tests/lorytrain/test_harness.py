@@ -273,3 +273,13 @@ def test_three_kinds_of_task_end_to_end_through_simple_evaluate(model, tok, tmp_
     assert result["average"] == pytest.approx(sum(t["value"] for t in tasks.values()) / 3)
     assert math.isfinite(tasks["sst2"]["value"])
     json.dumps(result)  # the report is plain JSON
+
+
+def test_harness_command_line_adds_the_tasks_and_warns_about_bare_names(capsys):
+    from lorytrain.harness.__main__ import prepare
+
+    argv = prepare(["run", "--model", "lory", "--tasks", "hellaswag,lory_piqa"])
+    assert argv[-2:] == ["--include_path", str(TASKS_DIR)]
+    assert "lory's local task is 'lory_hellaswag'" in capsys.readouterr().err
+    assert prepare(["run", "--tasks=lory_piqa", "--include_path", "mine"]).count("--include_path") == 1
+    assert capsys.readouterr().err == ""
