@@ -8,7 +8,7 @@ predicted inside segment 0 (positions 0..T-1), after it, and overall, plus how f
 rule lets appended tokens move the logits of the first 50 tokens.
 
     python benchmarks/first_segment_rule.py runs/s1-lory-seed1 runs/s1-lory-seed2 runs/s1-lory-seed3 \
-        --data runs/sample-corpus/heldout --out benchmarks/results/first-segment
+        --data runs/sample-corpus/heldout --max-batches 20 --out benchmarks/results/first-segment
 """
 
 from __future__ import annotations
@@ -90,14 +90,42 @@ def mean_interval(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {t * statistics.stdev(values) / len(values) ** 0.5:.4f}"
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Loss of the first segment's tokens per rule: one dot per run, a bar at the mean."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 3.6))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for x, rule in enumerate(RULES):
+        axes.bar(x, statistics.mean(r["rules"][rule]["first_segment"] for r in results), color="#bbb")
+    for r in results:  # one line per run: the rules are compared on the same tokens
+        axes.plot(range(len(RULES)), [r["rules"][rule]["first_segment"] for rule in RULES], "o-", color="#333",
+                  label=Path(r["run"]).name)
+    low = min(r["rules"][rule]["first_segment"] for r in results for rule in RULES)
+    axes.set_ylim(low - 0.1, None)
+    axes.set_xticks(range(len(RULES)), RULES)
+    axes.set_ylabel(f"loss, first {results[0]['segment_len']} tokens")
+    axes.set_title(f"first-segment routing at inference ({len(results)} runs)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("--data", required=True, help="held-out shard folder")
+    parser.add_argument("runs", nargs="*")
+    parser.add_argument("--data", help="held-out shard folder")
     parser.add_argument("--max-batches", type=int, default=0)
-    parser.add_argument("--out", default=None, help="folder for results.json")
+    parser.add_argument("--out", default=None, help="folder for results.json and first_segment.png")
+    parser.add_argument("--from-json", default=None, help="report (and plot) an earlier results.json")
     args = parser.parse_args()
-    results = [score(run, args.data, args.max_batches) for run in args.runs]
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+    else:
+        if not args.runs or not args.data:
+            parser.error("give RUNS and --data (or --from-json)")
+        results = [score(run, args.data, args.max_batches) for run in args.runs]
     print(f"mean loss per predicted token ({len(results)} runs; 95% t-interval over runs)")
     for part in ("first_segment", "after", "overall"):
         for rule in RULES:
@@ -110,6 +138,7 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, Path(args.out) / "first_segment.png")
 
 
 if __name__ == "__main__":
