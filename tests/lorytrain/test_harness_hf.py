@@ -104,3 +104,36 @@ def test_simple_evaluate_gives_both_backends_the_same_metrics(pair, tmp_path):
     assert scores[0] == pytest.approx(scores[1], abs=1e-4)
     for metric in ("acc,none", "acc_norm,none"):
         assert results[0]["results"]["lory_piqa"][metric] == results[1]["results"]["lory_piqa"][metric]
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_on_the_export_scores_as_model_lory(tok, tmp_path):
+    """lm-eval's own command line, nothing of lory in between: `lm_eval run --model hf
+    --include_path lorytrain/harness/tasks --metadata '{"data_dir": …}'` on an export-hf folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = sharp_model(tok, "lory")
+    folder = export_hf(model, tmp_path / "hf", tok.path, max_length=MAX_LENGTH)
+    piqa = [{"goal": f"To undo commit {i}", "sol1": "git revert it.", "sol2": "unplug the disk.", "label": i % 2}
+            for i in range(3)]
+    write_task(tmp_path / "data", "piqa", piqa, train=False)
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+               "--model_args", f"pretrained={folder},trust_remote_code=True", "--include_path", str(TASKS_DIR),
+               "--tasks", "lory_piqa", "--metadata", json.dumps({"data_dir": str(tmp_path / "data")}),
+               "--device", "cpu", "--batch_size", "2", "--log_samples", "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (samples,) = (tmp_path / "out").rglob("samples_lory_piqa_*.jsonl")
+    theirs = {}
+    for line in samples.read_text().splitlines():
+        sample = json.loads(line)
+        theirs[sample["doc_id"]] = [float(resp[0][0]) for resp in sample["resps"]]
+    lory = LoryHarnessLM(model=model, tokenizer=tok, max_length=MAX_LENGTH)
+    for doc_id, doc in enumerate(piqa):
+        context = f"Question: {doc['goal']}\nAnswer:"
+        ours = lory.loglikelihood(requests("loglikelihood", [(context, " " + doc["sol1"]), (context, " " + doc["sol2"])]))
+        assert [score for score, _ in ours] == pytest.approx(theirs[doc_id], abs=1e-4)
