@@ -511,7 +511,9 @@ def main(argv: list[str] | None = None) -> None:
 @click.option("--data-dir", required=True, type=click.Path(),
               help="Folder of DATA_DIR/<task>/test.jsonl (and train.jsonl for few-shot tasks); see README.")
 @click.option("--compare", "compare_run", default=None, type=click.Path(), help="A second run, shown side by side.")
-@click.option("--routing", default="prompt", show_default=True, type=click.Choice(["prompt", "segment"]))
+@click.option("--routing", default="causal", show_default=True, type=click.Choice(["causal", "prompt", "segment"]),
+              help="causal: the scoring rule lm_eval --model hf reproduces on an export-hf folder; prompt, "
+                   "segment: the paper's (see README).")
 @click.option("--num-fewshot", default=None, type=int, help="Override every task's shot count.")
 @click.option("--limit", default=None, type=int, help="Score only the first N examples of each task.")
 @click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
@@ -556,8 +558,9 @@ def benchmark_cmd(run_dir, tasks, data_dir, compare_run, routing, num_fewshot, l
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--checkpoint", default=None, help="Checkpoint folder or name (default: the run's latest).")
-@click.option("--routing", default="prompt", show_default=True, type=click.Choice(["prompt", "segment"]),
-              help="Routing of generate(): prompt (route once on the prompt) or segment (re-route every segment).")
+@click.option("--routing", default="causal", show_default=True, type=click.Choice(["causal", "segment", "prompt"]),
+              help="The folder's routing mode: causal (no token sees a later one; scores as lory benchmark), "
+                   "segment or prompt (the paper's training and generation rules).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty.")
 def export_hf_cmd(run_dir, out, checkpoint, routing, overwrite):
     """Write a Hugging Face folder that AutoModelForCausalLM loads with trust_remote_code=True."""
@@ -565,7 +568,8 @@ def export_hf_cmd(run_dir, out, checkpoint, routing, overwrite):
     from lorytrain.runs import load_run
 
     run = load_run(run_dir, checkpoint)
-    folder = export_hf(run.model, out, run.tokenizer_path, generation_routing=routing, overwrite=overwrite)
+    folder = export_hf(run.model, out, run.tokenizer_path, routing=routing, max_length=run.state.get("seq_len"),
+                       source=f"{run_dir}, step {run.state['step']}", overwrite=overwrite)
     _console().print(f"wrote {folder} ({run.model.config.ffn}, step {run.state['step']})")
 
 
@@ -588,6 +592,8 @@ def export_dense_cmd(run_dir, out, routing_from, domain, eval_data, checkpoint, 
 
     report = export_dense_run(run_dir, out, routing_from, domain=domain, checkpoint=checkpoint, eval_data=eval_data,
                               batch_size=batch_size, max_batches=max_batches, overwrite=overwrite)
+    for warning in report.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -8,6 +8,9 @@ Chance is 25% and 50%. These are NOT the paper's tasks.
 
     python benchmarks/toy_tasks.py runs/sample-corpus/heldout --out runs/toy-tasks
     lory benchmark runs/sample-lory --tasks hellaswag,piqa --data-dir runs/toy-tasks --compare runs/sample-dense
+    # the same tasks with plain lm-eval on an export-hf folder (same scores; README):
+    lm_eval run --model hf --model_args pretrained=runs/sample-lory-hf,trust_remote_code=True \
+        --include_path lorytrain/harness/tasks --tasks lory_hellaswag,lory_piqa --metadata '{"data_dir": "runs/toy-tasks"}'
 """
 
 from __future__ import annotations

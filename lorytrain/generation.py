@@ -1,9 +1,12 @@
 """Text generation with a `LoryLM`: KV-cached, batched, seeded sampling.
 
-Routing (METHOD.md §1, "Inference"): "prompt" (the paper's default) routes every MoE layer
-once on the mean FFN input of the prompt and keeps that merged FFN for the whole generation;
-"segment" re-routes every `segment_len` tokens from the previous segment, as in training.
-Token-level layers (top-k, token-level expert choice) route per token either way.
+Routing (the paper's inference rules, plus a strictly causal one): "prompt" (the paper's
+default) routes every MoE layer once on the mean FFN input of the prompt and keeps that merged
+FFN for the whole generation; "segment" re-routes every `segment_len` tokens from the previous
+segment, as in training; "causal" does the same but routes the first segment token by token on
+its running mean (see `lorytrain.model.routing`), the rule lm-eval scoring and `export-hf`
+folders use by default. Token-level layers (top-k, token-level expert choice) route per token
+in every mode.
 
 Prompts of different lengths are decoded together: one prefill call over the right-padded
 prompts with their lengths, then one call per step that appends one token to every sequence
@@ -152,7 +155,8 @@ def generate_with_logits(model, prompts: Sequence[Sequence[int]], config: Sampli
         model: a `LoryLM` (any FFN); it runs in eval mode and is put back as it was.
         prompts: token ids of each prompt (lengths may differ; none may be empty).
         config: sampling settings (default `SamplingConfig()`).
-        routing: "prompt" (route once on the prompt) or "segment" (re-route every segment).
+        routing: "prompt" (route once on the prompt), "segment" (re-route every segment) or
+            "causal" (as "segment", the first segment token by token).
         eos_id: a sequence stops after emitting this token (None: always max_new_tokens).
         max_len: longest prompt + max_new_tokens allowed (default `DEFAULT_MAX_LEN`); the
             KV cache holds the longest prompt + max_new_tokens positions.
@@ -243,7 +247,7 @@ def generate_text(model, tokenizer, texts: Sequence[str], config: SamplingConfig
         tokenizer: a `lorydata.tokenizer.Tokenizer` (encode, decode, eos_id).
         texts: the prompts.
         config: sampling settings.
-        routing: "prompt" or "segment".
+        routing: "prompt", "segment" or "causal".
         max_len: see `generate_with_logits`.
     """
     if isinstance(texts, str):
@@ -265,7 +269,7 @@ def full_forward_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: 
         model: a `LoryLM`.
         sequences: prompt + generated tokens of each sequence.
         prompt_lens: the prompt length of each sequence (bounds what routing may look at).
-        routing: "prompt" or "segment".
+        routing: "prompt", "segment" or "causal".
 
     Returns:
         Per sequence, float32 logits (len, vocab) on the CPU.

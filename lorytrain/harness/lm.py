@@ -1,16 +1,26 @@
 """The lm-evaluation-harness backend: a lory run as model `lory`.
 
-`lm_eval --model lory --model_args run=DIR[,checkpoint=…,routing=prompt|segment,device=…,dtype=…,batch_size=…]`
+`lm_eval --model lory --model_args run=DIR[,checkpoint=…,routing=causal|prompt|segment,device=…,dtype=…,batch_size=…]`
 (through `python -m lorytrain.harness`, which registers the model first), or
 `lm_eval.simple_evaluate(model=LoryHarnessLM(...))` from Python.
 
-Routing, as in the paper: a request's context is the prompt. `loglikelihood` scores the
-continuation with every MoE layer routed once on the mean of the context ("prompt", default),
-or with causal segment routing whose first segment sees only the context ("segment"); both
-equal what cached decoding of the continuation would compute. `loglikelihood_rolling` is
-perplexity: windows of the training sequence length, causal segment routing exactly as in
-training and `lory eval`. `generate_until` decodes with `lorytrain.generation` (KV cache,
-greedy unless the task asks for sampling) and cuts at the first stop string.
+Routing (see `lorytrain.model.routing`):
+
+- "causal" (default): causal segment routing whose first segment is routed token by token on
+  its running mean. No token's score depends on a later token and the rule needs no prompt
+  boundary, so an exported model (`lory export-hf`, same default) scored with
+  `lm_eval --model hf` gives the same log-likelihoods. `loglikelihood`,
+  `loglikelihood_rolling` and `generate_until` all use it.
+- "prompt" (the paper's inference rule): `loglikelihood` routes every MoE layer once on the
+  mean of the request's context, `generate_until` once on the prompt. Only lory's own backend
+  knows where a request's context ends, so `--model hf` cannot reproduce it.
+- "segment": causal segment routing whose first segment routes on its own mean (the
+  paper's training rule), bounded to the context.
+
+Under "prompt" and "segment", `loglikelihood_rolling` (perplexity) routes each window as in
+training and `lory eval`. Windows are the run's training sequence length; `generate_until`
+decodes with `lorytrain.generation` (KV cache, greedy unless the task asks for sampling) and
+cuts at the first stop string.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ class LoryHarnessLM(TemplateLM):
     Args:
         run: a `lory train --out` folder (or give `model` and `tokenizer`).
         checkpoint: a checkpoint of the run (default: its latest).
-        routing: "prompt" (default) or "segment"; see the module docstring.
+        routing: "causal" (default), "prompt" or "segment"; see the module docstring.
         device: "cpu", "cuda", or "auto".
         dtype: float32 (default), bfloat16 or float16 weights.
         batch_size: sequences per forward pass.
@@ -49,7 +59,7 @@ class LoryHarnessLM(TemplateLM):
         tokenizer: a `lorydata.tokenizer.Tokenizer` for `model`.
     """
 
-    def __init__(self, run: str | None = None, checkpoint: str | None = None, routing: str = "prompt",
+    def __init__(self, run: str | None = None, checkpoint: str | None = None, routing: str = "causal",
                  device: str | None = "cpu", dtype: str | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, model=None, tokenizer=None, **unused):
         super().__init__()
@@ -109,7 +119,7 @@ class LoryHarnessLM(TemplateLM):
 
         Args:
             windows: (context, continuation) token lists; the model reads context + continuation[:-1].
-            routing: "prompt" or "segment".
+            routing: "causal", "prompt" or "segment".
             bound_routing: route on the context only (prompt_lens); False routes on the whole input.
         """
         inputs = []
@@ -142,8 +152,9 @@ class LoryHarnessLM(TemplateLM):
         windows = [(context, continuation) for _, context, continuation in requests]
         scores = []
         step = 64 * self.batch_size
+        bound = self.routing != "causal"  # causal routing needs no context boundary
         for start in tqdm(range(0, len(windows), step), disable=disable_tqdm, desc="loglikelihood"):
-            scores += self._score(windows[start : start + step], self.routing, bound_routing=True)
+            scores += self._score(windows[start : start + step], self.routing, bound_routing=bound)
         return scores
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -152,8 +163,9 @@ class LoryHarnessLM(TemplateLM):
             tokens = self.tok_encode(request.args[0])
             windows = [make_disjoint_window(w) for w in
                        get_rolling_token_windows(tokens, self.eot_token_id, self.max_length, context_len=1)]
-            # perplexity: causal segment routing over each whole window, exactly as in training
-            totals.append(sum(logprob for logprob, _ in self._score(windows, "segment", bound_routing=False)))
+            # perplexity: the scoring rule, or (paper's rules) segment routing exactly as in training
+            routing = "causal" if self.routing == "causal" else "segment"
+            totals.append(sum(logprob for logprob, _ in self._score(windows, routing, bound_routing=False)))
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -1,15 +1,18 @@
 """The paper's downstream suite as lm-eval tasks on local files, and the Table-1-style report.
 
-Every task is a YAML file in `tasks/` (lm-eval's task config plus a `lory:` block naming its
-group, headline metric and jsonl layout). Its data are `DATA_DIR/<task>/test.jsonl` (scored)
-and `DATA_DIR/<task>/train.jsonl` (few-shot demonstrations, needed when the task uses shots),
-one JSON object per line in the layout the YAML states. Nothing is downloaded.
+Every task is a plain lm-eval YAML file in `tasks/` named `lory_<task>` (never one of lm-eval's
+own hub tasks): its `custom_dataset` (`tasks/lory_tasks.py`) reads `DATA_DIR/<task>/test.jsonl`
+(scored) and `DATA_DIR/<task>/train.jsonl` (few-shot demonstrations), one JSON object per line
+in the layout the YAML states, with DATA_DIR from lm-eval's task metadata (`--metadata
+'{"data_dir": …}'`). lory's own facts about a task (Table 1 group, headline metric, layout,
+default shots) sit in the YAML's `metadata.lory`, which lm-eval ignores. `run_suite` loads the
+tasks exactly as `lm_eval --include_path` does. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +30,11 @@ GROUPS = {  # the paper's Table 1 groups, in its order
 PAPER_SUITE = tuple(name for _, names in GROUPS.values() for name in names)
 
 
-def macro_f1(items) -> float:
-    """Macro-averaged F1 over (gold, prediction) pairs (Min et al. 2022's classification metric)."""
-    from sklearn.metrics import f1_score
-
-    golds, preds = zip(*items, strict=True)
-    return float(f1_score(golds, preds, average="macro"))
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads the task YAMLs without lm-eval: `!function module.name` stays a string."""
 
 
-AGGREGATIONS = {"macro_f1": macro_f1}
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
 
 
 @dataclass
@@ -43,22 +42,23 @@ class TaskSpec:
     """One task of the suite.
 
     Args:
-        name: short name (the YAML file's stem).
+        name: short name (the YAML file's stem and the data folder's name).
         group: Table 1 group key.
         metric: the headline metric.
         layout: the jsonl layout of its files.
-        config: the lm-eval task config (data files not yet filled in).
+        shots: the task's default number of demonstrations.
     """
 
     name: str
     group: str
     metric: str
     layout: str
-    config: dict
+    shots: int
 
     @property
-    def shots(self) -> int:
-        return int(self.config.get("num_fewshot") or 0)
+    def task(self) -> str:
+        """The lm-eval task name."""
+        return f"lory_{self.name}"
 
 
 def load_spec(name: str) -> TaskSpec:
@@ -66,9 +66,8 @@ def load_spec(name: str) -> TaskSpec:
     path = TASKS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise LoryTrainError(f"unknown task {name!r} (known: {', '.join(PAPER_SUITE)})")
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    meta = config.pop("lory")
-    return TaskSpec(name, meta["group"], meta["metric"], meta["layout"], config)
+    meta = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)["metadata"]["lory"]
+    return TaskSpec(name, meta["group"], meta["metric"], meta["layout"], int(meta["shots"]))
 
 
 def resolve_tasks(tasks: str | list[str]) -> list[str]:
@@ -81,13 +80,13 @@ def resolve_tasks(tasks: str | list[str]) -> list[str]:
         elif name in GROUPS:
             out += GROUPS[name][1]
         else:
-            load_spec(name)
-            out.append(name)
+            load_spec(name.removeprefix("lory_"))
+            out.append(name.removeprefix("lory_"))
     return list(dict.fromkeys(out))
 
 
-def task_config(spec: TaskSpec, data_dir: str | Path, num_fewshot: int | None = None) -> dict:
-    """The lm-eval config dict of `spec` reading `data_dir/<name>/{test,train}.jsonl`.
+def check_data(spec: TaskSpec, data_dir: str | Path, num_fewshot: int | None = None) -> None:
+    """Refuse, in one line, a task whose files under data_dir are missing.
 
     Raises:
         LoryTrainError: a missing test file, or demonstrations asked for without train.jsonl.
@@ -96,21 +95,19 @@ def task_config(spec: TaskSpec, data_dir: str | Path, num_fewshot: int | None = 
     test, train = folder / "test.jsonl", folder / "train.jsonl"
     if not test.is_file():
         raise LoryTrainError(f"task {spec.name}: {test} not found (layout, one object per line: {spec.layout})")
-    config = copy.deepcopy(spec.config)
-    if num_fewshot is not None:
-        config["num_fewshot"] = num_fewshot
-    files = {"test": str(test)}
-    if config.get("num_fewshot"):
-        if not train.is_file():
-            raise LoryTrainError(f"task {spec.name} uses {config['num_fewshot']} demonstrations: "
-                                 f"put them in {train} (same layout as test.jsonl)")
-        files["train"] = str(train)
-        config["fewshot_split"] = "train"
-    config.update(dataset_path="json", dataset_kwargs={"data_files": files}, test_split="test")
-    for metric in config.get("metric_list", []):
-        if metric.get("aggregation") in AGGREGATIONS:
-            metric["aggregation"] = AGGREGATIONS[metric["aggregation"]]
-    return config
+    shots = spec.shots if num_fewshot is None else num_fewshot
+    if shots and not train.is_file():
+        raise LoryTrainError(f"task {spec.name} uses {shots} demonstrations: "
+                             f"put them in {train} (same layout as test.jsonl)")
+
+
+def task_manager(data_dir: str | Path):
+    """An lm-eval `TaskManager` holding the bundled tasks (and not lm-eval's own), reading data_dir:
+    what `lm_eval --include_path lorytrain/harness/tasks --metadata '{"data_dir": …}'` builds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                       metadata={"data_dir": str(Path(data_dir).resolve())})
 
 
 def available(names: list[str], data_dir: str | Path) -> tuple[list[str], list[str]]:
@@ -124,24 +121,40 @@ def run_suite(lm, names: list[str], data_dir: str | Path, num_fewshot: int | Non
     """Evaluate `lm` (an lm-eval `LM`) on the named tasks through `lm_eval.simple_evaluate`.
 
     Returns:
-        {"tasks": {name: {"metric", "value", "stderr", "metrics", "samples", "shots"}},
+        {"tasks": {name: {"metric", "value", "metrics", "samples", "shots"}},
          "groups": {key: mean headline value}, "average": mean over tasks}.
+
+    Raises:
+        LoryTrainError: a task's files are missing (see `check_data`).
     """
     from lm_eval import simple_evaluate
 
     specs = [load_spec(n) for n in names]
-    configs = [task_config(s, data_dir, num_fewshot) for s in specs]
-    output = simple_evaluate(model=lm, tasks=configs, task_manager=_task_manager(), limit=limit,
-                             bootstrap_iters=0, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                             torch_random_seed=seed, fewshot_random_seed=seed)
+    for spec in specs:
+        check_data(spec, data_dir, num_fewshot)
+    task_logger = logging.getLogger("lm_eval.api.task")
+    task_logger.addFilter(_quiet_custom_dataset)
+    try:
+        output = simple_evaluate(model=lm, tasks=[s.task for s in specs], task_manager=task_manager(data_dir),
+                                 num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0, log_samples=False,
+                                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                 fewshot_random_seed=seed)
+    finally:
+        task_logger.removeFilter(_quiet_custom_dataset)
     results = {}
-    for spec, config in zip(specs, configs, strict=True):
-        raw = output["results"][config["task"]]
+    for spec in specs:
+        raw = output["results"][spec.task]
         metrics = {k.split(",")[0]: v for k, v in raw.items() if "," in k and not k.split(",")[0].endswith("_stderr")}
         results[spec.name] = {"group": spec.group, "metric": spec.metric, "value": float(metrics[spec.metric]),
-                              "metrics": metrics, "samples": int(output["n-samples"][config["task"]]["effective"]),
-                              "shots": int(config.get("num_fewshot") or 0)}
+                              "metrics": metrics, "samples": int(output["n-samples"][spec.task]["effective"]),
+                              "shots": int(output["n-shot"].get(spec.task, spec.shots))}
     return summarise(results)
+
+
+def _quiet_custom_dataset(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's advice, printed once per task, on passing kwargs to a `custom_dataset`:
+    lory benchmark passes the only one (data_dir) itself."""
+    return "Custom kwargs can be passed" not in record.getMessage()
 
 
 def summarise(tasks: dict) -> dict:
@@ -153,15 +166,6 @@ def summarise(tasks: dict) -> dict:
             groups[key] = sum(values) / len(values)
     values = [t["value"] for t in tasks.values()]
     return {"tasks": tasks, "groups": groups, "average": sum(values) / len(values) if values else None}
-
-
-def _task_manager():
-    from lm_eval.tasks import TaskManager
-
-    try:  # the built-in task index is not needed and takes seconds to build
-        return TaskManager(include_defaults=False)
-    except TypeError:  # lm-eval versions without include_defaults
-        return TaskManager()
 
 
 def table_rows(result: dict, other: dict | None = None) -> list[tuple[str, ...]]:

@@ -12,7 +12,7 @@ import torch
 
 from lorytrain.errors import LoryTrainError
 
-ROUTING_MODES = ("segment", "prompt")
+ROUTING_MODES = ("segment", "prompt", "causal")
 
 
 class LayerCache:
@@ -57,7 +57,8 @@ class DecodeCache:
         n_heads: attention heads.
         head_dim: size of a head.
         routing: "segment" (re-route every segment_len tokens from the previous segment, as in
-            training) or "prompt" (route once on the prompt mean).
+            training), "causal" (the same, with segment 0 re-routed at every token on the running
+            mean: strictly causal, see `routing.py`) or "prompt" (route once on the prompt mean).
         device: where the cache lives.
         dtype: dtype of keys and values.
     """

@@ -110,10 +110,12 @@ class LoryLM(nn.Module):
 
         Args:
             input_ids: token ids.
-            routing: "segment" (default: causal segment routing as in training) or "prompt"
-                (each MoE layer routes once on the mean FFN input of the first prompt_lens
-                tokens and uses that merged FFN everywhere). Token-level layers ignore it.
-                With a cache the cache's mode applies.
+            routing: "segment" (default: causal segment routing as in training), "causal"
+                (the same with the first segment routed token by token on its running mean:
+                no logit depends on a later token; inference only) or "prompt" (each MoE
+                layer routes once on the mean FFN input of the first prompt_lens tokens and
+                uses that merged FFN everywhere). Token-level layers ignore it. With a cache
+                the cache's mode applies.
             prompt_lens: (B,) lengths of the prompts. Without a cache they bound what the
                 "self" routing of segment 0 and prompt routing average over (None: the whole
                 input), so that a full pass over prompt + generated tokens routes exactly as

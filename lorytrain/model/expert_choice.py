@@ -81,6 +81,12 @@ class ExpertChoiceMoE(MoELayer):
             stats = seg_gates.detach()
             gates = seg_gates.repeat_interleave(seg_len, dim=1)[:, : x.shape[1]]
             mask = seg_mask.repeat_interleave(seg_len, dim=1)[:, : x.shape[1]]
+            first = self.routing.running_first(x, ctx)
+            if first is not None:  # "causal": segment 0 token by token
+                head = first.shape[1]
+                first_mask = first >= self.threshold
+                gates = torch.cat([first * first_mask, gates[:, head:]], dim=1)
+                mask = torch.cat([first_mask, mask[:, head:]], dim=1)
             if state is not None:
                 state.update(self.routing.start_decoding(x, weights, ctx))
         d, n_experts = x.shape[-1], gates.shape[-1]

@@ -49,14 +49,29 @@ class LoryMoE(MoELayer):
         weights, seg_len = self.routing(x, ctx)
         n_seg = weights.shape[1]
         xs = F.pad(x, (0, 0, 0, n_seg * seg_len - length)) if n_seg * seg_len != length else x
-        coef, sources = self.experts.merge_sources(weights.reshape(batch * n_seg, -1))
-        y = merged_swiglu(xs.reshape(batch * n_seg, seg_len, d), coef, sources, self.merge_chunk, self.merge_tile)
+        first = self.routing.running_first(x, ctx)
+        if first is None:
+            y = self._merged(xs.reshape(batch * n_seg, seg_len, d), weights.reshape(batch * n_seg, -1))
+            y = y.view(batch, n_seg * seg_len, d)
+        else:  # "causal": segment 0 token by token (one merge per token), the rest per segment
+            head = first.shape[1]
+            parts = [self._merged(x[:, :head].reshape(batch * head, 1, d), first.reshape(batch * head, -1))]
+            if n_seg > 1:
+                rest = n_seg - 1
+                parts.append(self._merged(xs[:, seg_len:].reshape(batch * rest, seg_len, d),
+                                          weights[:, 1:].reshape(batch * rest, -1)))
+            y = torch.cat([part.view(batch, -1, d) for part in parts], dim=1)
         self.last_stats = RoutingStats(weights.detach())
         if state is not None:
             state.update(self.routing.start_decoding(x, weights, ctx))
             with torch.no_grad():
                 state["w"] = self.experts.merged(state["current"])
-        return y.view(batch, n_seg * seg_len, d)[:, :length]
+        return y[:, :length]
+
+    def _merged(self, segments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """FFN(·; Σ_i w_s,i θ_i) of every segment's tokens: segments (S, T, d), weights (S, E)."""
+        coef, sources = self.experts.merge_sources(weights)
+        return merged_swiglu(segments, coef, sources, self.merge_chunk, self.merge_tile)
 
     @torch.no_grad()
     def _decode(self, x: torch.Tensor, ctx: FFNContext, state: dict) -> torch.Tensor:

@@ -2,9 +2,17 @@
 
 Training and evaluation ("segment" routing): the sequence is cut into segments of T tokens
 (the last one may be shorter); segment k > 0 is routed by softmax(R(mean of segment k-1's FFN
-inputs)), segment 0 by its own mean with a stop-gradient (`first_segment="self"`) or by
-uniform weights (`"uniform"`). The prefix rule routes every segment k > 0 by segment 0.
-"prompt" routing routes the whole sequence once on the mean of its first `prompt_lens` tokens.
+inputs)), segment 0 by its own mean with a stop-gradient (`first_segment="self"`, the paper's
+rule) or by uniform weights (`"uniform"`). The prefix rule routes every segment k > 0 by
+segment 0. "prompt" routing routes the whole sequence once on the mean of its first
+`prompt_lens` tokens.
+
+"causal" routing (ours; inference and scoring only) is "segment" routing with a strictly
+causal first segment: under `first_segment="self"` token t < T of segment 0 is routed by the
+running mean of tokens 0..t (so the last token of a full segment 0 gets exactly the paper's
+weights, and no token's output depends on a later token); under `"uniform"` it equals
+"segment". It needs no prompt boundary, so a plain forward pass over any text (lm-eval's
+`--model hf`, a KV-cached decoder, an uncached `generate`) computes the same logits.
 
 `prompt_lens` (B,) also bounds segment 0's own mean under "segment" routing, because a
 decoder can only route on the prompt it has seen: with it, a full forward pass over prompt +
@@ -28,7 +36,7 @@ class FFNContext:
     """What an FFN layer needs to know about the current forward call.
 
     Args:
-        routing: "segment" or "prompt".
+        routing: "segment", "causal" or "prompt".
         prompt_lens: (B,) prompt lengths, or None (the whole input).
         positions: absolute positions (B or 1, n) of the input tokens.
     """
@@ -132,13 +140,24 @@ class SegmentRouting(nn.Module):
         probs = self.probs(sums / counts[:, None])
         if self.first_segment == "uniform":
             first = torch.full_like(probs[:, :1], 1 / self.n_experts)
-        elif lens is None:
+        elif lens is None or ctx.routing == "causal":
+            # causal: the weights of segment 0's last token; its tokens use `running_first`
             first = probs[:, :1].detach()
         else:
             hi = lens.clamp(max=min(self.segment_len, length))
             first = self.probs(masked_mean(x, torch.zeros_like(hi), hi)[0]).unsqueeze(1).detach()
         rest = probs[:, :-1] if self.rule == "shift" else probs[:, :1].expand(-1, probs.shape[1] - 1, -1)
         return torch.cat([first, rest], dim=1), self.segment_len
+
+    def running_first(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor | None:
+        """Per-token weights (B, min(T, L), E) of segment 0 under "causal" routing with
+        `first_segment="self"`: token t routed by the mean of tokens 0..t (stop-gradient, as
+        the paper's rule). None where segment 0 has one set of weights."""
+        if ctx.routing != "causal" or self.first_segment != "self":
+            return None
+        head = wide(x[:, : self.segment_len])
+        seen = torch.arange(1, head.shape[1] + 1, device=x.device, dtype=head.dtype)
+        return self.probs(head.cumsum(1) / seen[:, None]).detach()
 
     @torch.no_grad()
     def start_decoding(self, x: torch.Tensor, weights: torch.Tensor, ctx: FFNContext) -> dict:
@@ -154,7 +173,12 @@ class SegmentRouting(nn.Module):
             lo, hi = last * self.segment_len, lens
         else:
             lo, hi = torch.zeros_like(lens), lens.clamp(max=self.segment_len)
-        return {"current": current, "sum": masked_mean(x, lo, hi)[1]}
+        mean, total = masked_mean(x, lo, hi)
+        if ctx.routing == "causal" and self.first_segment == "self":
+            # a prompt that ends inside segment 0 continues from the running mean of its tokens
+            inside = last == 0
+            current[inside] = self.probs(mean[inside])
+        return {"current": current, "sum": total}
 
     @torch.no_grad()
     def step(self, state: dict, x: torch.Tensor, positions: torch.Tensor, routing: str) -> torch.Tensor | None:
@@ -164,7 +188,7 @@ class SegmentRouting(nn.Module):
             state: from `start_decoding`; updated in place.
             x: the new tokens' FFN inputs (B, d).
             positions: their absolute positions (B,), all ≥ 1.
-            routing: "segment" or "prompt".
+            routing: "segment", "causal" or "prompt".
 
         Returns:
             Indices of the sequences whose routing weights changed (None: none can change).
@@ -181,6 +205,13 @@ class SegmentRouting(nn.Module):
             state["sum"][switch] = 0
         keep = torch.ones_like(positions, dtype=torch.bool) if self.rule == "shift" else positions < T
         state["sum"] += wide(x) * keep.unsqueeze(1)
+        if routing == "causal" and self.first_segment == "self":
+            # inside segment 0 every token re-routes on the running mean, itself included
+            inside = (positions < T).nonzero().squeeze(1)
+            if inside.numel():
+                seen = (positions[inside] + 1).to(state["sum"].dtype)
+                state["current"][inside] = self.probs(state["sum"][inside] / seen[:, None])
+                switch = torch.cat([switch, inside])
         return switch
 
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from lorydata.tokenizer import Tokenizer
 from lorytrain.errors import LoryTrainError
-from lorytrain.export.dense import average_routing, export_llama, merge_to_dense
+from lorytrain.export.dense import average_routing, export_llama, merge_to_dense, vllm_head_size_warning
 from lorytrain.export.hf import export_hf
 from lorytrain.generation import SamplingConfig, generate
 from lorytrain.model import LoryLM, ModelConfig
@@ -46,55 +46,83 @@ def load_hf(folder):
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
 
+def load_hf_with(folder, **config):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **config).eval()
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_exported_logits_equal_lory_forward(kind, tmp_path):
     model = tiny(kind)
     hf = load_hf(export_hf(model, tmp_path / "hf"))
+    assert hf.config.routing == "causal"
     ids = torch.randint(0, VOCAB, (2, 29))  # 3 full segments and a partial one
     with torch.no_grad():
-        expected, got = model(ids), hf(ids).logits
-        assert (expected - got).abs().max() <= 1e-4
-        # prompt routing of an uncached pass, too
-        expected = model(ids, routing="prompt")
-        assert (expected - hf(ids, routing="prompt").logits).abs().max() <= 1e-4
+        assert (model(ids, routing="causal") - hf(ids).logits).abs().max() <= 1e-4
+        for routing in ("causal", "segment", "prompt"):  # every mode of an uncached pass
+            assert (model(ids, routing=routing) - hf(ids, routing=routing).logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["lory", "prefix", "topk-2", "expert-choice-segment", "dense"])
-@pytest.mark.parametrize("routing", ["prompt", "segment"])
-def test_generate_equals_lory_generate(kind, routing, tmp_path):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_appending_tokens_never_changes_earlier_logits_of_an_export(kind, tmp_path):
+    hf = load_hf(export_hf(tiny(kind), tmp_path / "hf"))
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 29), generator=generator)
+    with torch.no_grad():
+        reference = hf(ids).logits
+        for p in range(1, 29, 2):  # inside the first segment of 8 tokens too
+            changed = ids.clone()
+            changed[:, p:] = torch.randint(0, VOCAB, (2, 29 - p), generator=generator)
+            assert (hf(changed).logits[:, :p] - reference[:, :p]).abs().max() <= 1e-5
+            assert (hf(ids[:, :p]).logits - reference[:, :p]).abs().max() <= 1e-5  # or cut off
+
+
+def test_the_papers_segment_rule_does_see_later_tokens(tmp_path):
+    """The check above is sensitive: with routing="segment" the first segment is not causal."""
+    hf = load_hf(export_hf(tiny("lory"), tmp_path / "hf", routing="segment"))
+    ids = torch.randint(0, VOCAB, (1, 29))
+    with torch.no_grad():
+        assert (hf(ids[:, :5]).logits - hf(ids).logits[:, :5]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["lory", "prefix", "topk-2", "expert-choice-segment", "lory-uniform-first", "dense"])
+@pytest.mark.parametrize("routing", ["causal", "segment", "prompt"])
+def test_generate_equals_lory_generate_cached_or_not(kind, routing, tmp_path):
     model = tiny(kind)
-    hf = load_hf(export_hf(model, tmp_path / "hf", generation_routing=routing))
-    prompt = torch.randint(0, VOCAB, (1, 13))
-    steps = 22  # crosses several routing segments of 8 tokens
+    hf = load_hf(export_hf(model, tmp_path / "hf", routing=routing))
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    steps = 22  # from inside the first segment across several routing segments of 8 tokens
     greedy = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=steps, temperature=0), routing=routing)
-    out = hf.generate(prompt, max_new_tokens=steps, do_sample=False)
-    assert out[0, 13:].tolist() == greedy[0]
+    for use_cache in (True, False):
+        out = hf.generate(prompt, max_new_tokens=steps, do_sample=False, use_cache=use_cache)
+        assert out[0, 5:].tolist() == greedy[0], use_cache
     # sampled: lory seeds its own generator, transformers draws from the global one with the same seed
     sampled = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=steps, temperature=0.8, seed=5),
                        routing=routing)
     torch.manual_seed(5)
     out = hf.generate(prompt, max_new_tokens=steps, do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
-    assert out[0, 13:].tolist() == sampled[0]
+    assert out[0, 5:].tolist() == sampled[0]
 
 
-def test_generate_batches_left_padded_prompts_with_prompt_routing(tmp_path):
-    model = tiny("lory")
-    hf = load_hf(export_hf(model, tmp_path / "hf"))
+@pytest.mark.parametrize("kind", ["lory", "expert-choice-segment"])
+@pytest.mark.parametrize("routing", ["causal", "segment", "prompt"])
+def test_generate_batches_left_padded_prompts(kind, routing, tmp_path):
+    model = tiny(kind)
+    hf = load_hf(export_hf(model, tmp_path / "hf", routing=routing))
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
-    expected = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0), routing="prompt")
+    expected = generate(model, prompts, SamplingConfig(max_new_tokens=12, temperature=0), routing=routing)
     ids = torch.zeros(2, 10, dtype=torch.long)
     mask = torch.zeros(2, 10, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, 10 - len(prompt) :], mask[row, 10 - len(prompt) :] = torch.tensor(prompt), 1
-    out = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert out[:, 10:].tolist() == expected
+    for use_cache in (True, False):
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          use_cache=use_cache)
+        assert out[:, 10:].tolist() == expected, use_cache
 
 
-def test_segment_routing_refuses_padded_batches(tmp_path):
-    hf = load_hf(export_hf(tiny("lory"), tmp_path / "hf", generation_routing="segment"))
-    ids, mask = torch.ones(2, 6, dtype=torch.long), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="unpadded"):
-        hf.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+def test_export_refuses_an_unknown_routing_mode(tmp_path):
+    with pytest.raises(LoryTrainError, match="routing must be one of causal, segment, prompt"):
+        export_hf(tiny("lory"), tmp_path / "hf", routing="tokens")
 
 
 def test_export_ships_a_working_tokenizer_and_refuses_to_overwrite(tmp_path, default_tokenizer_path):
@@ -107,6 +135,11 @@ def test_export_ships_a_working_tokenizer_and_refuses_to_overwrite(tmp_path, def
     assert hf_tok.eos_token_id == tok.eos_id
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lory.LoryForCausalLM"
+    assert (config["routing"], config["first_segment"]) == ("causal", "self")
+    card = (folder / "README.md").read_text()
+    assert "`causal` (default)" in card and "`segment`" in card and "`prompt`" in card
+    # the paper's rule is a flag away
+    assert load_hf_with(folder, routing="segment").config.routing == "segment"
     for name in ("modeling_lory.py", "configuration_lory.py"):
         assert "lory" + "train" not in (folder / name).read_text()  # runs without lory installed
     with pytest.raises(LoryTrainError, match="not empty"):
@@ -156,3 +189,14 @@ def test_average_routing_over_text_is_the_mean_segment_weight(default_tokenizer_
     assert average.segments == sum(w.shape[0] for w in per_layer[0])
     with pytest.raises(LoryTrainError, match="domains"):
         average_routing(model, text, tok, domain="git")
+
+
+def test_vllm_head_size_warning_names_what_fits():
+    tiny_preset = vllm_head_size_warning(64, 4)  # the tiny preset: heads of 16
+    assert "head size 16" in tiny_preset and "CPU backend" in tiny_preset and "at least 32" in tiny_preset
+    assert "--model-override n_heads=2" in tiny_preset
+    cpu_only = vllm_head_size_warning(96, 2)  # 48: FlashAttention and Triton take it, the CPU backend not
+    assert "CPU backend" in cpu_only and "GPU" not in cpu_only and "3 heads of 32" in cpu_only
+    assert "multiple of 8" in vllm_head_size_warning(600, 10)
+    for d_model, heads in ((64, 2), (256, 4), (1024, 16), (1536, 24)):  # 32, 64, 64, 64
+        assert vllm_head_size_warning(d_model, heads) is None

@@ -11,6 +11,7 @@ except ImportError:  # transformers 4.x
     from transformers import PretrainedConfig as PreTrainedConfig
 
 FFN_KINDS = ("dense", "lory", "topk", "expert-choice", "prefix")
+ROUTING_MODES = ("causal", "segment", "prompt")
 
 
 class LoryConfig(PreTrainedConfig):
@@ -29,13 +30,17 @@ class LoryConfig(PreTrainedConfig):
         ffn: dense | lory | topk | expert-choice | prefix.
         n_experts: experts per MoE layer.
         segment_len: routing segment length T (lory, prefix, segment-level expert choice).
-        first_segment: "self" or "uniform" routing of the first segment.
+        first_segment: routing of the first segment in training: "self" (the paper's rule, on
+            its own mean) or "uniform" (weights 1/E).
         moe_top_k: experts per token of topk (not `top_k`, which transformers reserves for sampling).
         ec_level: "token" or "segment" for expert-choice.
-        generation_routing: routing of a cached `generate()`: "prompt" (route every MoE layer
-            once on the prompt mean, the paper's default) or "segment" (re-route every
-            segment_len tokens from the previous segment, as in training). An uncached forward
-            pass routes by segment unless told otherwise (`routing=` keyword).
+        routing: how the lory family routes at inference, in a forward pass and in `generate()`:
+            "causal" (default: segment k > 0 by segment k-1, segment 0's token t by the running
+            mean of tokens 0..t; no logit depends on a later token), "segment" (the paper's
+            training rule: segment 0 by its own mean) or "prompt" (the paper's generation rule:
+            route once on the prompt). See modeling_lory.py.
+        max_position_embeddings: the training sequence length (lm-eval's `--model hf` cuts
+            requests to it, as lory's harness does; RoPE itself has no limit).
     """
 
     model_type = "lory"
@@ -44,11 +49,11 @@ class LoryConfig(PreTrainedConfig):
                  num_attention_heads: int = 4, intermediate_size: int = 176, rope_theta: float = 10000.0,
                  rms_norm_eps: float = 1e-5, ffn: str = "dense", n_experts: int = 8, segment_len: int = 256,
                  first_segment: str = "self", moe_top_k: int = 1, ec_level: str = "token",
-                 generation_routing: str = "prompt", **kwargs):
+                 routing: str = "causal", max_position_embeddings: int = 4096, **kwargs):
         if ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {ffn!r}")
-        if generation_routing not in ("prompt", "segment"):
-            raise ValueError(f"generation_routing must be 'prompt' or 'segment', got {generation_routing!r}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -62,6 +67,7 @@ class LoryConfig(PreTrainedConfig):
         self.first_segment = first_segment
         self.moe_top_k = moe_top_k
         self.ec_level = ec_level
-        self.generation_routing = generation_routing
+        self.routing = routing
+        self.max_position_embeddings = max_position_embeddings
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
