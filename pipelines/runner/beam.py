@@ -39,7 +39,9 @@ class BeamRunner:
 
     def pipeline(self) -> beam.Pipeline:
         """A new Beam pipeline on this runner."""
-        flags = list(self.flags)
+        # S3 endpoint and credentials of the driver's AWS environment go to the workers too,
+        # which may not share it (a Dask cluster started elsewhere).
+        flags = fileio.s3_flags(list(self.flags))
         if self.name != LOCAL_RUNNER:
             flags.append(f"--runner={self.name}")
         # Beam would pickle the main session otherwise; our DoFns are importable module code.
