@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lorydata.dataset import ShardDataset
-from lorydata.errors import LoryDataError, MismatchError, ShardError
+from lorydata.errors import LoryError, MismatchError, ShardError
 from lorydata.hashing import bytes_sha256
 from lorydata.lock import FolderLock
 from lorydata.manifest import Manifest
@@ -120,9 +120,7 @@ class Trainer:
         self.dtype = self._autocast_dtype()
         self.step, self.tokens, self._saved_step = 0, 0, None
         checkpoint = self._find_checkpoint()
-        if self.env.is_main and keep_tokenizer(self.out, config.data, self.manifest) is None:
-            self.log(f"note: {config.data} carries no tokenizer.json (built by an older lory); `lory generate` "
-                     "will need --tokenizer")
+        self._on_main_for_all(self._keep_tokenizer)
         self.log(f"model: {model_setup.check_size(model_setup.model_config(config, self.tokenizer['vocab_size']))}")
         torch.manual_seed(config.seed)
         self.dataset = ShardDataset(
@@ -145,16 +143,28 @@ class Trainer:
     def _lock_out(self) -> FolderLock | None:
         """One writer per run folder: rank 0 takes the lock on --out and every rank learns
         whether it did, so under torchrun all ranks stop together with the same message."""
-        lock, error = None, None
+        return self._on_main_for_all(lambda: FolderLock(self.out, command="lory train").acquire(log=self.log))
+
+    def _on_main_for_all(self, work):
+        """`work()` on rank 0 only; its failure is raised on every rank (one line), so that no
+        rank trains on, or waits for a collective, alone."""
+        result, error = None, None
         if self.env.is_main:
             try:
-                lock = FolderLock(self.out, command="lory train").acquire(log=self.log)
-            except LoryDataError as exc:
+                result = work()
+            except LoryError as exc:
                 error = str(exc)
+            except OSError as exc:
+                error = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
         error = from_main(error)
         if error:
             raise LoryTrainError(error)
-        return lock
+        return result
+
+    def _keep_tokenizer(self) -> None:
+        if keep_tokenizer(self.out, self.config.data, self.manifest) is None:
+            self.log(f"note: {self.config.data} carries no tokenizer.json (built by an older lory) and was not made "
+                     "with the bundled tokenizer; `lory generate` will need --tokenizer")
 
     def _load_data_manifest(self) -> None:
         try:
