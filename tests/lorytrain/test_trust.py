@@ -244,6 +244,7 @@ def _file_size_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # Python ignores SIGXFSZ: writes get EFBIG
 
 
+@pytest.mark.slow
 def test_checkpoint_over_the_file_size_limit_is_one_line_and_leaves_no_temp_folder(text_shards, tmp_path):
     """The real write path, no mocks: a process limited to 1 MiB files (RLIMIT_FSIZE) fails
     to write its step-4 checkpoint with the OS's reason in one line; step 2 stays the latest."""
@@ -274,6 +275,7 @@ cat "$MOUNT/run/checkpoints/latest"; echo
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_on_a_full_disk_is_the_promised_line(text_shards, tmp_path):
     """A real full disk: a 10 MiB tmpfs in a private mount namespace (`unshare -rm`, where the
     kernel allows unprivileged user namespaces) holds the step-2 checkpoint but not step 4's."""
@@ -332,6 +334,7 @@ def _long_run(train: Path, out: Path) -> subprocess.Popen:
                             env={**os.environ, "LORY_PROGRESS": "0"})
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line(text_shards, tmp_path):
     train, _ = text_shards
     out = tmp_path / "run"
