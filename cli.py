@@ -6,16 +6,28 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 import click
 
 from lorydata.errors import LoryError
 
+# Set by `lory --debug` (or LORY_DEBUG=1): failures print their traceback, not just one line.
+_DEBUG = {"on": False}
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="lory")
-def lory() -> None:
-    """lory: similarity-batched pre-training of fully differentiable MoE language models."""
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (as LORY_DEBUG=1 does).")
+def lory(debug: bool) -> None:
+    """lory: similarity-batched pre-training of fully differentiable MoE language models.
+
+    Every failure is one line on stderr (`error: ...`; exit 2 for bad input, 1 for anything
+    else, 130 on Ctrl-C); `--debug` or LORY_DEBUG=1 adds the traceback.
+    """
+    if debug:
+        _DEBUG["on"] = True
+        logging.getLogger("lory").setLevel(logging.INFO)
 
 
 def _console():
@@ -65,6 +77,8 @@ def _console():
 @click.option("--resume", type=click.Choice(["auto"]), is_flag=False, flag_value="auto", default=None,
               help="Continue from the newest valid checkpoint in --out, or start fresh when there is none "
                    "(`--resume` and `--resume auto` alike: what a requeued job needs).")
+@click.option("--allow-data-change", is_flag=True, default=None,
+              help="With --resume: continue on a --data other than the run's corpus (refused otherwise).")
 def train_cmd(config_file, compile_, model_overrides, **options):
     """Pre-train a Lory MoE (or a baseline) on shards. Runs on CPU as one process, or on
     GPUs under `torchrun --nproc-per-node N -m cli train ...` (DDP/FSDP)."""
@@ -477,27 +491,51 @@ def _setup_logging() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of `exc` as one line. An error re-raised from a DataLoader worker carries
+    the worker's traceback in its message: its last line is the error itself."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    lines = text.splitlines()
+    return lines[0] if len(lines) == 1 else " ".join(line.strip() for line in lines if line.strip())
+
+
+def _fail(message: str, code: int) -> None:
+    if _DEBUG["on"]:
+        traceback.print_exc()
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lory` console script.
 
-    User errors (`LoryError`) print one line on stderr and exit with code 2; click's own usage
+    Every failure is one line on stderr: user errors (`LoryError`) exit with code 2, an
+    unexpected error (a bug, or an OS error lory did not foresee) with 1 and Ctrl-C with 130;
+    `lory --debug ...` or LORY_DEBUG=1 prints the traceback before the line. Click's own usage
     errors keep click's message and code.
     """
     _setup_logging()
+    _DEBUG["on"] = os.environ.get("LORY_DEBUG", "") not in ("", "0")  # `--debug` may turn it on
     try:
         code = lory.main(args=argv, prog_name="lory", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort:  # click's form of Ctrl-C (KeyboardInterrupt) and of EOF at a prompt
+        _fail("interrupted", 130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except LoryError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"error: {_one_line(exc)}", 2)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _fail("interrupted", 130)
+    except OSError as exc:  # a full disk or a vanished folder where lory had no more specific message
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(f"error: {exc.strerror or _one_line(exc)}{where}; run with --debug for the traceback", 1)
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        _fail(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (please report it; run with --debug "
+              "for the traceback)", 1)
     # Without standalone mode click returns the exit code of `ctx.exit(n)` instead of exiting.
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -43,6 +43,7 @@ from lorydata.continuation import continued_sequences
 from lorydata.errors import LoryDataError, MismatchError, ShardError
 from lorydata.manifest import Manifest
 from lorydata.shards import read_shard
+from lorydata.token_ids import check_token_ids
 
 
 class ShardDataset(IterableDataset):
@@ -241,6 +242,7 @@ class ShardDataset(IterableDataset):
         if table.num_rows != entry.rows:
             raise ShardError(f"shard {entry.file} has {table.num_rows} rows, manifest says {entry.rows}")
         flat = table.column("input_ids").combine_chunks().values.to_numpy()
+        check_token_ids(flat, self.manifest, str(self.folder / entry.file))  # a bad id would crash deep in the embedding
         return {
             "input_ids": flat.reshape(-1, self.seq_len),
             "seq_id": table.column("seq_id").to_numpy(),

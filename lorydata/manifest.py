@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorydata.confine import inside
 from lorydata.errors import ShardError
 from lorydata.hashing import bytes_sha256
 
@@ -97,6 +98,7 @@ class Manifest:
 
         Raises:
             ShardError: the folder or manifest is missing, unparsable, or of another format.
+            OutsideFolderError: a shard `file` is not a plain relative name inside the folder.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -117,9 +119,18 @@ class Manifest:
         try:
             shards = [ShardInfo(**s) for s in data.pop("shards")]
             known = cls.__dataclass_fields__
-            return cls(shards=shards, **{k: v for k, v in data.items() if k in known})
+            manifest = cls(shards=shards, **{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError) as exc:
             raise ShardError(f"malformed manifest {path}: {exc}") from None
+        if not isinstance(manifest.tokenizer, dict) or not _positive_int(manifest.seq_len):
+            raise ShardError(f"malformed manifest {path}: tokenizer must be an object and seq_len a positive integer")
+        for shard in manifest.shards:  # the folder may come from anywhere: read nothing outside it
+            inside(folder, shard.file, source=path, entry="shard file")
+        return manifest
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def manifest_path(folder: str | Path) -> Path | None:

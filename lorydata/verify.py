@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorydata.errors import ShardError
+from lorydata.errors import MismatchError, ShardError
+from lorydata.folder_tokenizer import known_tokenizer_file, shard_tokenizer_file
 from lorydata.hashing import file_sha256
 from lorydata.manifest import Manifest
 from lorydata.shards import read_shard
+from lorydata.token_ids import manifest_vocab_size, token_id_problem
+from lorydata.tokenizer import Tokenizer
 
 
 @dataclass
@@ -23,7 +26,8 @@ class ShardCheck:
 
 @dataclass
 class VerifyReport:
-    """Result of checking a whole folder: one `ShardCheck` per manifest entry."""
+    """Result of checking a whole folder: one `ShardCheck` per manifest entry, plus one for the
+    tokenizer file the folder carries (when its manifest names one)."""
 
     folder: str
     checks: list[ShardCheck] = field(default_factory=list)
@@ -40,8 +44,9 @@ class VerifyReport:
         return {"folder": self.folder, "ok": self.ok, "shards": [asdict(c) for c in self.checks]}
 
 
-def check_shard(folder: Path, entry, seq_len: int) -> ShardCheck:
-    """Check existence, size, sha256, schema and row count of one shard."""
+def check_shard(folder: Path, entry, seq_len: int, vocab_size: int | None = None) -> ShardCheck:
+    """Check existence, size, sha256, schema, row count and (given `vocab_size`) the token id
+    range of one shard."""
     path = folder / entry.file
     if not path.is_file():
         return ShardCheck(entry.file, False, error="missing")
@@ -56,11 +61,17 @@ def check_shard(folder: Path, entry, seq_len: int) -> ShardCheck:
         return ShardCheck(entry.file, False, error=str(exc))
     if table.num_rows != entry.rows:
         return ShardCheck(entry.file, False, table.num_rows, f"{table.num_rows} rows, manifest says {entry.rows}")
+    if vocab_size is not None:
+        ids = table.column("input_ids").combine_chunks().values.to_numpy()
+        problem = token_id_problem(ids, vocab_size, seq_len)
+        if problem is not None:
+            return ShardCheck(entry.file, False, table.num_rows, problem)
     return ShardCheck(entry.file, True, table.num_rows)
 
 
 def verify_folder(folder: str | Path) -> tuple[Manifest, VerifyReport]:
-    """Check every shard listed in `folder/manifest.json`.
+    """Check every shard listed in `folder/manifest.json` (token ids included), and the
+    tokenizer file the folder carries.
 
     Raises:
         ShardError: when the manifest itself is missing or unreadable (shard problems are
@@ -68,7 +79,14 @@ def verify_folder(folder: str | Path) -> tuple[Manifest, VerifyReport]:
     """
     folder = Path(folder)
     manifest = Manifest.read(folder)
-    report = VerifyReport(str(folder), [check_shard(folder, s, manifest.seq_len) for s in manifest.shards])
+    vocab = manifest_vocab_size(manifest)
+    report = VerifyReport(str(folder), [check_shard(folder, s, manifest.seq_len, vocab) for s in manifest.shards])
+    if "file" in manifest.tokenizer:  # the tokenizer the folder carries: present and the one recorded
+        try:
+            shard_tokenizer_file(folder, manifest)
+            report.checks.append(ShardCheck(manifest.tokenizer["file"], True))
+        except ShardError as exc:
+            report.checks.append(ShardCheck(manifest.tokenizer["file"], False, error=str(exc)))
     return manifest, report
 
 
@@ -118,20 +136,23 @@ def inspect_folder(folder: str | Path, show: int | None = None, tokenizer: str |
     Args:
         folder: a shard folder.
         show: index of a sequence to decode (counting across shards in manifest order).
-        tokenizer: tokenizer to decode with; default the path recorded in the manifest.
+        tokenizer: tokenizer to decode with; default the `tokenizer.json` the folder carries
+            (`lorydata.folder_tokenizer`), or the bundled one when it made the shards.
 
     Raises:
-        ShardError: missing/unreadable manifest, or `show` out of range or unreadable.
+        ShardError: missing/unreadable manifest, `show` out of range or unreadable, or no
+            tokenizer to decode with.
         MismatchError: the decoding tokenizer is not the one that made the shards.
     """
     manifest, report = verify_folder(folder)
     result = {"folder": str(folder), "summary": _manifest_summary(manifest), "verification": report.to_dict()}
     result["verification"]["failed"] = [c.file for c in report.failed]
     if show is not None:
-        from lorydata.errors import MismatchError
-        from lorydata.tokenizer import Tokenizer
-
-        tok = Tokenizer(tokenizer or manifest.tokenizer["path"])
+        # never the manifest's recorded path: only the tokenizer the folder carries (or one given)
+        tokenizer = tokenizer or known_tokenizer_file(folder, manifest)
+        if tokenizer is None:
+            raise ShardError(f"{folder} carries no tokenizer.json (built by an older lory); pass --tokenizer to decode")
+        tok = Tokenizer(tokenizer)
         if tok.sha256 != manifest.tokenizer["sha256"]:
             raise MismatchError(f"tokenizer {tok.path} is not the one that made {folder} (sha256 differs)")
         row = read_row(folder, show, manifest)

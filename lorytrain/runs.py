@@ -8,16 +8,18 @@ from pathlib import Path
 
 import torch
 
+from lorydata.confine import OutsideFolderError, inside
 from lorytrain.errors import LoryTrainError
-from lorytrain.model import LoryLM, ModelConfig
+from lorytrain.model import LoryLM
 from lorytrain.training.checkpoint import (
     MODEL_FILE,
+    STATE_FILE,
     find_valid_checkpoint,
     read_model_weights,
     read_state,
     verify_checkpoint,
 )
-from lorytrain.training.model_setup import empty_model
+from lorytrain.training.model_setup import check_size, check_weights_fit, config_from_state, empty_model
 from lorytrain.training.run_folder import RUN_TOKENIZER
 
 # What reading a run's model needs of a checkpoint (state.json is checked by reading it).
@@ -76,6 +78,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
              dtype: torch.dtype | None = None) -> LoadedRun:
     """Build the run's model from its checkpoint's config and load the weights.
 
+    The config in `state.json` is validated and checked against the tensors in
+    `model.safetensors` (header only) before any memory is allocated: a hostile or damaged
+    config is one line, not a hang.
+
     Args:
         run_dir: a `lory train --out` folder.
         checkpoint: a specific checkpoint (default: the latest).
@@ -84,7 +90,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     """
     path = find_checkpoint(run_dir, checkpoint)
     state = read_state(path)
-    config = ModelConfig.from_dict(state["model_config"])
+    config = config_from_state(state, path / STATE_FILE)
+    log.info(f"{path}: {check_size(config)}")
+    check_weights_fit(config, path / MODEL_FILE)
     model = empty_model(config, device)
     missing, unexpected = model.load_state_dict(read_model_weights(path), strict=False)
     if missing or unexpected:
@@ -92,5 +100,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
                              f"unexpected {unexpected[:3]})")
     if dtype is not None:
         model = model.to(dtype)
-    tokenizer = Path(run_dir) / RUN_TOKENIZER
+    try:  # a symlink out of the run folder is not the run's tokenizer
+        tokenizer = inside(run_dir, RUN_TOKENIZER, source=Path(run_dir), entry="tokenizer")
+    except OutsideFolderError as exc:
+        raise LoryTrainError(str(exc)) from None
     return LoadedRun(model.eval(), state, path, tokenizer if tokenizer.is_file() else None)

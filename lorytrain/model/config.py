@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, replace
 
 from lorytrain.errors import LoryTrainError
@@ -10,6 +11,13 @@ from lorytrain.errors import LoryTrainError
 FFN_KINDS = ("dense", "lory", "topk", "expert-choice", "prefix")
 SEGMENT_ROUTED = ("lory", "prefix")  # soft merging of whole segments
 SAMOE_KINDS = ("lory", "prefix", "topk")  # FFN kinds that can draw their experts from a SaMoE pool
+
+# Upper bounds of the integer sizes, far above any real model (the paper's largest has d 1536,
+# 48 layers, 32 experts) but low enough that a config read from a run folder cannot make lory
+# allocate without end: a `state.json` comes from wherever the folder came from.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "ffn_dim": 1 << 18,
+               "n_experts": 4096, "segment_len": 1 << 20, "top_k": 4096}
+COUNT_LIMITS = {"samoe_pool": 4096, "merge_chunk": 1 << 20, "merge_tile": 1 << 20}  # 0 allowed
 
 
 @dataclass
@@ -86,12 +94,10 @@ class ModelConfig:
         return replace(self, ffn="dense", samoe_pool=0)
 
     def validate(self) -> ModelConfig:
-        """Raise `LoryTrainError` naming every value that cannot work; returns self."""
-        problems = []
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "n_experts", "segment_len", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+        """Raise `LoryTrainError` naming every value that cannot work (types, signs, the
+        bounds of `SIZE_LIMITS` and `COUNT_LIMITS`); returns self. Nothing is allocated.
+        `lorytrain.training.model_setup.check_size` bounds the parameter count."""
+        problems = _type_problems(self)
         if problems:
             raise LoryTrainError("; ".join(problems))
         if self.d_model % self.n_heads or self.head_dim % 2:
@@ -110,8 +116,6 @@ class ModelConfig:
             problems.append(f"capacity_factor must be positive, got {self.capacity_factor}")
         if not 0 <= self.ec_threshold_momentum < 1:
             problems.append(f"ec_threshold_momentum must be in [0, 1), got {self.ec_threshold_momentum}")
-        if self.samoe_pool < 0 or self.merge_chunk < 0 or self.merge_tile < 0:
-            problems.append("samoe_pool, merge_chunk and merge_tile must be >= 0")
         if self.samoe_pool and self.ffn not in SAMOE_KINDS:
             problems.append(f"samoe_pool works with ffn {', '.join(SAMOE_KINDS)}, not {self.ffn!r}")
         if self.ffn == "expert-choice" and self.first_segment == "uniform":
@@ -126,6 +130,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """Build and validate from a dict, refusing unknown keys."""
+        if not isinstance(data, dict):
+            raise LoryTrainError(f"a model config must be a mapping of option names to values, got {data!r:.80}")
         _check_keys(data)
         return cls(**data).validate()
 
@@ -143,6 +149,33 @@ class ModelConfig:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         _check_keys(overrides)
         return replace(PRESETS[name], **overrides).validate()
+
+
+def _type_problems(config: ModelConfig) -> list[str]:
+    """Wrong types, signs and sizes: checked before any arithmetic on the values."""
+    problems = []
+    for name, limit in SIZE_LIMITS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            problems.append(f"{name} must be a positive integer up to {limit:,}, got {value!r:.80}")
+    for name, limit in COUNT_LIMITS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+            problems.append(f"{name} must be an integer from 0 to {limit:,}, got {value!r:.80}")
+    for name in ("rope_theta", "norm_eps", "init_std", "capacity_factor", "ec_threshold_momentum",
+                 "balance_loss_weight", "z_loss_weight"):
+        value, positive = getattr(config, name), name in ("rope_theta", "norm_eps", "init_std")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problems.append(f"{name} must be a finite number, got {value!r:.80}")
+        elif value < 0 or (positive and value == 0):
+            problems.append(f"{name} must be {'positive' if positive else '>= 0'}, got {value!r}")
+    for name in ("tie_embeddings", "activation_checkpointing"):
+        if not isinstance(getattr(config, name), bool):
+            problems.append(f"{name} must be true or false, got {getattr(config, name)!r:.80}")
+    for name in ("ffn", "first_segment", "ec_level"):
+        if not isinstance(getattr(config, name), str):
+            problems.append(f"{name} must be a string, got {getattr(config, name)!r:.80}")
+    return problems
 
 
 def _check_keys(data: dict) -> None:

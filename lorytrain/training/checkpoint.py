@@ -14,12 +14,18 @@ A checkpoint is written into a hidden temp folder and renamed into place, and `l
 replaced atomically afterwards, so a crash, a full disk or a second signal leaves the earlier
 checkpoints intact. Readers verify sizes and hashes first and fall back to the newest valid
 checkpoint when the newest is damaged.
+
+Nothing a checkpoint holds is unpickled: the optimizer's DCP metadata is read by a restricted
+unpickler (`lorytrain.training.dcp_safe`), every other `.pt` with `weights_only=True`, and the
+file names `state.json` lists must be plain names inside the checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -36,10 +42,12 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from lorydata.confine import OutsideFolderError, inside
 from lorydata.hashing import file_sha256
 from lorydata.manifest import atomic_write_bytes, fsync_dir
 from lorytrain.agreement import any_rank, from_main
 from lorytrain.errors import LoryTrainError
+from lorytrain.training.dcp_safe import SafeFileSystemReader, SafeLoadPlanner, unpickling_reason
 from lorytrain.training.distributed import load_full_optimizer_state, unwrap
 from lorytrain.training.rng import rng_state, set_rng_state
 
@@ -111,7 +119,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, st
     """
     root = Path(run_dir) / CHECKPOINTS
     name = f"step-{step:08d}"
-    tmp, final = root / f".{name}.tmp", root / name
+    tmp = root / f".{name}.tmp"
+    try:
+        return _save(root, name, tmp, step, model_state, state, keep_last, model, optimizer, device, rank)
+    except BaseException:  # Ctrl-C or a failure on the way: leave no temp folder behind
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save(root: Path, name: str, tmp: Path, step: int, model_state: dict | None, state: dict, keep_last: int,
+          model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None, device: torch.device | None,
+          rank: int) -> Path | None:
+    final = root / name
     main = rank == 0
     problem = None
     try:
@@ -127,13 +147,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, st
         if optimizer is not None:
             _save_optimizer(model, optimizer, tmp / OPTIMIZER_DIR)
         (tmp / RNG_DIR).mkdir(exist_ok=True)
-        torch.save(rng_state(device or torch.device("cpu")), tmp / RNG_DIR / f"rank-{rank:05d}.pt")
+        # through a Python file: a full disk then raises an OSError that keeps its errno
+        with open(tmp / RNG_DIR / f"rank-{rank:05d}.pt", "wb") as f:
+            torch.save(rng_state(device or torch.device("cpu")), f)
         if main:
             # clone: tied weights share storage, which safetensors refuses to save twice
             tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in (model_state or {}).items()}
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-    except (OSError, dcp.CheckpointException) as exc:  # dcp's wraps the OSError of whichever rank failed
-        problem = exc
+    except (OSError, RuntimeError, SafetensorError, dcp.CheckpointException) as exc:
+        problem = exc  # torch's writers and dcp wrap the OSError (e.g. ENOSPC) of whichever rank failed
     if any_rank(problem is not None):
         _fail(name, root, tmp, problem, main)
     try:
@@ -153,7 +175,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict | None, st
         _fail(name, root, tmp, problem, main)
     if not main:
         return None
-    older = [p for p in checkpoint_dirs(run_dir) if p.name <= name]
+    older = [p for p in checkpoint_dirs(root.parent) if p.name <= name]
     for old in older[max(1, keep_last):]:
         shutil.rmtree(old)
     return final
@@ -167,10 +189,30 @@ def _fail(name: str, root: Path, tmp: Path, problem: BaseException | None, main:
                              "are intact")
     if isinstance(problem, dcp.CheckpointException) and problem.failures:
         problem = next(iter(problem.failures.values()))[0]  # (exception, traceback) of the first failed rank
-    reason = getattr(problem, "strerror", None) or str(problem).splitlines()[0]
-    hint = " (disk full: free space or point --out elsewhere)" if getattr(problem, "errno", None) == 28 else ""
-    raise LoryTrainError(f"cannot write checkpoint {name} in {root}: {reason}{hint}; earlier checkpoints "
-                         "are intact") from None
+    code = _errno_of(problem)
+    reason = os.strerror(code) if code else (str(problem).strip().splitlines() or [type(problem).__name__])[0]
+    raise LoryTrainError(f"cannot write checkpoint {name} in {root}: {reason}{_HINTS.get(code, '')}; earlier "
+                         "checkpoints are intact") from None
+
+
+def _errno_of(problem: BaseException) -> int | None:
+    """The errno behind a write failure: torch's zip writer raises a RuntimeError whose context
+    is the OSError, safetensors only names it in its message (`... (os error 28)`)."""
+    seen = set()
+    while problem is not None and id(problem) not in seen:
+        seen.add(id(problem))
+        if isinstance(problem, OSError) and problem.errno:
+            return problem.errno
+        found = re.search(r"\(os error (\d+)\)", str(problem))
+        if found:
+            return int(found.group(1))
+        problem = problem.__cause__ or problem.__context__
+    return None
+
+
+_HINTS = {errno.ENOSPC: " (disk full: free space or point --out elsewhere)",
+          errno.EDQUOT: " (disk quota exceeded: free space or point --out elsewhere)",
+          errno.EFBIG: " (over the file size limit, see `ulimit -f`)"}
 
 
 @contextmanager
@@ -195,12 +237,16 @@ def read_state(path: str | Path) -> dict:
     """A checkpoint's `state.json`.
 
     Raises:
-        LoryTrainError: it is missing or not JSON.
+        LoryTrainError: it is missing, not JSON or not a JSON object.
     """
+    file = Path(path) / STATE_FILE
     try:
-        return json.loads((Path(path) / STATE_FILE).read_text())
+        state = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise LoryTrainError(f"cannot read {Path(path) / STATE_FILE}: {exc}") from None
+        raise LoryTrainError(f"cannot read {file}: {exc}") from None
+    if not isinstance(state, dict):
+        raise LoryTrainError(f"{file} is not a JSON object")
+    return state
 
 
 def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> str | None:
@@ -220,9 +266,17 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
         return f"{STATE_FILE} is missing (incomplete checkpoint)"
     except (OSError, ValueError) as exc:
         return f"{STATE_FILE} is unreadable ({exc})"
-    files = state.get("files")
+    files = state.get("files") if isinstance(state, dict) else {}
     if files is None:  # written before checkpoints were hashed: presence is all we can check
         return None if (path / MODEL_FILE).is_file() else f"{MODEL_FILE} is missing"
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= set(e)
+                                              for e in files.values()):
+        return f"{STATE_FILE} has no valid \"files\" record"
+    for name in files:  # the folder may come from anywhere: read nothing outside it
+        try:
+            inside(path, name, source=path / STATE_FILE, entry="file")
+        except OutsideFolderError as exc:
+            return str(exc)
     wanted = {name: expected for name, expected in files.items()
               if only is None or any(name == o or name.startswith(o + "/") for o in only)}
     for name, expected in wanted.items():  # cheap checks first
@@ -250,8 +304,8 @@ def find_valid_checkpoint(run_dir: str | Path, log: Callable[[str], None], only:
         log: where the reports go.
         only: as in `verify_checkpoint`.
         set_aside: rename damaged checkpoints newer than the one returned to
-            `step-NNNNNNNN.damaged`, so the resumed run's own checkpoints and pruning do not
-            collide with them (nothing is deleted).
+            `step-NNNNNNNN.damaged` (`.damaged-2`, ... when that exists), so the resumed run's
+            own checkpoints and pruning do not collide with them (nothing is deleted).
 
     Returns:
         The checkpoint folder, or None when the run has no checkpoint at all.
@@ -267,8 +321,9 @@ def find_valid_checkpoint(run_dir: str | Path, log: Callable[[str], None], only:
             if damaged:
                 log(f"falling back to checkpoint {path.name}, the newest valid one")
             for bad, _ in damaged if set_aside else []:
-                bad.rename(bad.with_name(bad.name + ".damaged"))
-                log(f"set the damaged {bad.name} aside as {bad.name}.damaged")
+                aside = _set_aside_name(bad)
+                bad.rename(aside)
+                log(f"set the damaged {bad.name} aside as {aside.name}")
             return path
         log(f"checkpoint {path.name} is damaged: {problem}")
         damaged.append((path, problem))
@@ -276,6 +331,16 @@ def find_valid_checkpoint(run_dir: str | Path, log: Callable[[str], None], only:
         details = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
         raise LoryTrainError(f"no valid checkpoint in {Path(run_dir) / CHECKPOINTS} ({details})")
     return None
+
+
+def _set_aside_name(path: Path) -> Path:
+    """`step-N.damaged`, or `step-N.damaged-2`, -3, ... when earlier damage at the same step
+    was set aside already (nothing is ever overwritten)."""
+    candidate, n = path.with_name(path.name + ".damaged"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.damaged-{n}")
+    return candidate
 
 
 def find_checkpoint_on_all_ranks(run_dir: str | Path, log: Callable[[str], None], rank: int) -> Path | None:
@@ -315,6 +380,10 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
             if saved != set(target):
                 raise LoryTrainError(f"checkpoint {path} does not fit the model (missing {sorted(set(target) - saved)[:3]}"
                                      f", unexpected {sorted(saved - set(target))[:3]})")
+            for name, tensor in target.items():
+                if tuple(f.get_slice(name).get_shape()) != tuple(tensor.shape):
+                    raise LoryTrainError(f"checkpoint {path} does not fit the model ({name} is "
+                                         f"{tuple(f.get_slice(name).get_shape())} there, {tuple(tensor.shape)} here)")
             with torch.no_grad():
                 for name, tensor in target.items():
                     if isinstance(tensor, DTensor):
@@ -347,23 +416,44 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     """Load a checkpoint's optimizer state, each rank reading only its shards.
 
     Parameters without saved state (a top-k expert that never got a gradient) keep the
-    freshly initialised state.
+    freshly initialised state. Nothing is unpickled beyond DCP metadata and plain values
+    (`lorytrain.training.dcp_safe`).
 
     Args:
         model: the model the optimizer updates (wrapped or not).
         optimizer: the optimizer to fill.
         path: the checkpoint folder.
+
+    Raises:
+        LoryTrainError: the optimizer state holds anything else, names files outside its
+            folder or does not fit the model (one line).
     """
     path = Path(path)
     if (path / "optimizer.pt").is_file():  # a checkpoint written before sharded optimizer state
-        load_full_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True,
-                                                               map_location="cpu"))
+        load_full_optimizer_state(model, optimizer, _load_weights_only(path / "optimizer.pt"))
         return
     state = get_optimizer_state_dict(unwrap(model), optimizer)
-    with _quiet_dcp():
-        dcp.load(state, checkpoint_id=str(path / OPTIMIZER_DIR),
-                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    reader = SafeFileSystemReader(path / OPTIMIZER_DIR)
+    try:
+        with _quiet_dcp():
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True))
+    except dcp.CheckpointException as exc:  # wraps what failed on whichever rank
+        failure = next(iter(exc.failures.values()))[0] if exc.failures else exc
+        if isinstance(failure, LoryTrainError):
+            raise LoryTrainError(f"{failure} (in {path / OPTIMIZER_DIR})") from None
+        first = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        raise LoryTrainError(f"cannot load the optimizer state of {path}: {first}") from None
     set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state)
+
+
+def _load_weights_only(file: Path):
+    """`torch.load(weights_only=True)` with a refusal as one `LoryTrainError`."""
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise LoryTrainError(f"refusing {file}: {unpickling_reason(exc)}") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise LoryTrainError(f"cannot read {file}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
 
 
 def load_rng_state(path: str | Path, rank: int, device: torch.device) -> None:
@@ -374,4 +464,7 @@ def load_rng_state(path: str | Path, rank: int, device: torch.device) -> None:
     source = own if own.is_file() else path / RNG_DIR / "rank-00000.pt"
     if not source.is_file():
         source = path / "rng.pt"  # a checkpoint written before per-rank RNG states
-    set_rng_state(torch.load(source, weights_only=True), device)
+    try:
+        set_rng_state(_load_weights_only(source), device)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise LoryTrainError(f"{source} is not an RNG state lory wrote ({type(exc).__name__}: {exc})") from None

@@ -55,6 +55,8 @@ class TrainConfig:
         record_samples: each rank appends the `seq_id`s of every step's sequences to
             `RUN_DIR/samples/rank-<r>.jsonl` (data provenance, disjointness checks).
         resume: continue from the latest checkpoint in `out`.
+        allow_data_change: let `resume` continue on another corpus than the run's (normally
+            refused: `data` must be the corpus recorded in the checkpoint).
     """
 
     data: str = ""
@@ -92,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     record_samples: bool = False
     resume: bool = False
+    allow_data_change: bool = False
 
     def validate(self) -> None:
         """Raise `LoryTrainError` for values that cannot work."""

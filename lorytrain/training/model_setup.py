@@ -5,12 +5,22 @@ gets logged about it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lorytrain.errors import LoryTrainError
-from lorytrain.model import LoryLM, ModelConfig, build_model, flops_per_token, peak_bf16_flops, upcycle
+from lorytrain.model import (
+    LoryLM,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    flops_per_token,
+    peak_bf16_flops,
+    upcycle,
+)
 from lorytrain.model.shards import fill_shard_, full_tensor
 from lorytrain.training.config import TrainConfig
 from lorytrain.training.distributed import unwrap
@@ -23,6 +33,66 @@ NO_DECAY_SUFFIXES = ("router.weight", "mix_logits")
 # they define the model, the data order or the step arithmetic.
 RESUME_FIELDS = ("preset", "ffn", "experts", "segment_len", "model_overrides", "batch_size", "tokens_per_step",
                  "seed", "dense_warmup")
+
+# Above this many parameters a config is refused before anything is allocated (4 TB in fp32).
+MAX_PARAMETERS = 10**12
+
+
+def check_size(config: ModelConfig, source: str = "the model config") -> str:
+    """A one-line description of the model's size, computed without building it.
+
+    Args:
+        config: a validated model config.
+        source: where the config comes from, for the message.
+
+    Raises:
+        LoryTrainError: it has more than `MAX_PARAMETERS` parameters.
+    """
+    count = count_parameters(config)
+    if count.total > MAX_PARAMETERS:
+        raise LoryTrainError(f"{source} describes a model of {count.total:,} parameters, more than the "
+                             f"{MAX_PARAMETERS:,} lory builds; refused before allocating anything")
+    kind = "dense" if not config.is_moe else f"{config.ffn} × {config.n_experts} experts"
+    return (f"{kind}, {config.n_layers} layers, d {config.d_model}: {count.total / 1e6:,.2f}M parameters "
+            f"({count.active / 1e6:,.2f}M active)")
+
+
+def config_from_state(state: dict, source: str | Path) -> ModelConfig:
+    """The validated `ModelConfig` a checkpoint's `state.json` records.
+
+    Raises:
+        LoryTrainError: missing, malformed, out of bounds or too large (one line naming `source`).
+    """
+    if not isinstance(state, dict) or "model_config" not in state:
+        raise LoryTrainError(f"{source} records no model_config")
+    try:
+        config = ModelConfig.from_dict(state["model_config"])
+    except LoryTrainError as exc:
+        raise LoryTrainError(f"{source}: model_config: {exc}") from None
+    check_size(config, str(source))
+    return config
+
+
+def check_weights_fit(config: ModelConfig, weights: str | Path) -> None:
+    """Check that a safetensors file holds exactly the tensors `config`'s model has, shape for
+    shape, reading only the file's header and building the model on the meta device (no
+    memory): a config that does not describe the weights is refused before allocating.
+
+    Raises:
+        LoryTrainError: naming the first tensor that is missing, unexpected or of another shape.
+    """
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in build_model(config).state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not iterable)
+    except (OSError, SafetensorError) as exc:
+        raise LoryTrainError(f"cannot read {weights}: {exc}") from None
+    for name in sorted(set(expected) | set(saved)):
+        if expected.get(name) != saved.get(name):
+            raise LoryTrainError(f"{weights} does not hold the model its config describes: {name} is "
+                                 f"{saved.get(name, 'missing')} in the file, {expected.get(name, 'absent')} in the model")
+
 
 # Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate.
 def model_config(config: TrainConfig, vocab_size: int, phase: str = "moe") -> ModelConfig:
@@ -68,15 +138,33 @@ def check_compatible(state: dict, config: TrainConfig, tokenizer: dict, seq_len:
     Raises:
         LoryTrainError: naming every field that differs.
     """
-    saved = state.get("config", {})
-    problems = [f"{name} ({saved.get(name)!r} in the checkpoint, {getattr(config, name)!r} now)"
+    _check_resume_fields(state)
+    saved = state["config"]
+    problems = [f"{name} ({saved.get(name)!r:.80} in the checkpoint, {getattr(config, name)!r} now)"
                 for name in RESUME_FIELDS if saved.get(name) != _jsonable(getattr(config, name))]
     if state.get("seq_len") != seq_len:
         problems.append(f"seq_len ({state.get('seq_len')} in the checkpoint, {seq_len} in the shards)")
-    if state.get("tokenizer", {}).get("sha256") != tokenizer.get("sha256"):
+    if state["tokenizer"].get("sha256") != tokenizer.get("sha256"):
         problems.append("tokenizer (the shards were made with another tokenizer than the checkpoint's)")
     if problems:
         raise LoryTrainError("cannot resume: the checkpoint differs in " + "; ".join(problems))
+
+
+def _check_resume_fields(state: dict) -> None:
+    """The fields resuming reads from `state.json`, with the types lory writes (the folder may
+    come from anywhere)."""
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    problems = [f"{key} is {state.get(key)!r:.80}" for key in ("step", "tokens") if not count(state.get(key))]
+    if state.get("phase") not in ("dense", "moe"):
+        problems.append(f"phase is {state.get('phase')!r:.80}, not 'dense' or 'moe'")
+    for key in ("config", "tokenizer", "data"):
+        if not isinstance(state.get(key), dict):
+            problems.append(f"{key} is not an object")
+    if problems:
+        raise LoryTrainError("cannot resume: the checkpoint's state.json is not one lory wrote (" + "; ".join(problems)
+                             + ")")
 
 
 def _jsonable(value):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -21,8 +22,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lorydata.dataset import ShardDataset
-from lorydata.errors import ShardError
+from lorydata.errors import LoryError, MismatchError, ShardError
+from lorydata.hashing import bytes_sha256
+from lorydata.lock import FolderLock
 from lorydata.manifest import Manifest
+from lorytrain.agreement import from_main
 from lorytrain.errors import LoryTrainError
 from lorytrain.evaluation import evaluate, loss_pad_id
 from lorytrain.training import model_setup
@@ -101,12 +105,23 @@ class Trainer:
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.out = Path(config.out)
         self._load_data_manifest()
+        self._lock = self._lock_out()
+        # released when training ends, and when the trainer is dropped without training
+        self._unlock = weakref.finalize(self, self._lock.release) if self._lock else None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        config = self.config
         self.plan = make_plan(config, self.seq_len, self.env.world_size)
         self.dtype = self._autocast_dtype()
-        self.step, self.tokens = 0, 0
+        self.step, self.tokens, self._saved_step = 0, 0, None
         checkpoint = self._find_checkpoint()
-        if self.env.is_main and keep_tokenizer(self.out, self.tokenizer) is None:
-            self.log(f"note: the shards' tokenizer {self.tokenizer.get('path')} is gone; `lory generate` will need --tokenizer")
+        self._on_main_for_all(self._keep_tokenizer)
+        self.log(f"model: {model_setup.check_size(model_setup.model_config(config, self.tokenizer['vocab_size']))}")
         torch.manual_seed(config.seed)
         self.dataset = ShardDataset(
             config.data, seed=config.seed, rank=self.env.rank, world_size=self.env.world_size,
@@ -119,7 +134,38 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
 
+    def close(self) -> None:
+        """Give the run folder's lock back (idempotent; `train` does it when it ends)."""
+        if self._unlock is not None:
+            self._unlock()
+
     # ---- setup ------------------------------------------------------------------------
+    def _lock_out(self) -> FolderLock | None:
+        """One writer per run folder: rank 0 takes the lock on --out and every rank learns
+        whether it did, so under torchrun all ranks stop together with the same message."""
+        return self._on_main_for_all(lambda: FolderLock(self.out, command="lory train").acquire(log=self.log))
+
+    def _on_main_for_all(self, work):
+        """`work()` on rank 0 only; its failure is raised on every rank (one line), so that no
+        rank trains on, or waits for a collective, alone."""
+        result, error = None, None
+        if self.env.is_main:
+            try:
+                result = work()
+            except LoryError as exc:
+                error = str(exc)
+            except OSError as exc:
+                error = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+        error = from_main(error)
+        if error:
+            raise LoryTrainError(error)
+        return result
+
+    def _keep_tokenizer(self) -> None:
+        if keep_tokenizer(self.out, self.config.data, self.manifest) is None:
+            self.log(f"note: {self.config.data} carries no tokenizer.json (built by an older lory) and was not made "
+                     "with the bundled tokenizer; `lory generate` will need --tokenizer")
+
     def _load_data_manifest(self) -> None:
         try:
             manifest = Manifest.read(self.config.data)
@@ -131,6 +177,8 @@ class Trainer:
                 f"(seq_len {manifest.seq_len}); rebuild the corpus or change --seq-len"
             )
         self.seq_len = manifest.seq_len
+        self.manifest = manifest
+        self.data_sha256 = data_digest(manifest)
         self.tokenizer = manifest.tokenizer
         self.pad_id = loss_pad_id(manifest.tokenizer)
         if self.config.eval_data:
@@ -161,8 +209,22 @@ class Trainer:
             return None
         state = read_state(found)
         model_setup.check_compatible(state, self.config, self.tokenizer, self.seq_len)
+        self._check_same_data(state, found)
         self.log(f"resuming from {found}")
         return {"path": found, "state": state}
+
+    def _check_same_data(self, state: dict, found: Path) -> None:
+        """Resume on the run's own corpus only, unless told otherwise (checkpoints written
+        before the corpus was recorded are not checked)."""
+        saved = state.get("data_sha256")
+        if saved is None or saved == self.data_sha256:
+            return
+        if not self.config.allow_data_change:
+            raise LoryTrainError(f"cannot resume: --data {self.config.data} is not the corpus this run trained on "
+                                 f"(its shards differ from those recorded in {found / 'state.json'}); pass "
+                                 "--allow-data-change to continue on it")
+        self.log(f"note: --data {self.config.data} is not the corpus this run trained on; continuing on it "
+                 "(--allow-data-change)")
 
     def _build(self, phase: str, checkpoint: dict | None) -> None:
         self.phase = phase
@@ -181,9 +243,19 @@ class Trainer:
     def _restore(self, checkpoint: dict) -> None:
         state = checkpoint["state"]
         load_optimizer_state(self.raw_model, self.optimizer, checkpoint["path"])
-        self.dataset.load_state_dict(state["data"])
+        try:
+            self.dataset.load_state_dict(state["data"])
+        except MismatchError:
+            if state.get("data_sha256") in (None, self.data_sha256) or not self.config.allow_data_change:
+                raise
+            self.log(f"the data position of the old corpus does not apply to {self.config.data}: reading it from "
+                     "its start")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoryTrainError(f"cannot resume: the data position in {checkpoint['path'] / 'state.json'} is not "
+                                 f"one lory wrote ({type(exc).__name__}: {exc})") from None
         load_rng_state(checkpoint["path"], self.env.rank, self.env.device)
         self.step, self.tokens = state["step"], state["tokens"]
+        self._saved_step = self.step  # the checkpoint resumed from is this step's
 
     # ---- the loop ---------------------------------------------------------------------
     def _batches(self):
@@ -250,13 +322,14 @@ class Trainer:
                 progress.update(record)
             if self.config.eval_data and not (self.config.eval_every and self.step % self.config.eval_every == 0):
                 last_record["eval"] = self._evaluate(metrics)["eval"]
-            if self.config.save_final:
+            if self.config.save_final and self._saved_step != self.step:  # not twice when save_every hit it
                 self.save()
         finally:
             preemption.uninstall()
             progress.close()
             if metrics is not None:
                 metrics.close()
+            self.close()
         return last_record
 
     def _optimizer_step(self, batches) -> dict:
@@ -350,10 +423,22 @@ class Trainer:
             "model_config": model_setup.model_config_dict(self.raw_model),
             "tokenizer": self.tokenizer,
             "seq_len": self.seq_len,
+            "data_sha256": self.data_sha256,
         }
-        return save_checkpoint(self.out, self.step, weights if self.env.is_main else None, state, self.config.keep_last,
-                               model=self.raw_model, optimizer=self.optimizer, device=self.env.device,
-                               rank=self.env.rank)
+        saved = save_checkpoint(self.out, self.step, weights if self.env.is_main else None, state,
+                                self.config.keep_last, model=self.raw_model, optimizer=self.optimizer,
+                                device=self.env.device, rank=self.env.rank)
+        self._saved_step = self.step
+        return saved
+
+
+def data_digest(manifest: Manifest) -> str:
+    """The identity of a corpus: sha256 over its sequence length, tokenizer and every shard's
+    name, rows, size and sha256 (what resuming compares; the manifest's other fields, such as
+    where it was built, may differ between copies of one corpus)."""
+    shards = [[s.file, s.rows, s.bytes, s.sha256] for s in manifest.shards]
+    identity = {"seq_len": manifest.seq_len, "tokenizer": manifest.tokenizer.get("sha256"), "shards": shards}
+    return bytes_sha256(json.dumps(identity, sort_keys=True).encode())
 
 
 class _Progress:
