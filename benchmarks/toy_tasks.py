@@ -22,13 +22,17 @@ import random
 from pathlib import Path
 
 from lorydata.dataset import ShardDataset
+from lorydata.folder_tokenizer import known_tokenizer_file
 from lorydata.tokenizer import Tokenizer
 
 
 def passages(heldout: str, context_words: int, ending_words: int) -> list[tuple[str, str, str]]:
     """(domain, context, true ending) of every held-out document span long enough."""
     dataset = ShardDataset(heldout, shuffle=False, epochs=1, even=False, with_metadata=True)
-    tok = Tokenizer(dataset.manifest.tokenizer["path"])
+    found = known_tokenizer_file(heldout, dataset.manifest)
+    if found is None:
+        raise SystemExit(f"{heldout} carries no tokenizer.json (build it again with this lory)")
+    tok = Tokenizer(found)
     out = []
     for sample in dataset:
         ids = sample["input_ids"].tolist()

@@ -118,6 +118,12 @@ class LockOwner:
         return self.host == socket.gethostname() and self.pid_namespace == _pid_namespace()
 
 
+def owner_is_gone(owner: LockOwner) -> bool:
+    """Whether the owner of a lock ran on this host and is no longer running (its lock is
+    stale; another host's owner cannot be looked up from here)."""
+    return owner.local() and not _running(owner.pid, owner.started)
+
+
 class FolderLock:
     """An exclusive lock on an output folder; use as a context manager or acquire/release.
 
@@ -232,7 +238,7 @@ class FolderLock:
 
     def _stale_reason(self, owner: LockOwner, age: float) -> str | None:
         if owner.local():
-            return None if _running(owner.pid, owner.started) else "that process is no longer running"
+            return "that process is no longer running" if owner_is_gone(owner) else None
         if age > self.stale_after:
             return f"not refreshed for {age:.0f} s"
         return None

@@ -24,12 +24,13 @@ also holds its markers and partition records (`pipelines.markers`, `pipelines.co
 
 from __future__ import annotations
 
+from lorydata.lock import LOCK_NAME
 from pipelines import fileio
 
 WORK = "_work"
 DEAD_LETTERS = "dead_letters"
 SPLITS = ("train", "heldout")
-LOCK = "_lock.json"
+LOCK = LOCK_NAME  # the build's lock on --out (`pipelines.lock`)
 # Intermediate files of each stage, removed once it is done (relative to its folder).
 SCRATCH = {
     "documents": ("raw", "deduped", "near_dedup/lsh"),

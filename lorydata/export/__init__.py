@@ -29,6 +29,7 @@ from lorydata.export.olmo import OlmoWriter
 from lorydata.export.ordered import SeqIdOrder
 from lorydata.export.parquet import ParquetWriter
 from lorydata.export.target import ExportTarget
+from lorydata.folder_tokenizer import known_tokenizer_file
 from lorydata.manifest import Manifest
 from lorydata.progress import progress_bar
 
@@ -82,7 +83,7 @@ def export_corpus(folder: str | Path, out: str | Path, fmt: str, rows_per_file: 
     try:
         target = ExportTarget(out=partial, seq_len=manifest.seq_len, vocab_size=int(tok["vocab_size"]),
                               eos_id=int(tok["eos_id"]), pad_id=int(tok["pad_id"]), split=manifest.split,
-                              tokenizer=tok)
+                              tokenizer=tok, tokenizer_file=known_tokenizer_file(folder, manifest))
         writer = FORMATS[fmt](target)  # a missing library fails here, before any reading
         with SeqIdOrder(folder, partial) as ordered:
             total = math.ceil(ordered.num_rows / rows)

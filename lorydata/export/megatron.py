@@ -54,13 +54,14 @@ class MegatronWriter:
     def finish(self) -> list[str]:
         self._builder.finalize(self._mod.get_idx_path(self.prefix))
         name = f"{self.target.split}_text_document"
-        self.tokenizer_written = write_tokenizer_folder(self.target.tokenizer, self.target.out / "tokenizer")
+        self.tokenizer_written = write_tokenizer_folder(self.target.tokenizer, self.target.tokenizer_file,
+                                                        self.target.out / "tokenizer")
         extra = ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"] if self.tokenizer_written else []
         return [f"{name}.bin", f"{name}.idx", *extra]
 
     def describe(self) -> dict:
         tokenizer = ("tokenizer/" if self.tokenizer_written else
-                     f"not written: {self.target.tokenizer.get('path')} is gone or changed; "
+                     "not written: the corpus carries no tokenizer.json of its sha256; "
                      f"use a tokenizer whose EOD id is {self.target.eos_id}")
         return {"dtype": self.dtype.__name__, "path_prefix": f"{self.target.split}_text_document",
                 "tokenizer": tokenizer, "eod_id": self.target.eos_id}

@@ -26,7 +26,8 @@ class ExportTarget:
         eos_id: the token that ends every document (Megatron's EOD, OLMo's EOS).
         pad_id: the token of tail padding.
         split: the shard folder's split ("train" or "heldout"), used in file names.
-        tokenizer: the manifest's tokenizer identity (path, sha256, ids).
+        tokenizer: the manifest's tokenizer identity (sha256, ids).
+        tokenizer_file: the corpus's verified tokenizer file (`known_tokenizer_file`), or None.
     """
 
     out: Path
@@ -36,6 +37,7 @@ class ExportTarget:
     pad_id: int
     split: str
     tokenizer: dict
+    tokenizer_file: Path | None = None
 
 
 def token_matrix(chunk: pa.Table, seq_len: int) -> np.ndarray:
@@ -43,15 +45,19 @@ def token_matrix(chunk: pa.Table, seq_len: int) -> np.ndarray:
     return chunk.column("input_ids").combine_chunks().values.to_numpy().reshape(-1, seq_len)
 
 
-def write_tokenizer_folder(identity: dict, dest: Path) -> bool:
+def write_tokenizer_folder(identity: dict, source: Path | None, dest: Path) -> bool:
     """Copy the corpus's `tokenizer.json` into `dest/` with a `tokenizer_config.json` naming its
     EOS and pad tokens, so `AutoTokenizer.from_pretrained(dest)` (and trainers built on it, such
     as Megatron's HuggingFaceTokenizer) report lory's EOS as the end-of-document token.
 
-    Returns False, writing nothing, when the file the manifest records is gone or changed.
+    Args:
+        identity: the manifest's tokenizer identity.
+        source: the corpus's verified tokenizer file, or None when it has none.
+        dest: the folder to write.
+
+    Returns False, writing nothing, when the corpus has no tokenizer file of that sha256.
     """
-    source = Path(identity.get("path", ""))
-    if not source.is_file() or file_sha256(source) != identity.get("sha256"):
+    if source is None or file_sha256(source) != identity.get("sha256"):
         return False
     tok = HFTokenizer.from_file(str(source))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.id_to_token(identity["eos_id"]),

@@ -84,6 +84,7 @@ def write_split_shards(config: ShardsConfig, runner: BeamRunner, tokenizer: Toke
     # The corpus carries its tokenizer: a relative name and its sha256, never a path of this machine.
     fileio.write_bytes(fileio.join(folder, TOKENIZER_FILE), tokenizer.path.read_bytes())
     identity = {**tokenizer.identity().to_dict(), "file": TOKENIZER_FILE}
+    del identity["path"]
     manifest = Manifest(seq_len=config.seq_len, tokenizer=identity, shards=shards, counts=counts, split=split,
                         **manifest_fields)
     fileio.write_bytes(fileio.join(folder, MANIFEST_NAME), manifest.to_bytes())

@@ -201,7 +201,7 @@ def test_a_folder_with_broken_seq_ids_is_refused(tmp_path):
 def test_megatron_export_without_the_tokenizer_file_says_so(tmp_path):
     folder = tmp_path / "train"
     manifest = build_shards(folder, make_documents(10), seq_len=SEQ_LEN)
-    manifest.tokenizer = {**manifest.tokenizer, "path": str(tmp_path / "gone" / "tokenizer.json")}
+    manifest.tokenizer = {**manifest.tokenizer, "sha256": "0" * 64}  # no tokenizer file of this sha256 is known
     manifest.write(folder)
     summary = export_corpus(folder, tmp_path / "mg", "megatron")
     assert not (tmp_path / "mg" / "tokenizer").exists()

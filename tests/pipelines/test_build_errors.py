@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from lorydata.lock import LockOwner
 from lorydata.manifest import Manifest
 from tests.pipelines.test_build_random import run_cli
 
@@ -39,7 +41,7 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_resumes(sample_corpus, tmp_p
     assert proc.returncode == 130, err
     after = [line for line in err.split("documents: running", 1)[-1].splitlines() if line.strip()]
     assert len(after) == 1 and "Traceback" not in err, err  # after the progress lines, one line: "aborted"
-    assert not (out / "_lock.json").exists(), "the interrupted build released its lock"
+    assert not (out / "lory.lock").exists(), "the interrupted build released its lock"
     done = lory(["build-corpus", sample_corpus, "--out", out, "--buckets", 4, *ARGS])
     _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
@@ -79,8 +81,8 @@ def test_a_second_build_on_a_busy_out_is_refused_naming_the_owner(sample_corpus,
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        owner = {"host": os.uname().nodename, "pid": sleeper.pid, "since": "2026-12-05 10:00:00"}
-        (out / "_lock.json").write_text(json.dumps(owner))
+        owner = LockOwner.me("lory build-corpus")
+        (out / "lory.lock").write_text(json.dumps({**asdict(owner), "pid": sleeper.pid, "started": None}))
         code, _, err = run_cli(["build-corpus", sample_corpus, "--out", out, *ARGS], capsys)
         assert code == 2 and f"pid {sleeper.pid}" in err and len(err.strip().splitlines()) == 1
     finally:

@@ -57,7 +57,7 @@ def test_build_to_s3_gives_the_local_shards(order, s3, cut, tmp_path):
     assert s3_hashes(s3, prefix) == local_hashes(tmp_path / "local")
     keys = s3.keys(prefix)
     assert f"{prefix}/train/tokenizer.json" in keys and f"{prefix}/dead_letters" not in keys
-    assert not [k for k in keys if "/_commits/" in k or k.endswith(("_lock.json", "_STARTED.json", ".inprogress"))]
+    assert not [k for k in keys if "/_commits/" in k or k.endswith(("lory.lock", "_STARTED.json", ".inprogress"))]
     again = build_corpus(BuildOptions(inputs=[str(cut)], out=s3.url(prefix), order=order, **COMMON), log=quiet)
     assert all(stage["status"].startswith("skipped") for stage in again.stages.values())
 
@@ -67,11 +67,12 @@ def test_a_second_build_on_the_same_s3_out_is_refused(s3, cut):
     from lorydata.errors import LoryDataError
 
     prefix = "busy/corpus"
-    owner = {"host": "another-host", "pid": 4242, "since": "2026-12-05 10:00:00"}
-    s3.client.put_object(Bucket=s3.bucket, Key=f"{prefix}/_lock.json", Body=json.dumps(owner).encode())
-    with pytest.raises(LoryDataError, match=r"being built by another lory process.*pid 4242 on another-host"):
+    owner = {"host": "another-host", "pid": 4242, "started": None, "pid_namespace": "", "command": "lory build-corpus",
+             "since": "2026-12-05T10:00:00Z", "token": "t"}
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{prefix}/lory.lock", Body=json.dumps(owner).encode())
+    with pytest.raises(LoryDataError, match=r"being written by pid 4242 on another-host"):
         build_corpus(BuildOptions(inputs=[str(cut)], out=s3.url(prefix), order="random", **COMMON), log=quiet)
-    assert s3.keys(prefix) == [f"{prefix}/_lock.json"], "a refused build writes nothing"
+    assert s3.keys(prefix) == [f"{prefix}/lory.lock"], "a refused build writes nothing"
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_kill_mid_build_on_s3_and_rerun_gives_the_same_shards(s3, cut, tmp_path)
         proc.send_signal(signal.SIGKILL)  # inside the shards stage of the train split
     finally:
         proc.wait()
-    assert f"{prefix}/_lock.json" in s3.keys(prefix), "the killed build left its lock"
+    assert f"{prefix}/lory.lock" in s3.keys(prefix), "the killed build left its lock"
     assert f"{prefix}/train/_DONE.json" not in s3.keys(prefix), "the kill did not land inside the shards stage"
     summary = build_corpus(BuildOptions(inputs=[str(cut)], out=s3.url(prefix), order="random", **COMMON), log=quiet)
     assert summary.stages["shards/train"]["status"] == "ran"
