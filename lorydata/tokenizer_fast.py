@@ -192,17 +192,20 @@ class TiktokenBPE:
             threads: encoding threads (tiktoken releases the GIL).
         """
         if threads > 1 and len(texts) > 1:
+            # Contiguous slices, several per thread (documents differ in length), in order.
+            step = -(-len(texts) // (4 * threads))
             with ThreadPoolExecutor(threads) as pool:
-                parts = list(pool.map(self._ranks_of, texts, chunksize=max(1, len(texts) // (4 * threads))))
+                slices = pool.map(self._ranks_of_all, (texts[i : i + step] for i in range(0, len(texts), step)))
+                parts = [part for piece in slices for part in piece]
         else:
-            parts = [self._ranks_of(text) for text in texts]
+            parts = self._ranks_of_all(texts)
         offsets = np.zeros(len(texts) + 1, np.int64)
         np.cumsum([len(part) for part in parts], out=offsets[1:])
         ranks = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
         return offsets, (ranks.view(np.int32) if self._identity else self._ids[ranks])
 
-    def _ranks_of(self, text: str) -> np.ndarray:
-        return self._encoding.encode_to_numpy(text, allowed_special=self._specials)
+    def _ranks_of_all(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self._encoding.encode_to_numpy(text, allowed_special=self._specials) for text in texts]
 
 
 def default_threads() -> int:
