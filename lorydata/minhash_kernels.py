@@ -135,8 +135,6 @@ def signatures_kernel(code_points, starts, is_word, crc_table, shingle_weights, 
                     combined += ids[i + j] * shingle_weights[j]
                 h = _mix64(combined)
                 for p in range(num_perm):
-                    value = (h * a[p] + b[p]) >> np.uint64(32)
-                    if value < minimum[p]:
-                        minimum[p] = value
+                    minimum[p] = min(minimum[p], (h * a[p] + b[p]) >> np.uint64(32))
         for p in range(num_perm):
             out[d, p] = np.uint32(minimum[p])
