@@ -12,7 +12,7 @@ import zstandard
 from tokenizers import Tokenizer as HFTokenizer
 
 from lorydata.errors import LoryDataError
-from lorydata.tokenizer import Tokenizer
+from lorydata.tokenizer import Tokenizer, train_tokenizer
 
 ADVERSARIAL = [
     "",
@@ -167,3 +167,26 @@ def test_tokens_bpe_never_returns_whole_are_left_out(tmp_path, default_tokenizer
     texts = ["#$%", "a #$% b #$%% ##$% #$#$%", "#$", "$%"]
     assert_identical(tok, texts, path)
     assert len(tok.encode("#$%")) == 2
+
+
+def test_a_tokenizer_trained_here_runs_on_tiktoken_with_the_same_ids(tmp_path, sample_corpus):
+    texts = sample_texts(sample_corpus)
+    tok = train_tokenizer(texts[:60], tmp_path, vocab_size=700, seed=1)
+    assert tok.engine == "tiktoken", tok.fallback_reason
+    assert_identical(tok, texts[60:90] + ADVERSARIAL, tmp_path / "tokenizer.json")
+
+
+def test_ids_out_of_merge_order_are_mapped_back(tmp_path, default_tokenizer_path):
+    """A vocabulary whose ids do not follow the merges (here: reversed) still gives
+    `tokenizers`' ids (tiktoken ranks are merge order; a table maps them back)."""
+    def reverse_ids(spec):
+        vocab = spec["model"]["vocab"]
+        top = max(vocab.values())
+        spec["model"]["vocab"] = {token: top - i for token, i in vocab.items()}
+        for token in spec["added_tokens"]:
+            token["id"] = top - token["id"]
+
+    path = variant(tmp_path, default_tokenizer_path, reverse_ids)
+    tok = Tokenizer(path)
+    assert tok.engine == "tiktoken" and tok.eos_id == 8191
+    assert_identical(tok, ADVERSARIAL, path)
