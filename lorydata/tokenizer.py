@@ -5,7 +5,7 @@ tokenizer that produced it. `Tokenizer.identity()` (file sha256, vocab size, EOS
 ids) goes into every manifest, and readers compare it before use.
 
 Encoding runs on tiktoken when the tokenizer is byte-level BPE that tiktoken reproduces
-token for token (`lorydata.tokenizer_fast` says when and why), ~8× faster per core, and on
+token for token (`lorydata.tokenizer_fast` says when and why), ~10× faster per core, and on
 `tokenizers` otherwise; the ids are the same either way, so the engine is not part of the
 identity. Special-token text inside a document (e.g. "<|endoftext|>") becomes that token's
 id on both engines, as `tokenizers` does with `add_special_tokens=False`.

@@ -1,10 +1,11 @@
 """A tiktoken engine for byte-level BPE `tokenizer.json` files, token-identical to `tokenizers`.
 
 `tokenizers` spends most of an `encode` on things shards never use (offsets, alignment,
-Python objects per token); tiktoken runs the same regex split and BPE over bytes ~8× faster
-on one core, releases the GIL (threads scale) and hands ids back as a buffer, not Python ints.
-It is used only when it provably gives the ids `tokenizers` gives (`convert` says why not
-otherwise, and `lorydata.tokenizer.Tokenizer` falls back to `tokenizers`).
+Python objects per token); tiktoken runs the same regex split and BPE over bytes about 10×
+faster per core on the dev corpus (`benchmarks/bench_floors.py`), releases the GIL (threads
+run in parallel) and hands ids back as a buffer, not Python ints. It is used only when it
+provably gives the ids `tokenizers` gives: `TiktokenBPE` raises `NotConvertible` with the
+reason otherwise, and `lorydata.tokenizer.Tokenizer` then encodes with `tokenizers`.
 
 Why the ids are equal. Both engines first split out added tokens (`<|endoftext|>` in a
 document becomes its id, as `tokenizers` does with `add_special_tokens=False`), then split
