@@ -137,8 +137,12 @@ def _ranks(spec: dict, hf: HFTokenizer) -> tuple[dict[bytes, int], list[int]]:
             raise NotConvertible(f"merge {index} makes {token!r} again or outside the vocabulary")
         made[token] = index
     for token, index in made.items():
+        try:
+            whole = [piece.value for piece in hf.model.tokenize(token)] == [token]
+        except Exception as exc:  # tokenizers raises a bare Exception (e.g. a character outside the vocabulary)
+            raise NotConvertible(f"BPE of token {token!r} fails: {exc}") from None
         # Tokens that BPE never returns whole are never formed by `tokenizers`: leave them out.
-        if [piece.value for piece in hf.model.tokenize(token)] == [token]:
+        if whole:
             try:
                 ranks[bytes(char_to_byte[char] for char in token)] = 256 + index
             except KeyError:
