@@ -80,7 +80,8 @@ def run_documents_stage(config: DocumentsConfig, runner: BeamRunner, files: list
     near = config.near_dedup is not None
     totals = runner.run_steps(folder, [
         ("Read", list(enumerate(files)), ReadToBucketsFn(folder, config.reader, config.cleaner, buckets)),
-        ("Dedup", list(range(buckets)), DedupBucketFn(folder, config.tokenizer, config.heldout_fraction, final=not near)),
+        ("Dedup", list(range(buckets)), DedupBucketFn(folder, config.tokenizer, config.heldout_fraction, final=not near,
+                                                      threads=runner.threads_per_worker())),
     ])
     near_dedup = None
     if near:

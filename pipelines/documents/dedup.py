@@ -14,7 +14,7 @@ from pipelines import dead_letters, fileio, layout
 from pipelines.commits import Commit, PartitionFn
 from pipelines.documents.read import RAW_SCHEMA
 
-TOKENIZE_ROWS = 256
+TOKENIZE_ROWS = 1024  # documents per tokenizer call (a bounded list of texts)
 # The bucket files after dedup: the raw columns with the split before the text and the tokens after it.
 DOCUMENT_SCHEMA = RAW_SCHEMA.insert(RAW_SCHEMA.get_field_index("text"), pa.field("split", pa.string())).append(
     pa.field("tokens", pa.list_(pa.int32())))
@@ -63,11 +63,13 @@ class DedupBucketFn(PartitionFn):
         heldout_fraction: share of documents (by id hash) in the held-out split.
         final: write the stage's documents file (`layout.documents_file`); False: the
             deduplicated file that near-dedup reads (`layout.deduped_file`).
+        threads: tokenizer threads (None: every core; 1 in a worker of a multi-process runner).
     """
 
-    def __init__(self, folder: str, tokenizer_path: str | None, heldout_fraction: float, final: bool = True):
+    def __init__(self, folder: str, tokenizer_path: str | None, heldout_fraction: float, final: bool = True,
+                 threads: int | None = None):
         self.folder, self.tokenizer_path, self.heldout_fraction = folder, tokenizer_path, heldout_fraction
-        self.final = final
+        self.final, self.threads = final, threads
         self.tokenizer = None
 
     def setup(self):
@@ -82,9 +84,9 @@ class DedupBucketFn(PartitionFn):
             out.count(f"dropped.{letter.reason}")
         dead_letters.write(out, layout.dead_letter_file(self.folder, f"dedup-{layout.bucket_name(bucket)}"), letters)
         splits = [heldout_split(doc_id, self.heldout_fraction) for doc_id in kept.column("id").to_pylist()]
-        # Token lists become Arrow int32 a chunk at a time (as Python ints they take ~9x more).
-        chunks = [pa.array(self.tokenizer.encode_batch(kept.column("text").slice(start, TOKENIZE_ROWS).to_pylist()),
-                           pa.list_(pa.int32()))
+        # Token lists go straight to Arrow int32, a chunk at a time (no Python int per token).
+        chunks = [self.tokenizer.encode_batch_arrow(kept.column("text").slice(start, TOKENIZE_ROWS).to_pylist(),
+                                                    threads=self.threads)
                   for start in range(0, kept.num_rows, TOKENIZE_ROWS)]
         tokens = pa.chunked_array(chunks, pa.list_(pa.int32()))
         lengths = pc.list_value_length(tokens).to_numpy().astype(np.int64)

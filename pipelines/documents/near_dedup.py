@@ -79,43 +79,40 @@ class SignFileFn(PartitionFn):
         self.hasher = MinHasher(self.config)
 
     def run(self, path: str, out: Commit) -> None:
-        stem, part, pending = fileio.stem(path), 0, []
         table = fileio.read_table(path, columns=["content_hash", "id", "text"])
-        for key, doc_id, text in zip(*(table.column(i).to_pylist() for i in range(3)), strict=True):
-            signature = self.hasher.signature(text)
-            if signature is None:
-                out.count("near_dedup.no_words")
-                continue
-            out.count("near_dedup.signed")
-            pending.append((key, len(text), doc_id, signature))
-            if len(pending) * self.config.bands >= FLUSH_RECORDS:
-                self._write(out, pending, stem, part)
-                pending, part = [], part + 1
-        if pending:
-            self._write(out, pending, stem, part)
+        signatures, has_words = self.hasher.signatures(table.column("text").to_pylist())  # one compiled pass
+        out.count("near_dedup.no_words", int((~has_words).sum()))
+        out.count("near_dedup.signed", int(has_words.sum()))
+        signed = np.flatnonzero(has_words)
+        lengths = pc.utf8_length(table.column("text")).to_numpy(zero_copy_only=False).astype(np.int64)
+        per_part = -(-FLUSH_RECORDS // self.config.bands)  # documents per part: a bounded buffer per file
+        for part, start in enumerate(range(0, len(signed), per_part)):
+            rows = signed[start: start + per_part]
+            self._write(out, table, rows, signatures[rows], lengths[rows], fileio.stem(path), part)
 
-    def _write(self, out: Commit, docs: list[tuple], stem: str, part: int) -> None:
-        signatures = np.stack([d[3] for d in docs])
-        bands = np.stack([self.hasher.band_keys(s) for s in signatures])  # (documents, bands)
+    def _write(self, out: Commit, table: pa.Table, rows: np.ndarray, signatures: np.ndarray, lengths: np.ndarray,
+               stem: str, part: int) -> None:
+        bands = self.hasher.band_keys(signatures)  # (documents, bands)
         destination = bands % np.uint64(self.buckets)
         schema = band_schema(self.config.num_perm)
         for bucket in np.unique(destination).tolist():
-            rows, cols = np.nonzero(destination == bucket)
-            table = pa.table(
+            members, cols = np.nonzero(destination == bucket)
+            chosen = pa.array(rows[members])
+            table_part = pa.table(
                 [
-                    pa.array(bands[rows, cols], pa.uint64()),
-                    pa.array([docs[r][0] for r in rows], pa.string()),
-                    pa.array([docs[r][1] for r in rows], pa.int64()),
-                    pa.array([docs[r][2] for r in rows], pa.string()),
-                    pa.array([stem] * len(rows), pa.string()),
-                    pa.FixedSizeListArray.from_arrays(pa.array(signatures[rows].ravel(), pa.uint32()),
+                    pa.array(bands[members, cols], pa.uint64()),
+                    table.column("content_hash").take(chosen),
+                    pa.array(lengths[members], pa.int64()),
+                    table.column("id").take(chosen),
+                    pa.array([stem] * len(members), pa.string()),
+                    pa.FixedSizeListArray.from_arrays(pa.array(signatures[members].ravel(), pa.uint32()),
                                                       self.config.num_perm),
                 ],
                 schema=schema,
             )
             sink = pa.BufferOutputStream()
             with pa.ipc.new_file(sink, schema) as writer:
-                writer.write_table(table)
+                writer.write_table(table_part)
             out.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), sink.getvalue().to_pybytes())
 
 

@@ -61,9 +61,7 @@ class SignSplitFn(PartitionFn):
         table = fileio.read_table(path, ["content_hash", "id", "text", "split"])
         chosen = table.take(split_rows(table, self.split))
         texts = chosen.column("text").to_pylist()
-        signatures = np.zeros((len(texts), self.config.num_perm), np.uint32)
-        for i, text in enumerate(texts):
-            signatures[i] = self.hasher.signature_or_empty(text)
+        signatures, _ = self.hasher.signatures(texts)  # the empty signature for texts without words
         out.save_npz(layout.signatures_file(self.order_dir, path), signatures=signatures,
                         chars=np.array([len(t) for t in texts], np.int64),
                         keys=np.array(chosen.column("content_hash").to_pylist(), dtype=str),

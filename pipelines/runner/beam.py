@@ -49,6 +49,14 @@ class BeamRunner:
         runner = FnApiRunner() if self.name == LOCAL_RUNNER else make_runner(self.name)
         return beam.Pipeline(runner=runner, options=options)
 
+    def threads_per_worker(self) -> int | None:
+        """Threads a library call in a worker may use: None (every core) on the in-process
+        runner, one per worker where worker processes share this machine's cores."""
+        flags = dict(flag.removeprefix("--").split("=", 1) for flag in self.flags if "=" in flag)
+        if self.name != LOCAL_RUNNER or flags.get("direct_running_mode") == "multi_processing":
+            return 1
+        return None
+
     def run_each(self, stage: str, label: str, elements: list, fn: PartitionFn) -> dict[str, int]:
         """One step: `fn` on each of `elements`; returns the counts of its partitions."""
         return self.run_steps(stage, [(label, elements, fn)])
