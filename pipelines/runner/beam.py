@@ -65,10 +65,11 @@ class BeamRunner:
         """Steps of one stage that each need all files of the step before, in one pipeline.
 
         Partitions committed by an earlier run (`pipelines.commits`) are not run again.
-        From the second step on, the DoFn gets the number of outputs of the previous step
-        as a side input (its `process(element, after)`): a runner computes a side input in
-        full before the step that reads it starts, so the side input is a barrier that
-        carries one number.
+        From the second step on, the DoFn gets the partition names the previous step
+        finished as a side input (its `process(element, after)`): a runner computes a side
+        input in full before the step that reads it starts, so the side input is a barrier
+        (one short name per partition). Elements are spread over the workers by a
+        Reshuffle, except on the single in-process worker, where it would only cost.
 
         Args:
             stage: the stage folder (commit records and every file the steps write).
@@ -79,6 +80,7 @@ class BeamRunner:
         """
         stored = fileio.sizes(stage)
         pipeline, done, todo = self.pipeline(), None, 0
+        spread_out = self.threads_per_worker() == 1 or "direct_num_workers" in " ".join(self.flags)
         for label, elements, fn in steps:
             fn.bind(stage, label)
             finished = done_partitions(stage, label, stored)
@@ -89,9 +91,11 @@ class BeamRunner:
                 self.log(f"  {label}: {len(elements) - len(pending)} of {len(elements)} partitions done by an "
                          "earlier run, verified and kept")
             todo += len(pending)
-            spread = pipeline | f"{label}Elements" >> beam.Create(pending) | f"Spread{label}" >> beam.Reshuffle()
-            after = [] if done is None else [beam.pvalue.AsSingleton(done)]
-            done = spread | label >> beam.ParDo(fn, *after) | f"{label}Done" >> beam.combiners.Count.Globally()
+            spread = pipeline | f"{label}Elements" >> beam.Create(pending)
+            if spread_out:
+                spread = spread | f"Spread{label}" >> beam.Reshuffle()
+            after = [] if done is None else [beam.pvalue.AsList(done)]
+            done = spread | label >> beam.ParDo(fn, *after)
         if todo:
             run_pipeline(pipeline)
         records = []
