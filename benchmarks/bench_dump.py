@@ -116,7 +116,9 @@ def report(size: int, dump: dict, result: dict) -> dict:
                                              for name, s in stages.items()},
             "driver_rss_gb": result["driver_rss"] / GB, "worker_rss_gb": result["worker_rss"] / GB,
             "disk_gb": result["disk_bytes"] / GB, "files": result["files"], "work_files": result["work_files"],
-            "kept": result["summary"]["documents"].get("documents_kept")}
+            "kept": result["summary"]["documents"].get("documents_kept"),
+            "pipelines": {name: p["seconds"] for name, p in result["summary"].get("partitions", {}).items()
+                          if "seconds" in p}}
 
 
 def main(argv=None) -> None:
@@ -169,6 +171,8 @@ def main(argv=None) -> None:
             table.add_row(name, f"{stage['seconds']:.1f}", rate, f"{stage['mb_per_s'] or 0:.2f}")
         table.add_row("whole build (wall)", f"{row['wall_s']:.1f}", f"{row['docs_per_s']:,.0f}", f"{row['mb_per_s']:.2f}")
         console.print(table)
+        console.print("Beam pipelines (seconds, named by their last step): "
+                      + ", ".join(f"{name} {s:.1f}" for name, s in row["pipelines"].items()))
         console.print(f"peak RSS: driver {row['driver_rss_gb']:.2f} GB, largest worker {row['worker_rss_gb']:.2f} GB; "
                       f"disk {row['disk_gb']:.2f} GB in {row['files']:,} files ({row['work_files']:,} in _work/)")
     if len(rows) > 1:

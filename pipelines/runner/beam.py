@@ -8,6 +8,7 @@ travels through Beam: DoFns read and write partition files (see `pipelines.layou
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,8 @@ class BeamRunner:
     name: str = LOCAL_RUNNER
     flags: list[str] = field(default_factory=list)
     log: Callable[[str], None] = field(default=lambda _: None, repr=False, compare=False)
-    # {step: {"partitions", "done_before"}} of every step run so far (the build's summary)
+    # {"<stage>/<step>": {"partitions", "done_before"}} of every step run so far, and the
+    # seconds of the pipeline with the last step it ran (the build's summary)
     partitions: dict[str, dict] = field(default_factory=dict, repr=False, compare=False)
 
     def pipeline(self) -> beam.Pipeline:
@@ -96,8 +98,11 @@ class BeamRunner:
                 spread = spread | f"Spread{label}" >> beam.Reshuffle()
             after = [] if done is None else [beam.pvalue.AsList(done)]
             done = spread | label >> beam.ParDo(fn, *after)
+        start = time.perf_counter()
         if todo:
             run_pipeline(pipeline)
+        # one pipeline runs all the steps: its seconds are recorded with the last of them
+        self.partitions[f"{fileio.basename(stage)}/{steps[-1][0]}"]["seconds"] = round(time.perf_counter() - start, 2)
         records = []
         for label, elements, fn in steps:
             found = load_records(stage, label)
