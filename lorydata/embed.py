@@ -194,6 +194,23 @@ def pick_device(device: str) -> str:
     return device
 
 
+_CHARS_PER_TOKEN = 8  # generous: the dev corpus averages 3 characters per WordPiece token
+
+
+def _token_prefix(text: str, tokens: int) -> str:
+    """A prefix of `text` that holds its first `tokens` tokens (usually), ending before a
+    whitespace character, so that a tokenizer splitting words at whitespace (BERT, byte-level
+    BPE, Metaspace) gives the same first tokens for it as for the whole text; the caller
+    tokenizes the whole text when the prefix turns out to hold fewer."""
+    limit = tokens * _CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    cut = limit
+    while cut > 0 and not (text[cut].isspace() and not text[cut - 1].isspace()):
+        cut -= 1
+    return text[:cut] if cut else text
+
+
 def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -239,8 +256,13 @@ class Embedder:
         self.model.eval()
         self.precision = "fp32"
         self.window = self.config.max_tokens
-        if self.window is not None:  # the tokenizer cuts; the EmbeddingBag averages what is left
-            self.model[0].tokenizer.enable_truncation(self.window)
+        tokenizer = self.model[0].tokenizer
+        # The tokenizer cuts, the EmbeddingBag averages what is left. Distilled folders keep the
+        # source's truncation (512 tokens for model2vec from a BERT), so "whole" must lift it.
+        if self.window is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(self.window)
         self.tokenizer_sha256 = static_info(folder).get("tokenizer_sha256")
 
     def _load_transformer(self) -> None:
@@ -293,7 +315,9 @@ class Embedder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=self.config.output_dtype)
-        if self.config.long_documents == "chunk-mean":
+        if self.static:
+            vectors = self._encode_static(texts)
+        elif self.config.long_documents == "chunk-mean":
             vectors = self._encode_chunk_mean(texts)
         else:
             vectors = self._encode_windows(texts)
@@ -305,32 +329,62 @@ class Embedder:
         tokenization. Equal to `encode` of the texts those ids encode.
 
         Args:
-            token_ids: one integer array per document; at most `max_tokens` of each are read.
+            token_ids: one integer array (or list) per document; at most `max_tokens` of
+                each are read.
 
         Returns:
             (len(token_ids), dim) L2-normalised vectors of the configured output dtype.
         """
         if not self.static:
             raise LoryDataError("encode_ids needs a static embedding model (e.g. model 'static-bpe')")
+        vectors = self._embed_bags([np.asarray(ids, dtype=np.int64).reshape(-1)[: self.window] for ids in token_ids])
+        return vectors.astype(self.config.output_dtype, copy=False)
+
+    def _encode_static(self, texts: list[str]) -> np.ndarray:
+        """Tokenize (cut at the window) and average the token rows.
+
+        The same ids and vectors as sentence-transformers' StaticEmbedding, which tokenizes
+        with `encode_batch`; `encode_batch_fast` skips the character offsets (1.5-3x faster
+        on long documents, where tokenization is nearly all of a static model's time). With
+        a window, only a prefix of each text is tokenized (`_token_prefix`).
+        """
+        tokenizer = self.model[0].tokenizer
+        encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # tokenizers < 0.20: no fast
+        step = self.config.batch_size
+        parts = []
+        for start in range(0, len(texts), step):
+            batch = texts[start: start + step]
+            if self.window is None:
+                ids = [encoding.ids for encoding in encode_batch(batch, add_special_tokens=False)]
+            else:
+                prefixes = [_token_prefix(text, self.window) for text in batch]
+                ids = [encoding.ids for encoding in encode_batch(prefixes, add_special_tokens=False)]
+                for i, (text, prefix) in enumerate(zip(batch, prefixes, strict=True)):
+                    if len(ids[i]) < self.window and len(prefix) < len(text):  # a prefix too short: all of it
+                        ids[i] = tokenizer.encode(text, add_special_tokens=False).ids
+            parts.append(self._embed_bags(ids))
+        return np.concatenate(parts)
+
+    def _embed_bags(self, docs: list) -> np.ndarray:
+        """Unit mean of the static table's rows over each document's ids (sentence-transformers'
+        StaticEmbedding forward, then any further module of the folder, e.g. Normalize)."""
         import torch
 
-        docs = [np.asarray(ids, dtype=np.int64).reshape(-1)[: self.window] for ids in token_ids]
         if not docs:
-            return np.zeros((0, self.dim), dtype=self.config.output_dtype)
-        flat = np.concatenate(docs)
+            return np.zeros((0, self.dim), np.float32)
+        lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
+        flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
         vocab = self.model[0].num_embeddings
         if len(flat) and (flat.min() < 0 or flat.max() >= vocab):
             raise LoryDataError(f"token ids must lie in [0, {vocab}) for this static model, "
                                 f"got {int(flat.min())}..{int(flat.max())}")
-        offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])[:-1]])
-        features = {"input_ids": torch.from_numpy(flat).to(self.device),
-                    "offsets": torch.from_numpy(offsets).to(self.device)}
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        features = {"input_ids": torch.from_numpy(flat).to(self.device), "offsets": torch.from_numpy(offsets).to(self.device)}
         with torch.inference_mode():
-            for module in self.model:  # the StaticEmbedding, then a Normalize if the folder has one
+            for module in self.model:
                 features = module(features)
         vectors = features["sentence_embedding"].float().cpu().numpy()
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors.astype(self.config.output_dtype, copy=False)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def _encode_windows(self, texts: list[str]) -> np.ndarray:
         if self._onnx is not None:

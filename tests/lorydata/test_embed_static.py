@@ -41,12 +41,15 @@ def static_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_bpe(tmp_path_factory, sample_corpus):
-    texts = []
+def sample_texts(sample_corpus):
     with open(sample_corpus, "rb") as raw:
-        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8"):
-            texts.append(json.loads(line)["text"][:2000])
-    return train_tokenizer(texts[:200], tmp_path_factory.mktemp("bpe"), vocab_size=300).path
+        return [json.loads(line)["text"]
+                for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")]
+
+
+@pytest.fixture(scope="module")
+def tiny_bpe(tmp_path_factory, sample_texts):
+    return train_tokenizer([t[:2000] for t in sample_texts[:200]], tmp_path_factory.mktemp("bpe"), vocab_size=300).path
 
 
 def test_static_folder_embeds_unit_vectors_deterministically(static_folder):
@@ -55,6 +58,8 @@ def test_static_folder_embeds_unit_vectors_deterministically(static_folder):
     vectors = embedder.encode(TEXTS)
     assert vectors.shape == (4, 8) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # sentence-transformers' own encode of the StaticEmbedding (lory tokenizes with encode_batch_fast)
+    np.testing.assert_allclose(vectors, embedder.model.encode(TEXTS, normalize_embeddings=True), atol=1e-6)
     np.testing.assert_array_equal(Embedder(EmbedderConfig(model=str(static_folder))).encode(TEXTS), vectors)
     np.testing.assert_allclose(embedder.encode(TEXTS[::-1])[::-1], vectors, atol=1e-6)
     assert embedder.encode([]).shape == (0, 8)
@@ -62,13 +67,20 @@ def test_static_folder_embeds_unit_vectors_deterministically(static_folder):
     assert identity["dim"] == 8 and identity["backend"] == "torch"
 
 
-def test_static_vector_is_the_normalised_mean_of_its_token_rows(static_folder):
+def test_static_vector_is_the_normalised_mean_of_all_its_token_rows(static_folder):
+    from tokenizers import Tokenizer as HFTokenizer
+
     embedder = Embedder(EmbedderConfig(model=str(static_folder)))
-    module = embedder.model[0]
-    table = module.embedding.weight.detach().numpy()
-    ids = module.tokenizer.encode(TEXTS[0], add_special_tokens=False).ids
-    expected = table[ids].mean(axis=0)
-    np.testing.assert_allclose(embedder.encode(TEXTS[:1])[0], expected / np.linalg.norm(expected), atol=1e-6)
+    table = embedder.model[0].embedding.weight.detach().numpy()
+    tokenizer = HFTokenizer.from_file(str(static_folder / "tokenizer.json"))
+    assert tokenizer.truncation["max_length"] == 512  # inherited from the source by model2vec...
+    tokenizer.no_truncation()
+    long_text = " ".join(TEXTS[1:] * 40) + " " + TEXTS[0] * 5  # ...but a whole document is read
+    for text in (TEXTS[0], long_text):
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        expected = table[ids].mean(axis=0)
+        np.testing.assert_allclose(embedder.encode([text])[0], expected / np.linalg.norm(expected), atol=1e-5)
+    assert len(ids) > 1000
 
 
 def test_model2vec_folder_gives_the_same_vectors(static_folder, tmp_path):
@@ -92,6 +104,16 @@ def test_token_cut_reads_only_the_first_tokens(static_folder):
     np.testing.assert_allclose(cut.encode([text]), whole.encode_ids([np.array(ids[:8])]), atol=1e-6)
     np.testing.assert_allclose(cut.encode_ids([np.array(ids)]), whole.encode_ids([np.array(ids[:8])]), atol=1e-6)
     assert float(cut.encode([text])[0] @ whole.encode([text])[0]) < 0.999
+
+
+def test_token_cut_of_prefixes_equals_the_cut_of_whole_texts(static_folder, tiny_bpe, cache, sample_texts):
+    texts = [*sample_texts[:40], "x" * 300 + " then words", "word " * 5, "  leading  and   double  spaces " * 20, ""]
+    for model, extra in ((str(static_folder), {}), ("static-bpe", {"static_tokenizer": str(tiny_bpe), "static_dims": 16})):
+        whole = Embedder(EmbedderConfig(model=model, **extra))
+        for window in (8, 16, 100):
+            cut = Embedder(EmbedderConfig(model=model, max_tokens=window, **extra))
+            ids = [e.ids[:window] for e in whole.model[0].tokenizer.encode_batch(texts, add_special_tokens=False)]
+            np.testing.assert_allclose(cut.encode(texts), whole.encode_ids(ids), atol=1e-6)
 
 
 def test_static_bpe_ids_embed_like_the_texts(cache, tiny_bpe):
