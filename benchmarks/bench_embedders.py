@@ -2,8 +2,8 @@
 each one gives.
 
 Every embedder is loaded first (distillation / ONNX export happen then, once, into the
-model cache; not timed), warmed up, then all embed the same documents in turns, sample
-after sample, in one process, so a busy machine slows them alike. Per embedder:
+model cache; not timed), warmed up, then all embed the same documents in turns, `--chunk`
+documents at a time, in one process, so a busy machine slows them alike. Per embedder:
 
 - docs/s and MB/s (UTF-8 bytes of the texts) of `Embedder.encode`, and the ratio to MiniLM
   on torch measured on the same sample (mean ± 95% t-interval over samples);
@@ -15,7 +15,8 @@ after sample, in one process, so a busy machine slows them alike. Per embedder:
   order's share; mean ± 95% t-interval over the disjoint samples.
 
 `static-bpe ids` embeds lory BPE ids computed before the clock starts (the documents stage
-has them already), through `Embedder.encode_ids`.
+has them already), through `Embedder.encode_ids`. `--only LABEL...` runs a subset (without
+"minilm torch": no ratios, no cosines).
 
 Usage:
     python benchmarks/bench_embedders.py --corpus PATH/dev_corpus/train.jsonl.zst --docs 300 --samples 3
@@ -61,18 +62,24 @@ def load_documents(path: str) -> list[dict]:
 
 
 def embedder_specs(args) -> dict[str, tuple[EmbedderConfig, str]]:
-    """label -> (config, "text" or "ids")."""
-    batch = args.batch_size
+    """label -> (config, "text" or "ids"). Static models read `STATIC_TOKENS` tokens unless
+    the label says "whole" (every token) or "cut N"."""
+    batch, static_batch = args.batch_size, args.static_batch_size
     specs = {REFERENCE: (EmbedderConfig(device="cpu", batch_size=batch), "text"),
              "minilm onnx": (EmbedderConfig(backend="onnx", batch_size=batch), "text"),
-             "minilm onnx-int8": (EmbedderConfig(backend="onnx-int8", batch_size=batch), "text"),
-             "static": (EmbedderConfig(model="static", batch_size=args.static_batch_size), "text")}
-    for cut in args.static_cuts:
-        specs[f"static cut {cut}"] = (EmbedderConfig(model="static", max_tokens=cut, batch_size=args.static_batch_size),
-                                      "text")
-    specs["static-bpe"] = (EmbedderConfig(model="static-bpe", batch_size=args.static_batch_size), "text")
-    specs["static-bpe ids"] = (EmbedderConfig(model="static-bpe"), "ids")
-    return {label: spec for label, spec in specs.items() if not args.only or label in args.only}
+             "minilm onnx-int8": (EmbedderConfig(backend="onnx-int8", batch_size=batch), "text")}
+    for model, mode, label in (("static", "text", "static"), ("static-bpe", "text", "static-bpe"),
+                               ("static-bpe", "ids", "static-bpe ids")):
+        specs[label] = (EmbedderConfig(model=model, batch_size=static_batch), mode)
+        specs[f"{label} whole"] = (EmbedderConfig(model=model, long_documents="whole", batch_size=static_batch), mode)
+        for cut in args.static_cuts:
+            specs[f"{label} cut {cut}"] = (EmbedderConfig(model=model, max_tokens=cut, batch_size=static_batch), mode)
+    default = [REFERENCE, "minilm onnx", "minilm onnx-int8", "static", "static whole", "static-bpe", "static-bpe ids",
+               "static-bpe ids whole", *(f"static cut {cut}" for cut in args.static_cuts)]
+    unknown = sorted(set(args.only or []) - set(specs))
+    if unknown:
+        raise SystemExit(f"unknown embedder label(s) {unknown}; known: {sorted(specs)}")
+    return {label: specs[label] for label in (default if args.only is None else args.only)}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -94,14 +101,14 @@ def run(args) -> dict:
         raise SystemExit(f"{len(docs)} documents: not enough for {args.samples} samples of {args.docs}")
     samples = [[docs[i] for i in picked[s * args.docs: (s + 1) * args.docs]] for s in range(args.samples)]
     specs = embedder_specs(args)
-    print(f"{len(docs)} documents in {args.corpus}; {args.samples} disjoint samples of {args.docs} "
+    print(f"{len(docs)} documents in {Path(args.corpus).name}; {args.samples} disjoint samples of {args.docs} "
           f"({np.mean([len(d['text']) for d in docs]):.0f} chars on average); torch threads {args.threads}")
 
     embedders = {}
     for label, (config, _) in specs.items():
         start = time.perf_counter()
         embedders[label] = Embedder(config)
-        print(f"  loaded {label:18s} {time.perf_counter() - start:6.1f} s  dim {embedders[label].dim}  "
+        print(f"  loaded {label:22s} {time.perf_counter() - start:6.1f} s  dim {embedders[label].dim}  "
               f"window {embedders[label].window}", flush=True)
     bpe = Tokenizer()
     warm = [d["text"] for d in samples[0][:8]]
@@ -115,21 +122,27 @@ def run(args) -> dict:
         texts, domains = [d["text"] for d in sample], [d["domain"] for d in sample]
         megabytes = sum(len(t.encode()) for t in texts) / 1e6
         ids = bpe.encode_batch(texts)  # the documents stage's work, done before any clock
-        vectors = {}
-        for label, embedder in embedders.items():
-            start = time.perf_counter()
-            vectors[label] = _encode(embedder, specs[label][1], texts, ids)
-            seconds = time.perf_counter() - start
+        vectors = {label: [] for label in embedders}
+        seconds = dict.fromkeys(embedders, 0.0)
+        for start in range(0, len(texts), args.chunk):  # all embedders chunk by chunk: a load change hits all
+            for label, embedder in embedders.items():
+                begin = time.perf_counter()
+                vectors[label].append(_encode(embedder, specs[label][1], texts[start: start + args.chunk],
+                                              ids[start: start + args.chunk]))
+                seconds[label] += time.perf_counter() - begin
+        vectors = {label: np.concatenate(parts) for label, parts in vectors.items()}
+        for label in embedders:
             row = rows[label]
-            row["seconds"].append(seconds)
-            row["docs_per_s"].append(len(texts) / seconds)
-            row["mb_per_s"].append(megabytes / seconds)
+            row["seconds"].append(seconds[label])
+            row["docs_per_s"].append(len(texts) / seconds[label])
+            row["mb_per_s"].append(megabytes / seconds[label])
         for label, row in rows.items():
-            row["ratio"].append(row["docs_per_s"][-1] / rows[REFERENCE]["docs_per_s"][-1])
+            if REFERENCE in rows:
+                row["ratio"].append(row["docs_per_s"][-1] / rows[REFERENCE]["docs_per_s"][-1])
             quality = domain_agreement(vectors[label], domains)
             row["nearest"].append(quality["nearest_same_domain"])
             row["walk"].append(quality["walk_same_domain"])
-            if vectors[label].shape == vectors[REFERENCE].shape and label.startswith("minilm"):
+            if REFERENCE in rows and label.startswith("minilm") and vectors[label].shape == vectors[REFERENCE].shape:
                 cosines = np.sum(vectors[label] * vectors[REFERENCE], axis=1)
                 row["cosine_mean"].append(float(cosines.mean()))
                 row["cosine_min"].append(float(cosines.min()))
@@ -145,7 +158,7 @@ def run(args) -> dict:
         results["embedders"][label] = {
             "config": asdict(embedder.config), "mode": specs[label][1], "dim": embedder.dim,
             "docs_per_s": interval(row["docs_per_s"]), "mb_per_s": interval(row["mb_per_s"]),
-            "ratio_to_reference": interval(row["ratio"]),
+            "ratio_to_reference": interval(row["ratio"]) if row["ratio"] else None,
             "nearest_same_domain": interval(row["nearest"]), "walk_same_domain": interval(row["walk"]),
             "cosine_to_reference": ({"mean": float(np.mean(row["cosine_mean"])), "min": float(np.min(row["cosine_min"]))}
                                     if row["cosine_mean"] else None),
@@ -165,13 +178,14 @@ def report(results: dict) -> None:
 
     print(f"\nmean ± 95% t-interval over {results['samples']} samples of {results['documents_per_sample']} documents "
           f"({results['corpus']}); random order same-domain share {fmt(results['random_same_domain'])}")
-    print(f"{'embedder':18s} {'docs/s':>16s} {'MB/s':>14s} {'x MiniLM':>14s} {'cos to MiniLM':>15s} "
+    print(f"{'embedder':22s} {'docs/s':>16s} {'MB/s':>14s} {'x MiniLM':>14s} {'cos to MiniLM':>15s} "
           f"{'NN same domain':>16s} {'walk same domain':>17s}")
     for label, row in results["embedders"].items():
         cosine = row["cosine_to_reference"]
         cos = f"{cosine['mean']:.4f}/{cosine['min']:.3f}" if cosine else "-"
-        print(f"{label:18s} {fmt(row['docs_per_s'], 1):>16s} {fmt(row['mb_per_s'], 2):>14s} "
-              f"{fmt(row['ratio_to_reference'], 2):>14s} {cos:>15s} {fmt(row['nearest_same_domain']):>16s} "
+        ratio = fmt(row["ratio_to_reference"], 2) if row["ratio_to_reference"] else "-"
+        print(f"{label:22s} {fmt(row['docs_per_s'], 1):>16s} {fmt(row['mb_per_s'], 2):>14s} "
+              f"{ratio:>14s} {cos:>15s} {fmt(row['nearest_same_domain']):>16s} "
               f"{fmt(row['walk_same_domain']):>17s}")
     print("(cos to MiniLM: mean/min over documents)")
 
@@ -207,13 +221,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the document draw")
     parser.add_argument("--batch-size", type=int, default=64, help="transformer batch size")
     parser.add_argument("--static-batch-size", type=int, default=64, help="static models' batch size")
-    parser.add_argument("--static-cuts", type=int, nargs="*", default=[512], help="token budgets for static")
+    parser.add_argument("--static-cuts", type=int, nargs="*", default=[512],
+                        help="other token budgets for static models (labels '... cut N')")
     parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: torch's)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these labels (and the reference)")
+    parser.add_argument("--chunk", type=int, default=50, help="documents each embedder embeds in turn")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help=f"run only these labels (without {REFERENCE!r}: no ratios or cosines)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for results.json and embedders.png")
     args = parser.parse_args(argv)
-    if args.only is not None and REFERENCE not in args.only:
-        args.only.append(REFERENCE)
 
     import torch
 

@@ -54,7 +54,7 @@ def tiny_bpe(tmp_path_factory, sample_texts):
 
 def test_static_folder_embeds_unit_vectors_deterministically(static_folder):
     embedder = Embedder(EmbedderConfig(model=str(static_folder)))
-    assert embedder.static and embedder.window is None and embedder.dim == 8 and embedder.device == "cpu"
+    assert embedder.static and embedder.window == 256 and embedder.dim == 8 and embedder.device == "cpu"
     vectors = embedder.encode(TEXTS)
     assert vectors.shape == (4, 8) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
@@ -64,13 +64,15 @@ def test_static_folder_embeds_unit_vectors_deterministically(static_folder):
     np.testing.assert_allclose(embedder.encode(TEXTS[::-1])[::-1], vectors, atol=1e-6)
     assert embedder.encode([]).shape == (0, 8)
     identity = Embedder.describe(EmbedderConfig(model=str(static_folder)))
-    assert identity["dim"] == 8 and identity["backend"] == "torch"
+    assert identity["dim"] == 8 and identity["backend"] == "torch" and identity["max_tokens"] == 256
+    assert Embedder.describe(EmbedderConfig(model=str(static_folder), long_documents="whole"))["max_tokens"] is None
 
 
 def test_static_vector_is_the_normalised_mean_of_all_its_token_rows(static_folder):
     from tokenizers import Tokenizer as HFTokenizer
 
-    embedder = Embedder(EmbedderConfig(model=str(static_folder)))
+    embedder = Embedder(EmbedderConfig(model=str(static_folder), long_documents="whole"))
+    assert embedder.window is None
     table = embedder.model[0].embedding.weight.detach().numpy()
     tokenizer = HFTokenizer.from_file(str(static_folder / "tokenizer.json"))
     assert tokenizer.truncation["max_length"] == 512  # inherited from the source by model2vec...
@@ -96,7 +98,7 @@ def test_model2vec_folder_gives_the_same_vectors(static_folder, tmp_path):
 
 
 def test_token_cut_reads_only_the_first_tokens(static_folder):
-    whole = Embedder(EmbedderConfig(model=str(static_folder)))
+    whole = Embedder(EmbedderConfig(model=str(static_folder), long_documents="whole"))
     cut = Embedder(EmbedderConfig(model=str(static_folder), max_tokens=8))
     text = " ".join(TEXTS)
     ids = whole.model[0].tokenizer.encode(text, add_special_tokens=False).ids
@@ -109,7 +111,7 @@ def test_token_cut_reads_only_the_first_tokens(static_folder):
 def test_token_cut_of_prefixes_equals_the_cut_of_whole_texts(static_folder, tiny_bpe, cache, sample_texts):
     texts = [*sample_texts[:40], "x" * 300 + " then words", "word " * 5, "  leading  and   double  spaces " * 20, ""]
     for model, extra in ((str(static_folder), {}), ("static-bpe", {"static_tokenizer": str(tiny_bpe), "static_dims": 16})):
-        whole = Embedder(EmbedderConfig(model=model, **extra))
+        whole = Embedder(EmbedderConfig(model=model, long_documents="whole", **extra))
         for window in (8, 16, 100):
             cut = Embedder(EmbedderConfig(model=model, max_tokens=window, **extra))
             ids = [e.ids[:window] for e in whole.model[0].tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -178,6 +180,10 @@ def test_static_user_errors(static_folder, tmp_path):
         Embedder(EmbedderConfig(model=str(static_folder), backend="onnx"))
     with pytest.raises(LoryDataError, match="chunk-mean"):
         Embedder(EmbedderConfig(model=str(static_folder), long_documents="chunk-mean"))
+    with pytest.raises(LoryDataError, match="'whole' is for static models"):
+        Embedder(EmbedderConfig(long_documents="whole"))
+    with pytest.raises(LoryDataError, match="leave max_tokens unset"):
+        EmbedderConfig(model=str(static_folder), long_documents="whole", max_tokens=64)
     embedder = Embedder(EmbedderConfig(model=str(static_folder)))
     with pytest.raises(LoryDataError, match="token ids must lie in"):
         embedder.encode_ids([np.array([0, 10**6])])
