@@ -191,23 +191,28 @@ def report(results: dict) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Order quality against speed, one panel per measure, a legend entry per embedder."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for label, row in results["embedders"].items():
-        (x, dx), (y, dy) = row["docs_per_s"], row["walk_same_domain"]
-        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", capsize=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.axhline(results["random_same_domain"][0], color="grey", ls=":", label="random order")
-    ax.set_xscale("log")
-    ax.set_xlabel("documents / s (log)")
-    ax.set_ylabel("same-domain share of adjacent documents (walk)")
-    ax.set_title(f"{results['corpus']}: {results['samples']} × {results['documents_per_sample']} documents, "
-                 f"{results['torch_threads']} threads")
-    ax.legend(loc="lower left", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    markers = "osD^v<>PXh*"
+    for ax, key, title in ((axes[0], "nearest_same_domain", "nearest neighbour of the same domain"),
+                           (axes[1], "walk_same_domain", "adjacent documents of one domain (walk)")):
+        for i, (label, row) in enumerate(results["embedders"].items()):
+            (x, dx), (y, dy) = row["docs_per_s"], row[key]
+            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt=markers[i % len(markers)], color=f"C{i % 10}", capsize=3,
+                        label=label)
+        ax.axhline(results["random_same_domain"][0], color="grey", ls=":", label="random order")
+        ax.set_xscale("log")
+        ax.set_xlabel("documents / s (log)")
+        ax.set_ylabel("share")
+        ax.set_title(title, fontsize=10)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(f"{results['corpus']}: {results['samples']} × {results['documents_per_sample']} documents, "
+                 f"{results['torch_threads']} threads (mean ± 95% interval over samples)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -228,7 +233,12 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help=f"run only these labels (without {REFERENCE!r}: no ratios or cosines)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for results.json and embedders.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw OUT/embedders.png from OUT/results.json")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        plot(json.loads((out / "results.json").read_text()), out / "embedders.png")
+        return
 
     import torch
 
@@ -237,7 +247,6 @@ def main(argv=None) -> None:
     args.threads = torch.get_num_threads()
     results = run(args)
     report(results)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out / "embedders.png")
