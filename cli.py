@@ -650,5 +650,38 @@ def export_dense_cmd(run_dir, out, routing_from, domain, eval_data, checkpoint, 
         console.print(table)
 
 
+# ---- embedders ---------------------------------------------------------------------------
+@lory.group("embedder")
+def embedder_group() -> None:
+    """Make embedding models for build-corpus --embedder."""
+
+
+@embedder_group.command("distill")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dims", default=256, show_default=True, type=int, help="Dimensions of the token vectors (PCA).")
+@click.option("--tokenizer", default=None, type=click.Path(),
+              help="Index the table by this lory tokenizer's ids (BPE) instead of the source's own tokens.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def distill_cmd(source, out, dims, tokenizer, device):
+    """Distil a static model (model2vec) from the sentence-transformers folder SOURCE into OUT, offline.
+
+    OUT then works as `--embedder OUT`; with --tokenizer its table is indexed by that tokenizer's
+    ids, so documents already tokenized for the shards embed without a second tokenization.
+    """
+    from pathlib import Path
+
+    from lorydata.errors import LoryDataError
+    from lorydata.static_embed import distill_static, distill_static_bpe
+
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise LoryDataError(f"{out} exists and is not empty")
+    if tokenizer:
+        folder = distill_static_bpe(source, out, tokenizer=tokenizer, dims=dims, device=device)
+    else:
+        folder = distill_static(source, out, dims=dims, device=device)
+    _console().print(f"wrote {folder} (use it with --embedder {folder})")
+
+
 if __name__ == "__main__":
     main()

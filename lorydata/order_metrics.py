@@ -17,6 +17,10 @@ sequences.
 
 **Chains** are the maximal runs of documents whose adjacent pairs are all related.
 **Hubness** is the share of documents in no neighbour list of the kNN graph.
+
+**Domain agreement** (for comparing embedders on a corpus with domain labels): the share of
+documents whose nearest neighbour has their domain, and the share of adjacent pairs along
+the similarity walk with one domain, against what a random order gives.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from __future__ import annotations
 import numpy as np
 
 from lorydata.errors import LoryDataError
+from lorydata.knn import KnnConfig
+from lorydata.partition import order_cell
+from lorydata.walk import WalkConfig
 
 BREAK_QUANTILE = 0.95
 
@@ -201,3 +208,53 @@ def ordering_metrics(
     if knn_recall is not None:
         metrics["knn_recall"] = float(knn_recall)
     return metrics
+
+
+def same_domain_share(order: np.ndarray, domains) -> float:
+    """Share of adjacent pairs along `order` whose two documents have the same domain.
+
+    Args:
+        order: (N,) document ids in order.
+        domains: (N,) domain label of every document, indexed by document id.
+    """
+    labels = np.asarray(domains)[np.asarray(order, dtype=np.int64)]
+    return float((labels[1:] == labels[:-1]).mean()) if len(labels) > 1 else 0.0
+
+
+def nearest_same_domain_share(neighbors: np.ndarray, domains) -> float:
+    """Share of documents whose nearest neighbour (column 0 of a kNN graph, best first) has
+    their domain; a missing neighbour (-1) counts as another domain."""
+    labels = np.asarray(domains)
+    first = np.asarray(neighbors)[:, 0]
+    return float(np.mean((first >= 0) & (labels[np.maximum(first, 0)] == labels))) if len(first) else 0.0
+
+
+def random_same_domain_share(domains) -> float:
+    """Expected same-domain share of adjacent pairs in a random order (draws without replacement)."""
+    _, counts = np.unique(np.asarray(domains), return_counts=True)
+    n = counts.sum()
+    return float((counts * (counts - 1)).sum() / (n * (n - 1))) if n > 1 else 0.0
+
+
+def domain_agreement(embeddings: np.ndarray, domains, knn_config: KnnConfig | None = None,
+                     walk_config: WalkConfig | None = None, token_lengths: np.ndarray | None = None) -> dict:
+    """How well an embedding keeps a labelled corpus's domains together, through lory's own
+    kNN graph and similarity walk (`lorydata.partition.order_cell`).
+
+    Args:
+        embeddings: (N, d) document vectors.
+        domains: (N,) domain labels.
+        knn_config: the graph (default `KnnConfig()`).
+        walk_config: the walk (default `WalkConfig()`).
+        token_lengths: (N,) tokens per document, for the walk's token-aware layout.
+
+    Returns:
+        {"documents", "nearest_same_domain", "walk_same_domain", "random_same_domain"}.
+    """
+    if len(embeddings) != len(domains):
+        raise LoryDataError(f"{len(embeddings)} embeddings but {len(domains)} domain labels")
+    cell = order_cell(embeddings, knn_config or KnnConfig(), walk_config or WalkConfig(), token_lengths=token_lengths)
+    return {"documents": len(embeddings),
+            "nearest_same_domain": nearest_same_domain_share(cell.graph.neighbors, domains),
+            "walk_same_domain": same_domain_share(cell.order, domains),
+            "random_same_domain": random_same_domain_share(domains)}

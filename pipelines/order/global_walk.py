@@ -9,6 +9,8 @@ for inspection. With semantic dedup the driver's graph drops its duplicates befo
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from lorydata.knn import compact_graph, knn_recall
@@ -43,7 +45,7 @@ def global_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, em
     semantic = _semantic_filter(config, runner, data.files, split, out)
     result = order_cell(x, config.knn_config(n), config.walk_config(), token_lengths=lengths, keep=semantic)
     graph, order = result.graph, result.order
-    graph.save(layout.knn_folder(out))
+    _save_graph(graph, layout.knn_folder(out))
     recall = knn_recall(x, graph.neighbors, sample=RECALL_SAMPLE, seed=config.seed)
     kept = np.ones(n, bool) if result.keep is None else result.keep
     walked = graph if result.keep is None else compact_graph(graph, kept)
@@ -77,6 +79,14 @@ def global_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, em
         "index": {**graph.describe(), "knn_recall": recall, "recall_sample": min(n, RECALL_SAMPLE),
                   "recall_against": "exact search over the whole split"},
     }
+
+
+def _save_graph(graph, folder: str) -> None:
+    """The kNN graph for inspection, as `KnnGraph.save` lays it out (`KnnGraph.load` reads
+    it), through the file layer."""
+    fileio.save_npy(fileio.join(folder, "neighbors.npy"), graph.neighbors)
+    fileio.save_npy(fileio.join(folder, "similarities.npy"), graph.similarities)
+    fileio.write_bytes(fileio.join(folder, "knn.json"), json.dumps(graph.describe(), indent=1).encode())
 
 
 def _semantic_filter(config: OrderConfig, runner: BeamRunner, files: list[str], split: str,

@@ -83,3 +83,29 @@ def test_order_must_be_a_permutation():
         ordering_metrics(np.array([0, 1, 1, 3]), x)
     with pytest.raises(LoryDataError, match="permutation"):
         ordering_metrics(np.arange(3), x)
+
+
+def test_domain_shares_against_a_naive_count():
+    from lorydata.order_metrics import nearest_same_domain_share, random_same_domain_share, same_domain_share
+
+    domains = np.array(["a", "a", "b", "b", "a"])
+    assert same_domain_share(np.array([0, 1, 4, 2, 3]), domains) == 3 / 4
+    assert same_domain_share(np.array([0, 2, 1, 3, 4]), domains) == 0.0
+    neighbors = np.array([[1, 2], [4, 0], [0, 3], [2, 1], [-1, -1]])
+    assert nearest_same_domain_share(neighbors, domains) == 3 / 5  # a missing neighbour is a miss
+    naive = np.mean([domains[i] == domains[j] for i in range(5) for j in range(5) if i != j])
+    assert random_same_domain_share(domains) == pytest.approx(naive)
+
+
+def test_domain_agreement_of_separated_clusters_is_perfect():
+    from lorydata.order_metrics import domain_agreement
+
+    rng = np.random.default_rng(0)
+    centers = np.eye(3, 16, dtype=np.float32) * 10
+    domains = np.repeat(["x", "y", "z"], 20)
+    x = _unit(centers[np.repeat([0, 1, 2], 20)] + rng.normal(size=(60, 16)).astype(np.float32))
+    result = domain_agreement(x, domains)
+    assert result["documents"] == 60 and result["nearest_same_domain"] == 1.0
+    assert result["walk_same_domain"] == pytest.approx(57 / 59)  # three runs, two borders
+    with pytest.raises(LoryDataError):
+        domain_agreement(x, domains[:10])

@@ -63,13 +63,14 @@ def lory_files(folder: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("order", ["random", "similarity"])
-def test_s3_build_on_workers_that_share_no_disk(order, s3, cut, private_cluster, tmp_path):  # noqa: F811
+def test_s3_build_on_workers_that_share_no_disk(order, s3, cut, private_cluster, tmp_path, monkeypatch):  # noqa: F811
     address, folders = private_cluster
     build_corpus(BuildOptions(inputs=[str(cut)], out=str(tmp_path / "local"), order=order, **COMMON), log=quiet)
     source = s3.upload(cut, f"{order}-inputs/cut.jsonl")
     prefix = f"{order}-dask/corpus"
     workdir = tmp_path / "driver"
     workdir.mkdir()
+    monkeypatch.chdir(workdir)  # a relative local write of the driver would land here
     summary = build_corpus(BuildOptions(inputs=[source.rsplit("/", 1)[0]], out=s3.url(prefix), order=order,
                                         runner="dask", beam_args=[f"--dask_client_address={address}"], **COMMON),
                            log=quiet)
