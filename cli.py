@@ -307,10 +307,14 @@ def _build_option(*decls: str, help: str = "", **kwargs):
 @_build_option("--tail", type=click.Choice(["drop", "pad"]),
               help="What to do with the last partial sequence.")
 @_build_option("--order", type=click.Choice(["similarity", "random"]))
-@_build_option("--embedder", help="sentence-transformers model path/name (default: bundled MiniLM).")
+@_build_option("--embedder", help="Embedding model: a sentence-transformers or model2vec folder, 'static' (a "
+                                  "static model distilled from the bundled MiniLM, ~70x faster on CPU) or "
+                                  "'static-bpe' (the same over lory's own token ids); default: the bundled MiniLM.")
+@_build_option("--embed-backend", type=click.Choice(["torch", "onnx", "onnx-int8"]),
+               help="Transformer embedders on CPU: ONNX Runtime (onnx-int8: ~2.5x torch).")
 @_build_option("--embed-batch-size", type=int)
 @_build_option("--embed-max-tokens", type=int, help="Embedder tokens per document.")
-@_build_option("--embed-long", type=click.Choice(["start", "chunk-mean"]),
+@_build_option("--embed-long", type=click.Choice(["start", "chunk-mean", "whole"]),
               help="Embed long documents from their start or as the mean over chunks.")
 @_build_option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @_build_option("--index", help="FAISS factory string (default: chosen by corpus size).")

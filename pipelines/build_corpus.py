@@ -145,9 +145,14 @@ def _build(options: BuildOptions, out: str, selection: InputSelection, tokenizer
     if options.order == "similarity":
         names = ("embedder", "embed_max_tokens", "embed_long", "embed_batch_size")
         prior_fp = f"{doc_fp}:{options.fingerprint(*names)}"
+        if options.embedder is not None or options.embed_backend != "torch":
+            # the files actually used: a rerun after the model (or its cached distillation) changed embeds again
+            prior_fp += ":" + _hash_json([options.embed_backend, Embedder.describe(embedder_config(options))])
+            names += ("embed_backend",)
         embed, embedded = run_stage("embeddings", "embeddings", layout.embeddings_stage(out), prior_fp, names,
                                     lambda folder: run_embed_stage(embedder_config(options), runner,
-                                                                   str(documents.folder), folder))
+                                                                   str(documents.folder), folder,
+                                                                   ids_tokenizer=tokenizer.sha256))
         embeddings_dir, embedder = str(embed.folder), embedded.get("embedder")
 
     # 3. order, every split
@@ -209,7 +214,15 @@ def documents_config(options: BuildOptions, tokenizer_path: str | None) -> Docum
 
 def embedder_config(options: BuildOptions) -> EmbedderConfig:
     return EmbedderConfig(model=options.embedder, device=options.device, batch_size=options.embed_batch_size,
-                          max_tokens=options.embed_max_tokens, long_documents=options.embed_long)
+                          max_tokens=options.embed_max_tokens, long_documents=options.embed_long,
+                          backend=options.embed_backend, static_tokenizer=_tokenizer_file(options.tokenizer))
+
+
+def _tokenizer_file(tokenizer: str | None) -> str | None:
+    """The tokenizer.json a `--tokenizer` names (a file, or a folder holding one)."""
+    if tokenizer is None or not os.path.isdir(tokenizer):
+        return tokenizer
+    return os.path.join(tokenizer, "tokenizer.json")
 
 
 def order_config(options: BuildOptions) -> OrderConfig:

@@ -34,7 +34,7 @@ LOCK = LOCK_NAME  # the build's lock on --out (`pipelines.lock`)
 # Intermediate files of each stage, removed once it is done (relative to its folder).
 SCRATCH = {
     "documents": ("raw", "deduped", "near_dedup/lsh"),
-    "embeddings": (),
+    "embeddings": ("model",),
     "order": ("unitcounts", "signatures", "cells", "cellcounts", "cellroutes"),
     "shards": ("_scratch",),
 }
@@ -163,6 +163,11 @@ def drops_file(near_dedup: str, documents: str) -> str:
 def embeddings_file(stage: str, documents: str) -> str:
     """The `.npy` of a documents file: its vectors, row-aligned with it."""
     return fileio.join(stage, f"{fileio.stem(documents)}.npy")
+
+
+def published_model(stage: str) -> str:
+    """The embedding model's files, copied here for workers on other machines."""
+    return fileio.join(stage, "model")
 
 
 # ---- order stage (one folder per split) -------------------------------------------------

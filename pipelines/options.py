@@ -36,10 +36,15 @@ class BuildOptions:
         seq_len: tokens per packed sequence.
         tail: "drop" or "pad" the last partial sequence of each split.
         order: "similarity" (embed, kNN, walk) or "random".
-        embedder: sentence-transformers model path or name; None = bundled MiniLM.
+        embedder: None = the bundled MiniLM; a sentence-transformers folder or name (a
+            transformer or a StaticEmbedding), a model2vec folder, or "static" / "static-bpe":
+            static models distilled from the bundled MiniLM once and cached (see
+            `lorydata.embed`); "static-bpe" reads the documents' own BPE ids.
+        embed_backend: "torch", or for transformer models on CPU "onnx" / "onnx-int8".
         embed_batch_size: documents per embedding batch.
         embed_max_tokens: embedder tokens per document (None = the model's limit).
-        embed_long: "start" (embed the beginning) or "chunk-mean" for long documents.
+        embed_long: "start" (embed the beginning), "chunk-mean" (transformers: the mean over
+            windows) or "whole" (static models: every token).
         device: "auto", "cpu" or "cuda" for embedding and FAISS.
         index: FAISS factory string, or None to choose by corpus size.
         k: neighbours per document in the kNN graph.
@@ -83,6 +88,7 @@ class BuildOptions:
     embed_batch_size: int = 64
     embed_max_tokens: int | None = None
     embed_long: str = "start"
+    embed_backend: str = "torch"
     device: str = "auto"
     index: str | None = None
     k: int = 20
@@ -109,7 +115,10 @@ class BuildOptions:
             (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
             (self.tail in ("drop", "pad"), f"--tail must be drop or pad, got {self.tail!r}"),
             (self.order in ("similarity", "random"), f"--order must be similarity or random, got {self.order!r}"),
-            (self.embed_long in ("start", "chunk-mean"), f"--embed-long must be start or chunk-mean, got {self.embed_long!r}"),
+            (self.embed_long in ("start", "chunk-mean", "whole"),
+             f"--embed-long must be start, chunk-mean or whole, got {self.embed_long!r}"),
+            (self.embed_backend in ("torch", "onnx", "onnx-int8"),
+             f"--embed-backend must be torch, onnx or onnx-int8, got {self.embed_backend!r}"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (self.k >= 1, f"--k must be positive, got {self.k}"),
             (self.partitions >= 1, f"--partitions must be positive, got {self.partitions}"),
