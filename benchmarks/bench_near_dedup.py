@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from bench_pipeline import SAMPLE, load_documents, time_encode
+from bench_pipeline import SAMPLE, load_documents
 
 from lorydata.clean import content_hash
 from lorydata.minhash import MinHashConfig, MinHasher
@@ -81,6 +81,13 @@ def time_beam_step(docs: list[dict], threshold: float) -> tuple[float, dict]:
         info, _ = drop_near_duplicates(minhash_config(options), BeamRunner(), layout.documents_files(str(out)),
                                        counts["documents_kept"], str(out), layout.near_dedup_folder(str(out)))
         return time.perf_counter() - start, info
+
+
+def time_encode(embedder, texts: list[str]) -> float:
+    """Seconds of one `Embedder.encode` over all texts (weights already loaded)."""
+    start = time.perf_counter()
+    embedder.encode(texts)
+    return time.perf_counter() - start
 
 
 def plot(rates: dict[float, float], path: str, label: str) -> None:
