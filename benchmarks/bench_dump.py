@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import SAMPLE, load_documents  # noqa: E402
 from bench_scale import run_measured  # noqa: E402
 
+# bench_scale turns the tokenizers' threads off for its own measurements; a build runs as users run it.
+os.environ.pop("TOKENIZERS_PARALLELISM", None)
 GB = 1 << 30
 
 
