@@ -14,6 +14,8 @@ from lorydata.errors import LoryError
 
 # Set by `lory --debug` (or LORY_DEBUG=1): failures print their traceback, not just one line.
 _DEBUG = {"on": False}
+_BEAM_LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
+                 "apache_beam.runners.portability.fn_api_runner")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,6 +30,8 @@ def lory(debug: bool) -> None:
     if debug:
         _DEBUG["on"] = True
         logging.getLogger("lory").setLevel(logging.INFO)
+        for name in _BEAM_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def _console():
@@ -488,10 +492,9 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().addFilter(_QuietImportNoise())
     # Beam logs a worker's exception with its traceback before raising it; lory turns the
-    # raised error into one line (or shows the traceback with LORY_DEBUG=1).
-    if not os.environ.get("LORY_DEBUG"):
-        for name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
-                     "apache_beam.runners.portability.fn_api_runner"):
+    # raised error into one line (`--debug` or LORY_DEBUG=1 shows Beam's logs too).
+    if os.environ.get("LORY_DEBUG", "") in ("", "0"):
+        for name in _BEAM_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
