@@ -161,6 +161,7 @@ def open_shards(folder: str | Path, *, cache_dir: str | Path | None = None, cach
         ShardError: the manifest is missing or unreadable.
         LoryDataError: the URL's scheme has no filesystem, or `cache_limit` is not a size.
     """
+    parse_size(cache_limit)  # a bad limit is refused for a local folder too
     if is_url(folder):
         return RemoteShards(str(folder), cache_dir=cache_dir, cache_limit=cache_limit, filesystem=filesystem,
                             manifest=manifest)

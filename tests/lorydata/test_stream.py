@@ -24,6 +24,7 @@ from lorydata.hashing import file_sha256
 from lorydata.manifest import MANIFEST_NAME, Manifest
 from lorydata.remote import parse_size, s3_filesystem
 from lorydata.shard_cache import RemoteObject, ShardCache
+from lorydata.verify import verify_folder
 from tests.lorydata.shardkit import build_shards, make_documents
 
 BATCH = 4
@@ -259,6 +260,24 @@ def test_a_shard_with_a_flipped_byte_is_named_in_one_line(local, s3, tmp_path):
                         batch_size=BATCH, collate_fn=ShardDataset.collate)
     with pytest.raises(ShardError, match=rf"{entry.file} does not match the manifest's sha256"):
         list(loader)
+
+
+def test_verify_names_the_bad_shards_of_a_bucket_folder(local, s3, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(local, bad)
+    entries = Manifest.read(bad).shards
+    (bad / entries[1].file).write_bytes((bad / entries[1].file).read_bytes()[:-7])  # truncated
+    data = bytearray((bad / entries[4].file).read_bytes())
+    data[-40] ^= 0x10
+    (bad / entries[4].file).write_bytes(bytes(data))
+    url = upload_folder(s3, bad, "verify/train")
+    _, report = verify_folder(url, cache_dir=tmp_path / "cache")
+    assert report.folder == url
+    assert [c.file for c in report.failed] == [entries[1].file, entries[4].file]
+    assert report.failed[0].error == (f"{url}/{entries[1].file} has {entries[1].bytes - 7} bytes, the manifest "
+                                      f"says {entries[1].bytes} (corrupted or replaced in the bucket); refused")
+    assert "does not match the manifest's sha256" in report.failed[1].error
+    assert [c.rows for c in report.checks if c.ok] == [e.rows for i, e in enumerate(entries) if i not in (1, 4)]
 
 
 def test_transient_failures_are_retried(local, url, tmp_path, fast_retries):
