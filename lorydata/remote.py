@@ -28,6 +28,8 @@ from lorydata.errors import LoryDataError
 ATTEMPTS = 5  # tries of a read before it is reported
 BACKOFF_S = 0.5  # first retry delay; doubles per attempt up to MAX_BACKOFF_S
 MAX_BACKOFF_S = 8.0
+# AWS errors that another try cannot fix (pyarrow names the SDK's error in its message)
+_PERMANENT = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -94,10 +96,15 @@ def read_bytes(filesystem: pafs.FileSystem, path: str, url: str) -> bytes | None
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if attempt == ATTEMPTS:
-                raise LoryDataError(f"cannot read {url} after {ATTEMPTS} attempts: {one_line(exc)}") from None
+            if attempt == ATTEMPTS or permanent(exc):
+                raise LoryDataError(f"cannot read {url} after {attempt} attempt(s): {one_line(exc)}") from None
             pause(attempt)
     raise AssertionError("unreachable")
+
+
+def permanent(exc: OSError) -> bool:
+    """Whether an error is one that retrying cannot fix (credentials, permissions)."""
+    return any(code in str(exc) for code in _PERMANENT)
 
 
 def pause(attempt: int) -> None:

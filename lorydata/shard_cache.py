@@ -221,8 +221,8 @@ class ShardCache:
                 except FileNotFoundError:
                     raise ShardError(f"shard missing: {obj.url}") from None
                 except OSError as exc:  # network, throttling, a short read: try again
-                    if attempt == remote.ATTEMPTS:
-                        raise ShardError(f"cannot fetch {obj.url} after {attempt} attempts: {one_line(exc)}") from None
+                    if attempt == remote.ATTEMPTS or remote.permanent(exc):
+                        raise ShardError(f"cannot fetch {obj.url} after {attempt} attempt(s): {one_line(exc)}") from None
                     remote.pause(attempt)
                     continue
                 if digest != obj.sha256:

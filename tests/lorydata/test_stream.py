@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,9 @@ class Flaky(pafs.FileSystemHandler):
     in each process (a connection error, or a connection that ends half-way through the
     object), and logs every open of a shard to `log` (one line each, shared by processes)."""
 
-    def __init__(self, fail: int = 0, midway: bool = False, log: Path | None = None):
-        self.fail, self.midway, self.log = fail, midway, log
+    def __init__(self, fail: int = 0, midway: bool = False, log: Path | None = None,
+                 error: str = "AWS Error NETWORK_CONNECTION during GetObject operation: injected\nconnection reset"):
+        self.fail, self.midway, self.log, self.error = fail, midway, log, error
         self._inner, self._pid = None, None
 
     def _fs(self) -> pafs.FileSystem:
@@ -90,7 +92,7 @@ class Flaky(pafs.FileSystemHandler):
         if self.fail > 0:
             self.fail -= 1
             if not self.midway:
-                raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: injected\nconnection reset")
+                raise OSError(self.error)
             data = self._fs().open_input_file(path).read()
             return pa.PythonFile(_Cut(data, len(data) // 2), mode="r")
         return self._fs().open_input_file(path)
@@ -211,6 +213,41 @@ def test_stateful_loader_resume_from_s3_equals_the_local_stream(local, url, tmp_
     assert got == want
 
 
+def test_the_next_shard_is_prefetched_in_the_background(local, url, tmp_path):
+    cache = tmp_path / "cache"
+    dataset = ShardDataset(url, cache_dir=cache, seed=8, epochs=1)
+    shards = [dataset._shard_of(int(row)) for row in dataset.rank_order(0)]
+    order = list(dict.fromkeys(shards))  # shards in the order the stream reads them
+    stream_ = iter(dataset)
+    next(stream_)
+    names = [f"{dataset.manifest.shards[s].sha256}.arrow" for s in order]
+    deadline = time.monotonic() + 30
+    while not (cache / names[1]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (cache / names[0]).exists() and (cache / names[1]).exists(), "the next shard arrived before it was read"
+    assert not any((cache / name).exists() for name in names[2:]), "only the next one"
+    stream_.close()
+
+
+@pytest.mark.parametrize(("workers", "batch_size", "world_size"), [(1, 1, 1), (2, 3, 1), (3, 2, 2), (2, 7, 1)])
+def test_the_upcoming_shard_matches_a_naive_walk(local, workers, batch_size, world_size):
+    dataset = ShardDataset(local, seed=9, batch_size=batch_size, world_size=world_size, epochs=2)
+    end, spe = dataset.total_samples, dataset.samples_per_epoch
+
+    def shard_at(position):
+        return dataset._shard_of(int(dataset.rank_order(position // spe)[position % spe]))
+
+    for worker in range(workers):
+        mine = [p for p in range(end) if (p // batch_size) % workers == worker]
+        for i, position in enumerate(mine):
+            current = shard_at(position)
+            naive = next((shard_at(p) for p in mine[i + 1 :] if shard_at(p) != current
+                          and p < (position // spe + 2) * spe), None)
+            got = dataset._upcoming_shard(position, current, 0, worker, workers, position // spe,
+                                          dataset.rank_order(position // spe))
+            assert got == naive, (worker, position)
+
+
 # ---- the cache ----------------------------------------------------------------------------
 def test_the_cache_folder_never_exceeds_its_limit(local, url, tmp_path):
     largest = max(s.bytes for s in Manifest.read(local).shards)
@@ -300,8 +337,17 @@ def test_a_shard_that_keeps_failing_is_named_in_one_line(url, tmp_path, fast_ret
     with pytest.raises(ShardError) as caught:
         next(iter(dataset))
     first = dataset.manifest.shards[0].file
-    assert str(caught.value) == (f"cannot fetch {url}/{first} after {remote.ATTEMPTS} attempts: AWS Error "
+    assert str(caught.value) == (f"cannot fetch {url}/{first} after {remote.ATTEMPTS} attempt(s): AWS Error "
                                  "NETWORK_CONNECTION during GetObject operation: injected connection reset")
+
+
+def test_access_denied_is_not_retried(url, tmp_path):
+    handler = Flaky(fail=100, error="AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+    dataset = ShardDataset(url, cache_dir=tmp_path / "cache", shuffle=False, epochs=1,
+                           filesystem=lambda: pafs.PyFileSystem(handler))
+    with pytest.raises(ShardError, match=r"after 1 attempt\(s\): AWS Error ACCESS_DENIED during GetObject"):
+        next(iter(dataset))
+    assert handler.fail == 99
 
 
 def test_missing_objects_and_bad_names_are_refused(local, s3, tmp_path):
