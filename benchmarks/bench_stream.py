@@ -147,15 +147,18 @@ def bench_training(root: Path, client, bucket: str, args) -> list[dict]:
 
 
 # ---- 2. build -----------------------------------------------------------------------------
-def time_build(inputs: list[str], out: str) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORY_PROGRESS": "0"}
+def time_build(inputs: list[str], out: str, cwd: Path) -> tuple[float, list[str]]:
+    """Wall time of the build, and the files it left in its (empty, private) working directory."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORY_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cwd.mkdir(parents=True)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cli", "build-corpus", *inputs, "--out", out, *BUILD], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "cli", "build-corpus", *inputs, "--out", out, *BUILD], cwd=cwd,
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"build-corpus --out {out} failed:\n{done.stderr[-2000:]}")
-    return wall
+    return wall, sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file())
 
 
 def shard_hashes_s3(client, bucket: str, prefix: str) -> list[str]:
@@ -172,9 +175,10 @@ def bench_build(root: Path, client, bucket: str, args) -> list[dict]:
         for target in order:
             prefix = f"build-{repeat}"
             out = f"s3://{bucket}/{prefix}" if target == "s3" else str(root / prefix)
-            wall = time_build(inputs, out)
-            results.append({"target": target, "repeat": repeat, "wall_s": wall})
-            print(f"  repeat {repeat} {target:5s}: {wall:.1f}s")
+            wall, stray = time_build(inputs, out, root / f"cwd-{target}-{repeat}")
+            results.append({"target": target, "repeat": repeat, "wall_s": wall, "local_files": len(stray)})
+            note = f" (wrote {len(stray)} files in its working directory, e.g. {stray[0]})" if stray else ""
+            print(f"  repeat {repeat} {target:5s}: {wall:.1f}s{note}")
         local_hashes = [s.sha256 for s in Manifest.read(root / f"build-{repeat}" / "train").shards]
         same = shard_hashes_s3(client, bucket, f"build-{repeat}") == local_hashes
         print(f"  repeat {repeat}: S3 shards {'identical to' if same else 'DIFFER from'} the local build's")
