@@ -18,7 +18,8 @@ The folder holds, by content (the manifest's sha256), never by a name from the b
   reserve), never while downloading.
 
 The limit counts every complete and reserved file, so the folder never holds more than
-`limit` bytes of shards. Retries: a transient error (network, throttling, a short read) is
+`limit` bytes of shards (an evicted shard that a reader still has memory-mapped frees its
+disk blocks when the reader lets go of it, as on any POSIX filesystem). Retries: a transient error (network, throttling, a short read) is
 retried with exponential backoff; a shard that keeps failing, is missing, or does not match
 its sha256 raises `ShardError` naming it, in one line.
 """
@@ -95,7 +96,6 @@ class ShardCache:
         self._queue: queue.Queue[RemoteObject | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.downloads = 0  # objects this process downloaded (hits are not counted)
 
     # ---- reading ------------------------------------------------------------------------
     def open(self, obj: RemoteObject) -> pa.Buffer:
@@ -230,7 +230,6 @@ class ShardCache:
                                      "bucket); refused")
                 os.replace(part, self.folder / obj.name)
                 self._verified.add((obj.name, os.fstat(fd).st_ino))
-                self.downloads += 1
                 done = True
                 return
         finally:
