@@ -41,12 +41,21 @@ def _console():
 
 
 # ---- model half ------------------------------------------------------------------------
+def _cache_options(command):
+    """--cache-dir and --cache-limit: where shards streamed from a URL are cached."""
+    command = click.option("--cache-limit", default=None, metavar="SIZE",
+                           help="Most bytes in --cache-dir, e.g. 20GB (default: 3 shards per reading process).")(command)
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                        help="Local cache of shards streamed from a URL (default: ~/.cache/lory/shards).")(command)
+
+
 @lory.command("train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML/TOML/JSON file of options; command-line options override it.")
-@click.option("--data", default=None, help="Training shard folder.")
+@click.option("--data", default=None, help="Training shard folder, or its URL (s3://bucket/prefix/train).")
 @click.option("--out", default=None, help="Run folder (checkpoints, metrics.jsonl, tensorboard/).")
-@click.option("--eval-data", default=None, help="Held-out shard folder for periodic evaluation.")
+@click.option("--eval-data", default=None, help="Held-out shard folder (or URL) for periodic evaluation.")
+@_cache_options
 @click.option("--preset", default=None, help="Model size preset: tiny, small, 0.3b, 1.5b.")
 @click.option("--ffn", default=None, type=click.Choice(["dense", "lory", "topk", "expert-choice", "prefix"]))
 @click.option("--experts", default=None, type=int, help="Experts per MoE layer.")
@@ -135,10 +144,11 @@ def _run_over_data_options(command):
 
 @lory.command("eval")
 @click.argument("run_dir", type=click.Path())
-@click.option("--data", required=True, help="Shard folder to evaluate on (e.g. the corpus's heldout/).")
+@click.option("--data", required=True, help="Shard folder (or URL) to evaluate on (e.g. the corpus's heldout/).")
 @_run_over_data_options
+@_cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_cmd(run_dir, data, checkpoint, batch_size, max_batches, device, as_json):
+def eval_cmd(run_dir, data, checkpoint, batch_size, max_batches, device, cache_dir, cache_limit, as_json):
     """Loss and perplexity of a run, overall and per domain, with causal segment routing
     exactly as in training."""
     import torch
@@ -150,7 +160,8 @@ def eval_cmd(run_dir, data, checkpoint, batch_size, max_batches, device, as_json
     run = load_run(run_dir, checkpoint, device=device)
     dtype = torch.bfloat16 if device == "cuda" else None
     result = evaluate(run.model, data, batch_size=batch_size, device=device, max_batches=max_batches,
-                      expected_tokenizer=run.tokenizer_sha256, autocast_dtype=dtype)
+                      expected_tokenizer=run.tokenizer_sha256, autocast_dtype=dtype, cache_dir=cache_dir,
+                      cache_limit=cache_limit)
     result["checkpoint"] = {"path": str(run.checkpoint), "step": run.state["step"], "tokens": run.state["tokens"]}
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -401,12 +412,14 @@ def _print_build_summary(console, summary) -> None:
 @click.argument("folder", type=click.Path())
 @click.option("--show", "show", type=int, default=None, help="Decode sequence i back to text.")
 @click.option("--tokenizer", default=None, help="Tokenizer for --show (default: the one in the manifest).")
+@_cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print summary and verification as one JSON object.")
-def inspect_cmd(folder, show, tokenizer, as_json):
-    """Summarise a shard folder, verify every shard (sha256, schema, rows), decode a sequence."""
+def inspect_cmd(folder, show, tokenizer, cache_dir, cache_limit, as_json):
+    """Summarise a shard folder (a local path or a URL such as s3://bucket/prefix/train), verify
+    every shard (sha256, schema, rows), decode a sequence."""
     from lorydata.verify import inspect_folder
 
-    report = inspect_folder(folder, show=show, tokenizer=tokenizer)
+    report = inspect_folder(folder, show=show, tokenizer=tokenizer, cache_dir=cache_dir, cache_limit=cache_limit)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -39,7 +39,7 @@ def _row_ends(table: pa.Table, seq_len: int) -> tuple[np.ndarray, np.ndarray, np
     return table.column("seq_id").to_numpy(), flat[seq_len - 1 :: seq_len], first, last
 
 
-def continued_sequences(folder: str | Path, manifest: Manifest | None = None) -> np.ndarray:
+def continued_sequences(folder: str | Path, manifest: Manifest | None = None, read=None) -> np.ndarray:
     """Per `seq_id`, whether the sequence's first piece continues a document of sequence
     `seq_id - 1` (see the module docstring for the one case it over-reports).
 
@@ -48,6 +48,8 @@ def continued_sequences(folder: str | Path, manifest: Manifest | None = None) ->
     Args:
         folder: a shard folder.
         manifest: its manifest, when already read.
+        read: `entry -> pa.Table` that reads a shard (e.g. `lorydata.shard_source`'s, for a
+            folder behind a URL); default: the file in `folder`.
 
     Returns:
         bool array indexed by `seq_id` (length: the largest seq_id + 1); False where the
@@ -56,12 +58,12 @@ def continued_sequences(folder: str | Path, manifest: Manifest | None = None) ->
     Raises:
         ShardError: a shard is unreadable, or a seq_id is negative or repeats.
     """
-    folder = Path(folder)
     manifest = manifest or Manifest.read(folder)
+    read = read or (lambda entry: read_shard(Path(folder) / entry.file, manifest.seq_len))
     eos, pad = manifest.tokenizer.get("eos_id"), manifest.tokenizer.get("pad_id")
     shards = []  # (seq_ids, ends inside a document, first-piece domain, last-piece domain)
     for entry in progress_bar(manifest.shards, description="continuations"):
-        seq_ids, last_tokens, first, last = _row_ends(read_shard(folder / entry.file, manifest.seq_len), manifest.seq_len)
+        seq_ids, last_tokens, first, last = _row_ends(read(entry), manifest.seq_len)
         if len(seq_ids) and seq_ids.min() < 0:
             raise ShardError(f"{entry.file} holds a negative seq_id")
         shards.append((seq_ids, (last_tokens != eos) & (last_tokens != pad), first, last))

@@ -32,17 +32,17 @@ Saving the position, three ways that are exact:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lorydata.continuation import continued_sequences
 from lorydata.errors import LoryDataError, MismatchError, ShardError
-from lorydata.manifest import Manifest
-from lorydata.shards import read_shard
+from lorydata.shard_source import open_shards
 from lorydata.token_ids import check_token_ids
 
 
@@ -50,7 +50,7 @@ class ShardDataset(IterableDataset):
     """Deterministic, resumable, rank- and worker-sharded stream of training sequences.
 
     Args:
-        folder: a shard folder with `manifest.json`.
+        folder: a shard folder with `.manifest.json`, or its URL (`s3://bucket/prefix/train`).
         seed: seed of the per-epoch permutations.
         rank: data-parallel rank; defaults to torch.distributed's when initialised, else 0.
         world_size: data-parallel size; defaults like `rank`.
@@ -67,8 +67,16 @@ class ShardDataset(IterableDataset):
             continues a document of the previous sequence, `lorydata.continuation`; costs one
             read of every shard when the dataset is made). Use `collate` to batch them.
         check_files: check that every shard exists with the manifest's size before starting
-            (cheap; full sha256 verification is `lory inspect`'s job).
+            (cheap: one listing for a URL; full sha256 verification of a local folder is
+            `lory inspect`'s job, while shards fetched from a URL are verified as they come).
         cache_shards: decompressed shards each worker keeps in memory.
+        cache_dir: for a URL, the local cache folder (default `~/.cache/lory/shards`, or
+            `$XDG_CACHE_HOME/lory/shards`), shared by every worker and process using it.
+        cache_limit: for a URL, most bytes in the cache folder (int, or a size such as
+            "20GB"); default 3 times the largest shard per reading process.
+        filesystem: for a URL, a function returning the `pyarrow.fs` filesystem to read it
+            with, called once in each reading process; default the URL scheme's own, set up
+            from the standard environment (`lorydata.remote`).
     """
 
     def __init__(
@@ -87,10 +95,14 @@ class ShardDataset(IterableDataset):
         with_metadata: bool = False,
         check_files: bool = True,
         cache_shards: int = 2,
+        cache_dir: str | Path | None = None,
+        cache_limit: int | str | None = None,
+        filesystem: Callable[[], pafs.FileSystem] | None = None,
     ):
         super().__init__()
-        self.folder = Path(folder)
-        self.manifest = Manifest.read(self.folder)
+        self.shards = open_shards(folder, cache_dir=cache_dir, cache_limit=cache_limit, filesystem=filesystem)
+        self.folder = self.shards.folder
+        self.manifest = self.shards.manifest
         if rank is None or world_size is None:
             dist = torch.distributed
             ready = dist.is_available() and dist.is_initialized()
@@ -106,7 +118,7 @@ class ShardDataset(IterableDataset):
         self.seq_len = self.manifest.seq_len
         self._check_expectations(expected_seq_len, expected_tokenizer)
         if check_files:
-            self._check_files()
+            self.shards.check_files()
         self._rows = np.array([s.rows for s in self.manifest.shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._rows)])
         self.num_rows = int(self._offsets[-1])
@@ -115,7 +127,9 @@ class ShardDataset(IterableDataset):
         self.samples_per_epoch = self._local_count()
         if self.samples_per_epoch == 0:
             raise ShardError(f"{self.folder} has {self.num_rows} sequences, fewer than world size {world_size}")
-        self._continued = continued_sequences(self.folder, self.manifest) if with_metadata else None
+        self._continued = None
+        if with_metadata:
+            self._continued = continued_sequences(self.folder, self.manifest, read=self.shards.table)
         # Which setting of `position` dataloader workers have read on from. Every setting
         # starts a generation; a worker copies the generation with the dataset and, when it
         # starts reading, marks that generation stale in shared memory, which this object sees.
@@ -156,14 +170,6 @@ class ShardDataset(IterableDataset):
                     f"(vocab {self.manifest.tokenizer.get('vocab_size')}), but the consumer uses {want[:12]}…"
                 )
 
-    def _check_files(self) -> None:
-        for entry in self.manifest.shards:
-            path = self.folder / entry.file
-            if not path.is_file():
-                raise ShardError(f"shard missing: {path}")
-            if path.stat().st_size != entry.bytes:
-                raise ShardError(f"shard {path} has {path.stat().st_size} bytes, manifest says {entry.bytes}")
-
     # ---- the stream ---------------------------------------------------------------------
     def _local_count(self) -> int:
         if self.even:
@@ -202,24 +208,65 @@ class ShardDataset(IterableDataset):
         cache: OrderedDict[int, dict] = OrderedDict()
         epoch, order = -1, None
         position = self._position
-        while end is None or position < end:
-            block = (position - origin) // self.batch_size
-            if block % workers != worker:  # another worker's block: jump to our next one
-                position = origin + (block + (worker - block) % workers) * self.batch_size
+        current = None  # the shard of the last sample, to prefetch the next one when it changes
+        if self.shards.remote:
+            self.shards.readers = workers
+        try:
+            while end is None or position < end:
+                block = (position - origin) // self.batch_size
+                if block % workers != worker:  # another worker's block: jump to our next one
+                    position = origin + (block + (worker - block) % workers) * self.batch_size
+                    self._position = position
+                    continue
+                if position // self.samples_per_epoch != epoch:
+                    epoch = position // self.samples_per_epoch
+                    order = self.rank_order(epoch)
+                row = int(order[position % self.samples_per_epoch])
+                sample = self._sample(row, cache)
+                shard = self._shard_of(row)
+                if self.shards.remote and shard != current:
+                    current = shard
+                    upcoming = self._upcoming_shard(position, shard, origin, worker, workers, epoch, order)
+                    if upcoming is not None and upcoming not in cache:
+                        self.shards.prefetch(self.manifest.shards[upcoming])
+                sample["position"] = position
+                position += 1
                 self._position = position
-                continue
-            if position // self.samples_per_epoch != epoch:
-                epoch = position // self.samples_per_epoch
-                order = self.rank_order(epoch)
-            row = int(order[position % self.samples_per_epoch])
-            sample = self._sample(row, cache)
-            sample["position"] = position
-            position += 1
-            self._position = position
-            yield sample
+                yield sample
+        finally:
+            if self.shards.remote:
+                self.shards.close()
+
+    def _shard_of(self, row: int) -> int:
+        return int(np.searchsorted(self._offsets, row, side="right") - 1)
+
+    def _upcoming_shard(self, position: int, current: int, origin: int, worker: int, workers: int, epoch: int,
+                        order: np.ndarray) -> int | None:
+        """The first shard other than `current` that this worker's stream reads after
+        `position`, looking into the next epoch at most; None when the stream ends first."""
+        end = self.total_samples
+        stop = (epoch + 2) * self.samples_per_epoch if end is None else min(end, (epoch + 2) * self.samples_per_epoch)
+        # Shards are contiguous in an epoch's order, so the next one is near: look in a short
+        # window first and only then through the rest.
+        window = 4 * (int(self._rows.max()) + workers * self.batch_size)
+        start = position + 1
+        middle = min(stop, start + window)
+        for lo, hi in ((start, middle), (middle, stop)):
+            while lo < hi:  # one epoch at a time
+                part_epoch = lo // self.samples_per_epoch
+                part_end = min(hi, (part_epoch + 1) * self.samples_per_epoch)
+                positions = np.arange(lo, part_end)
+                positions = positions[((positions - origin) // self.batch_size) % workers == worker]
+                rows = (order if part_epoch == epoch else self.rank_order(part_epoch))[positions % self.samples_per_epoch]
+                shards = np.searchsorted(self._offsets, rows, side="right") - 1
+                later = np.flatnonzero(shards != current)
+                if later.size:
+                    return int(shards[later[0]])
+                lo = part_end
+        return None
 
     def _sample(self, row: int, cache: OrderedDict) -> dict:
-        shard = int(np.searchsorted(self._offsets, row, side="right") - 1)
+        shard = self._shard_of(row)
         if shard not in cache:
             cache[shard] = self._load(shard)
             while len(cache) > self.cache_shards:
@@ -238,11 +285,11 @@ class ShardDataset(IterableDataset):
 
     def _load(self, shard: int) -> dict:
         entry = self.manifest.shards[shard]
-        table = read_shard(self.folder / entry.file, self.seq_len)
+        table = self.shards.table(entry)
         if table.num_rows != entry.rows:
             raise ShardError(f"shard {entry.file} has {table.num_rows} rows, manifest says {entry.rows}")
         flat = table.column("input_ids").combine_chunks().values.to_numpy()
-        check_token_ids(flat, self.manifest, str(self.folder / entry.file))  # a bad id would crash deep in the embedding
+        check_token_ids(flat, self.manifest, self.shards.where(entry))  # a bad id would crash deep in the embedding
         return {
             "input_ids": flat.reshape(-1, self.seq_len),
             "seq_id": table.column("seq_id").to_numpy(),

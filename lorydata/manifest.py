@@ -16,9 +16,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorydata.confine import inside
+import pyarrow.fs as pafs
+
+from lorydata.confine import OutsideFolderError, inside, name_problem
 from lorydata.errors import ShardError
 from lorydata.hashing import bytes_sha256
+from lorydata.remote import filesystem_for, is_url, join, read_bytes
 
 FORMAT_NAME = "lory-shards"
 FORMAT_VERSION = 1
@@ -93,13 +96,20 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, folder: str | Path) -> Manifest:
+    def read(cls, folder: str | Path, *, filesystem: pafs.FileSystem | None = None) -> Manifest:
         """Read and check `folder/.manifest.json` (or a legacy `folder/manifest.json`).
+
+        Args:
+            folder: a local shard folder, or its URL (`s3://bucket/prefix/train`, `lorydata.remote`).
+            filesystem: for a URL, the pyarrow filesystem to read it with (default: the one
+                of the URL's scheme, configured from the standard environment).
 
         Raises:
             ShardError: the folder or manifest is missing, unparsable, or of another format.
             OutsideFolderError: a shard `file` is not a plain relative name inside the folder.
         """
+        if is_url(folder):
+            return cls._read_url(str(folder), filesystem)
         folder = Path(folder)
         if not folder.is_dir():
             raise ShardError(f"shard folder not found: {folder}")
@@ -107,25 +117,61 @@ class Manifest:
         if path is None:
             raise ShardError(f"no {MANIFEST_NAME} in {folder}: not a finished lory shard folder")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise ShardError(f"unreadable manifest {path}: {exc}") from None
+        manifest = cls.parse(text, path)
+        for shard in manifest.shards:  # the folder may come from anywhere: read nothing outside it
+            inside(folder, shard.file, source=path, entry="shard file")
+        return manifest
+
+    @classmethod
+    def _read_url(cls, url: str, filesystem: pafs.FileSystem | None) -> Manifest:
+        filesystem, root = filesystem_for(url, filesystem)
+        for name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME):
+            data = read_bytes(filesystem, f"{root}/{name}", join(url, name))
+            if data is not None:
+                break
+        else:
+            raise ShardError(f"no {MANIFEST_NAME} at {url}: not a finished lory shard folder")
+        source = join(url, name)
+        try:
+            manifest = cls.parse(data.decode("utf-8"), source)
+        except UnicodeDecodeError as exc:
+            raise ShardError(f"unreadable manifest {source}: {exc}") from None
+        for shard in manifest.shards:  # an object store has no symlinks: the name alone decides
+            problem = name_problem(shard.file)
+            if problem is not None:
+                raise OutsideFolderError(f"{source}: shard file {shard.file!r} {problem}; refused (only names "
+                                         f"inside {url} are read)")
+        return manifest
+
+    @classmethod
+    def parse(cls, text: str, source: str | Path) -> Manifest:
+        """A manifest from its JSON text (`source` names it in messages); shard names are
+        not checked here (`read` does, against the folder).
+
+        Raises:
+            ShardError: unparsable, of another format or version, or malformed.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"unreadable manifest {source}: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise ShardError(f"{path} is not a lory shard manifest")
+            raise ShardError(f"{source} is not a lory shard manifest")
         if data.get("format_version") != FORMAT_VERSION:
             raise ShardError(
-                f"{path} has format version {data.get('format_version')}; this lory reads version {FORMAT_VERSION}"
+                f"{source} has format version {data.get('format_version')}; this lory reads version {FORMAT_VERSION}"
             )
         try:
             shards = [ShardInfo(**s) for s in data.pop("shards")]
             known = cls.__dataclass_fields__
             manifest = cls(shards=shards, **{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError) as exc:
-            raise ShardError(f"malformed manifest {path}: {exc}") from None
+            raise ShardError(f"malformed manifest {source}: {exc}") from None
         if not isinstance(manifest.tokenizer, dict) or not _positive_int(manifest.seq_len):
-            raise ShardError(f"malformed manifest {path}: tokenizer must be an object and seq_len a positive integer")
-        for shard in manifest.shards:  # the folder may come from anywhere: read nothing outside it
-            inside(folder, shard.file, source=path, entry="shard file")
+            raise ShardError(f"malformed manifest {source}: tokenizer must be an object and seq_len a positive integer")
         return manifest
 
 

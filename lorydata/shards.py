@@ -144,28 +144,36 @@ class ShuffledShardWriter:
         return shards
 
 
-def read_shard(path: str | Path, seq_len: int | None = None) -> pa.Table:
+def read_shard(path: str | Path | pa.Buffer, seq_len: int | None = None, *, name: str | None = None) -> pa.Table:
     """Read a whole shard, checking its schema.
+
+    Args:
+        path: the shard file, or its bytes (e.g. memory-mapped from a cache).
+        seq_len: the sequence length its schema must have (default: whatever it holds).
+        name: what to call it in messages (default: the file name).
 
     Raises:
         ShardError: naming the file when it is missing, truncated, corrupt or of another schema.
     """
-    path = Path(path)
+    buffered = isinstance(path, pa.Buffer)
+    if not buffered:
+        path = Path(path)
+    name = name or ("(bytes)" if buffered else path.name)
     try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
+        with pa.BufferReader(path) if buffered else pa.memory_map(str(path)) as opened:
+            table = pa.ipc.open_file(opened).read_all()
     except FileNotFoundError:
         raise ShardError(f"shard missing: {path}") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ShardError(f"shard {path.name} is corrupt or truncated: {exc}") from None
-    expected_len = seq_len if seq_len is not None else _seq_len_of(table.schema, path)
+        raise ShardError(f"shard {name} is corrupt or truncated: {exc}") from None
+    expected_len = seq_len if seq_len is not None else _seq_len_of(table.schema, name)
     if not table.schema.equals(shard_schema(expected_len), check_metadata=False):
-        raise ShardError(f"shard {path.name} does not have the lory v1 schema (seq_len {expected_len}): {table.schema}")
+        raise ShardError(f"shard {name} does not have the lory v1 schema (seq_len {expected_len}): {table.schema}")
     return table
 
 
-def _seq_len_of(schema: pa.Schema, path: Path) -> int:
+def _seq_len_of(schema: pa.Schema, name: str) -> int:
     try:
         return schema.field("input_ids").type.list_size
     except (KeyError, AttributeError):
-        raise ShardError(f"shard {path.name} has no fixed-size input_ids column") from None
+        raise ShardError(f"shard {name} has no fixed-size input_ids column") from None

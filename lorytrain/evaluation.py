@@ -88,24 +88,27 @@ class DomainLossTotals:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, folder: str | Path, batch_size: int = 8, device: str | torch.device = "cpu",
              max_batches: int = 0, expected_seq_len: int | None = None, expected_tokenizer=None,
-             autocast_dtype: torch.dtype | None = None) -> dict:
+             autocast_dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
+             cache_limit: int | str | None = None) -> dict:
     """Loss and perplexity of `model` on a shard folder, overall and per domain.
 
     Args:
         model: maps input_ids (B, L) to logits (B, L, V).
-        folder: held-out shard folder.
+        folder: held-out shard folder, or its URL (`s3://bucket/prefix/heldout`).
         batch_size: sequences per forward pass.
         device: where to run.
         max_batches: stop after this many batches (0: the whole folder).
         expected_seq_len: refuse shards of another length.
         expected_tokenizer: refuse shards of another tokenizer (sha256 or object with one).
         autocast_dtype: run under autocast with this dtype (e.g. bfloat16 on GPU).
+        cache_dir, cache_limit: for a URL, the local shard cache (`lorydata.dataset.ShardDataset`).
 
     Returns:
         {"overall": {"loss", "ppl", "tokens"}, "domains": {name: {...}}}.
     """
     dataset = ShardDataset(folder, shuffle=False, epochs=1, even=False, with_metadata=True, batch_size=batch_size,
-                           expected_seq_len=expected_seq_len, expected_tokenizer=expected_tokenizer)
+                           expected_seq_len=expected_seq_len, expected_tokenizer=expected_tokenizer,
+                           cache_dir=cache_dir, cache_limit=cache_limit)
     pad_id = loss_pad_id(dataset.manifest.tokenizer)
     # own generator: evaluating must not move the global RNG that training depends on
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=ShardDataset.collate, generator=torch.Generator())

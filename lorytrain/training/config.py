@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorydata.errors import LoryDataError
+from lorydata.remote import parse_size
 from lorytrain.errors import LoryTrainError
 
 
@@ -16,9 +18,12 @@ class TrainConfig:
     """A training run.
 
     Args:
-        data: shard folder to train on.
+        data: shard folder to train on, or its URL (`s3://bucket/prefix/train`).
         out: run folder (checkpoints, metrics.jsonl, TensorBoard events).
-        eval_data: held-out shard folder for periodic evaluation (per-domain loss).
+        eval_data: held-out shard folder (or URL) for periodic evaluation (per-domain loss).
+        cache_dir: local cache of shards streamed from a URL (default `~/.cache/lory/shards`).
+        cache_limit: most bytes in `cache_dir` (e.g. "20GB"; default 3 shards per
+            dataloader worker).
         preset: model size preset (`lorytrain.ModelConfig.from_preset`).
         ffn: dense | lory | topk | expert-choice | prefix.
         experts: experts per MoE layer.
@@ -62,6 +67,8 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     eval_data: str | None = None
+    cache_dir: str | None = None
+    cache_limit: int | str | None = None
     preset: str = "tiny"
     ffn: str = "lory"
     experts: int = 8
@@ -119,6 +126,10 @@ class TrainConfig:
             problems.append(f"--dense-warmup must be in [0, 1), got {self.dense_warmup}")
         if self.lr <= 0:
             problems.append(f"--lr must be positive, got {self.lr}")
+        try:
+            parse_size(self.cache_limit)
+        except LoryDataError as exc:
+            problems.append(f"--cache-limit: {exc}")
         if problems:
             raise LoryTrainError("; ".join(problems))
 

@@ -125,7 +125,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.dataset = ShardDataset(
             config.data, seed=config.seed, rank=self.env.rank, world_size=self.env.world_size,
-            batch_size=config.batch_size, expected_seq_len=self.seq_len,
+            batch_size=config.batch_size, expected_seq_len=self.seq_len, cache_dir=config.cache_dir,
+            cache_limit=config.cache_limit,
         )
         phase = "moe" if self.plan.upcycle_step == 0 else "dense"
         if checkpoint is not None:
@@ -401,7 +402,8 @@ class Trainer:
     def _evaluate(self, metrics: MetricsLog | None) -> dict:
         result = evaluate(self.model, self.config.eval_data, batch_size=self.config.batch_size, device=self.env.device,
                           max_batches=self.config.eval_batches, expected_seq_len=self.seq_len,
-                          expected_tokenizer=self.tokenizer["sha256"], autocast_dtype=self.dtype)
+                          expected_tokenizer=self.tokenizer["sha256"], autocast_dtype=self.dtype,
+                          cache_dir=self.config.cache_dir, cache_limit=self.config.cache_limit)
         record = {"step": self.step, "tokens": self.tokens, "eval": result}
         if metrics is not None:
             metrics.log(record)
