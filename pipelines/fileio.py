@@ -271,11 +271,19 @@ def rename(source: str, target: str) -> None:
 
 
 def copy(source: str, target: str) -> None:
-    """Copy one file (server-side on an object store)."""
+    """Copy one file: server-side on an object store; on local disk a hard link where the
+    filesystem allows one (files are never changed once written, so a link is a copy)."""
     if scheme(source) == "s3":
         _s3io().copy(source, target)
     elif is_local(source):
-        write_bytes(target, read_bytes(source))
+        source, target = _local(source), _local(target)
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        if os.path.exists(target):
+            os.unlink(target)
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem, or no links here
+            write_bytes(target, read_bytes(source))
     else:
         FileSystems.copy([source], [target])
 
