@@ -47,6 +47,11 @@ class ModelConfig:
         merge_tile: inner FFN units merged per step (0: sized so the merged tile stays in a
             CPU's cache, or within 2^28 elements on a GPU); bounds transient merged weights.
         activation_checkpointing: recompute each block's activations in the backward pass.
+        router_init_std: std of the routers' normal initialisation (0: `init_std`), at
+            upcycling and from scratch; larger values start routing further from uniform.
+        upcycle_noise: at upcycling, add to every expert copy Gaussian noise of this std relative
+            to the dense FFN's own (per gate/up/down part), centred over the experts so that their
+            mean is still the dense FFN; breaks the experts' symmetry (0: exact copies, the paper).
     """
 
     vocab_size: int = 32000
@@ -72,6 +77,8 @@ class ModelConfig:
     merge_chunk: int = 0
     merge_tile: int = 0
     activation_checkpointing: bool = False
+    router_init_std: float = 0.0
+    upcycle_noise: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -112,6 +119,9 @@ class ModelConfig:
             problems.append(f"ec_threshold_momentum must be in [0, 1), got {self.ec_threshold_momentum}")
         if self.samoe_pool < 0 or self.merge_chunk < 0 or self.merge_tile < 0:
             problems.append("samoe_pool, merge_chunk and merge_tile must be >= 0")
+        if self.router_init_std < 0 or self.upcycle_noise < 0:
+            problems.append(f"router_init_std and upcycle_noise must be >= 0, got {self.router_init_std} and "
+                            f"{self.upcycle_noise}")
         if self.samoe_pool and self.ffn not in SAMOE_KINDS:
             problems.append(f"samoe_pool works with ffn {', '.join(SAMOE_KINDS)}, not {self.ffn!r}")
         if self.ffn == "expert-choice" and self.first_segment == "uniform":
