@@ -1,0 +1,178 @@
+"""Seeds as an axis of the small-scale replication (`reproduce.py --seeds 0,1,2`).
+
+A seed changes a run's model initialisation and its data order. At the CPU scale one seed
+measures the data order as much as the method, so every comparison here is reported as
+mean ± the half-width of a two-sided 95% confidence interval (Student's t with n - 1 degrees
+of freedom) over seeds, and called "n.s." (not significant) when the interval spans 0.
+
+A model's change relative to its dense reference is paired by seed: seed s of lory-8E is
+compared with seed s of dense on the same training corpus (the same data order), and the
+per-seed changes are then averaged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+NOT_SIGNIFICANT = "n.s."
+
+
+def mean_ci(values, confidence: float = CONFIDENCE) -> tuple[float, float, int]:
+    """Mean, half-width of the two-sided t confidence interval, and the number of values.
+
+    With one value the half-width is NaN (no interval from a single seed).
+    """
+    data = np.asarray(list(values), dtype=float)
+    n = len(data)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(data[0]), math.nan, 1
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * data.std(ddof=1) / math.sqrt(n)
+    return float(data.mean()), float(half), n
+
+
+def spans_zero(mean: float, half: float) -> bool:
+    """Whether the interval mean ± half contains 0 (or there is no interval)."""
+    return not math.isfinite(half) or mean - half <= 0 <= mean + half
+
+
+def relative_changes(by_seed: dict[str, dict[int, dict]], name: str, reference: str) -> dict[str, list[float]]:
+    """Per domain and "overall", the % change of `name`'s perplexity against `reference`'s,
+    one value per seed that both runs have, in seed order.
+
+    Args:
+        by_seed: run name → seed → evaluation result ({"overall": {"ppl"}, "domains": {d: {"ppl"}}}).
+        name: the run.
+        reference: its dense reference run.
+    """
+    runs, bases = by_seed.get(name, {}), by_seed.get(reference, {})
+    seeds = sorted(set(runs) & set(bases))
+    changes: dict[str, list[float]] = {}
+    for seed in seeds:
+        run, base = runs[seed], bases[seed]
+        for domain in [*sorted(run["domains"]), "overall"]:
+            entry = run["overall"] if domain == "overall" else run["domains"][domain]
+            ref = base["overall"] if domain == "overall" else base["domains"].get(domain)
+            if ref is not None:
+                changes.setdefault(domain, []).append(100 * (entry["ppl"] / ref["ppl"] - 1))
+    return changes
+
+
+def change_cell(values: list[float]) -> str:
+    """'-3.9 ± 1.2%', with ' n.s.' when the interval spans 0; '+0.8% (1 seed)' for one value."""
+    mean, half, n = mean_ci(values)
+    if n == 0:
+        return "—"
+    if n == 1:
+        return f"{mean:+.1f}% (1 seed)"
+    return f"{mean:+.1f} ± {half:.1f}%" + (f" {NOT_SIGNIFICANT}" if spans_zero(mean, half) else "")
+
+
+def ci_table(by_seed: dict[str, dict[int, dict]], references: dict[str, str]) -> str:
+    """Markdown table of every run's perplexity change vs its dense reference, per domain and
+    overall, mean ± 95% CI over the seeds both have (runs that are their own reference and
+    runs whose reference is missing are left out)."""
+    domains = sorted({d for runs in by_seed.values() for result in runs.values() for d in result["domains"]})
+    lines = ["| model vs dense | seeds | " + " | ".join(domains) + " | overall |",
+             "|---|---:" + "|---:" * (len(domains) + 1) + "|"]
+    for name, reference in references.items():
+        if reference == name or name not in by_seed or reference not in by_seed:
+            continue
+        changes = relative_changes(by_seed, name, reference)
+        n = len(changes.get("overall", []))
+        cells = [change_cell(changes.get(domain, [])) for domain in [*domains, "overall"]]
+        lines.append(f"| {name} vs {reference} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def value_cell(values: list[float], digits: int = 2) -> str:
+    """'114.58 ± 1.20 (3 seeds)', or the single value with '(1 seed)'."""
+    mean, half, n = mean_ci(values)
+    if n == 0:
+        return "—"
+    if n == 1:
+        return f"{mean:.{digits}f} (1 seed)"
+    return f"{mean:.{digits}f} ± {half:.{digits}f} ({n} seeds)"
+
+
+def seed_table(by_seed: dict[str, dict[int, dict]], runs: list) -> str:
+    """Markdown table of overall held-out perplexity, mean ± 95% CI over seeds: one row per
+    training corpus, one column per model.
+
+    Args:
+        by_seed: run name → seed → evaluation result.
+        runs: (name, training corpus, ffn, reference) of every run.
+    """
+    corpora = list(dict.fromkeys(order for _, order, _, _ in runs))
+    models = list(dict.fromkeys(ffn for _, _, ffn, _ in runs))
+    cell = {(order, ffn): name for name, order, ffn, _ in runs}
+    # A column is named after its runs without the corpus suffixes: "lory-8E-random-dedup" → "lory-8E".
+    labels = {ffn: name.replace("-random", "").replace("-dedup", "") for name, _, ffn, _ in reversed(runs)}
+    lines = ["| training corpus | " + " | ".join(labels[m] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+    for order in corpora:
+        found = [by_seed.get(cell.get((order, ffn)), {}) for ffn in models]
+        cells = [value_cell([result["overall"]["ppl"] for result in runs_.values()]) for runs_ in found]
+        lines.append(f"| {order} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# (key of a run's per-seed specialisation record, column title, digits)
+SPECIALISATION_COLUMNS = (
+    ("expert_spread", "expert spread", 4),
+    ("expert_cosine", "expert cosine", 6),
+    ("entropy_ratio", "routing entropy / log E", 4),
+    ("top1_off_mode", "segments off the top expert", 3),
+    ("js_excess", "domain JS excess (nats)", 4),
+    ("mi_excess", "domain MI excess (nats)", 3),
+)
+
+
+def specialisation_table(records: dict[str, dict[int, dict]]) -> str:
+    """Markdown table of how far each MoE run's experts and routing moved from the upcycled
+    copies, mean ± 95% CI over seeds (each value is a mean over the MoE layers).
+
+    Args:
+        records: run name → seed → {key of `SPECIALISATION_COLUMNS`: value}.
+    """
+    lines = ["| run | seeds | " + " | ".join(title for _, title, _ in SPECIALISATION_COLUMNS) + " |",
+             "|---|---:" + "|---:" * len(SPECIALISATION_COLUMNS) + "|"]
+    for name, seeds in records.items():
+        cells = []
+        for key, _, digits in SPECIALISATION_COLUMNS:
+            values = [record[key] for record in seeds.values() if record.get(key) is not None]
+            mean, half, n = mean_ci(values)
+            cells.append("—" if n == 0 else f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {half:.{digits}f}")
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def specialisation_record(diagnostics: list[dict], analysis: dict | None) -> dict:
+    """One run's specialisation numbers, each averaged over the MoE layers.
+
+    Args:
+        diagnostics: the "diagnostics" of the run's last logged steps (metrics.jsonl): expert
+            spread and cosine are taken from the last one (the final weights), routing entropy
+            and the off-top share, which are one micro-batch each, averaged over all of them.
+        analysis: `lorytrain.analysis.run_analysis` of the final checkpoint on held-out text.
+    """
+    record = {}
+    if diagnostics:
+        last = diagnostics[-1]
+        for key in ("expert_spread", "expert_cosine"):
+            if last.get(key):
+                record[key] = float(np.mean(last[key]))
+        if all(d.get("routing_entropy") for d in diagnostics):
+            entropy = np.mean([np.mean(d["routing_entropy"]) for d in diagnostics])
+            record["entropy_ratio"] = float(entropy / last["log_experts"])
+        if all(d.get("top1_off_mode") for d in diagnostics):
+            record["top1_off_mode"] = float(np.mean([np.mean(d["top1_off_mode"]) for d in diagnostics]))
+    if analysis:
+        layers = analysis["layers"]
+        record["js_excess"] = float(np.mean([layer["divergence"]["js_excess"] for layer in layers]))
+        record["mi_excess"] = float(np.mean([layer["specialisation"]["mi_excess"] for layer in layers]))
+    return record
