@@ -176,3 +176,23 @@ def test_every_logged_moe_step_carries_diagnostics(text_shards, tmp_path):
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     tags = events.Tags()["scalars"]
     assert {"diagnostics/expert_cosine/0", "diagnostics/routing_entropy/1", "diagnostics/router_grad_norm/0"} <= set(tags)
+
+
+@pytest.mark.slow
+def test_diagnostics_under_fsdp_gather_the_sharded_experts(text_shards, tmp_path):
+    """2 CPU processes under FSDP2: expert weights and router gradients are sharded DTensors;
+    every rank joins the gathers and rank 0 logs whole-layer numbers."""
+    from tests.lorytrain.test_training import _torchrun
+
+    train, _ = text_shards
+    result = _torchrun("--data", str(train), "--steps", "4", "--batch-size", "2", "--dense-warmup", "0.5",
+                       "--parallel", "fsdp", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    moe = [r["diagnostics"] for r in read_metrics(tmp_path / "run") if r.get("phase") == "moe"]
+    assert len(moe) == 2
+    for found in moe:
+        assert len(found["expert_cosine"]) == len(found["router_grad_norm"]) == 2
+        assert all(0.99 < c <= 1 + 1e-9 for c in found["expert_cosine"])
+    # the experts move apart from the upcycled copies, and the router's gradient grows with them
+    for key in ("expert_spread", "router_grad_norm"):
+        assert all(0 <= a < b for a, b in zip(moe[0][key], moe[1][key], strict=True))
