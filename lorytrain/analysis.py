@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.spatial.distance import jensenshannon
+from scipy.special import rel_entr
 from torch.utils.data import DataLoader
 
 from lorydata.dataset import ShardDataset
@@ -177,9 +177,17 @@ def routing_divergence(weights: np.ndarray, codes: np.ndarray) -> float:
         weights: (S, E) routing weights of S segments.
         codes: (S,) integer domain of every segment; domains without segments are skipped.
     """
-    means = [weights[codes == c].mean(0) for c in np.unique(codes)]
-    pairs = [jensenshannon(a, b) ** 2 for i, a in enumerate(means) for b in means[i + 1 :]]
+    means = [weights[codes == c].astype(np.float64).mean(0) for c in np.unique(codes)]
+    means = [m / m.sum() for m in means]
+    pairs = [js_divergence(a, b) for i, a in enumerate(means) for b in means[i + 1 :]]
     return float(np.mean(pairs)) if pairs else 0.0
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen–Shannon divergence (nats) of two distributions; rounding below 0 counts as 0
+    (scipy's `jensenshannon` takes the square root and turns it into NaN)."""
+    m = (p + q) / 2
+    return max(0.0, float(rel_entr(p, m).sum() + rel_entr(q, m).sum()) / 2)
 
 
 def layer_group(layer: int, n_layers: int) -> str:

@@ -38,6 +38,10 @@ def test_routing_divergence_is_the_mean_pairwise_js_of_domain_means():
     one_hot = np.eye(3)
     assert routing_divergence(one_hot, np.arange(3)) == pytest.approx(math.log(2), rel=1e-9)
     assert routing_divergence(np.tile([0.2, 0.3, 0.5], (4, 1)), np.array([0, 1, 0, 1])) == pytest.approx(0, abs=1e-12)
+    # near-uniform float32 routing (a freshly upcycled model): tiny, never NaN or negative
+    rng = np.random.default_rng(0)
+    near = (np.full((200, 8), 1 / 8) + 1e-7 * rng.standard_normal((200, 8))).astype(np.float32)
+    assert 0 <= routing_divergence(near, rng.integers(0, 5, 200)) < 1e-9
 
 
 def test_divergence_excess_separates_domain_routing_from_chance():
