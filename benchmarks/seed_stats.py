@@ -176,3 +176,44 @@ def specialisation_record(diagnostics: list[dict], analysis: dict | None) -> dic
         record["js_excess"] = float(np.mean([layer["divergence"]["js_excess"] for layer in layers]))
         record["mi_excess"] = float(np.mean([layer["specialisation"]["mi_excess"] for layer in layers]))
     return record
+
+
+def reference_of(name: str) -> str:
+    """The dense run a replication run is compared with, from its name: "lory-8E-random+noise"
+    → "dense-random", "ec-token-8E" → "dense"; dense runs are their own reference."""
+    base = name.split("+", 1)[0]
+    for prefix in ("lory-8E", "ec-token-8E"):
+        if base.startswith(prefix):
+            return "dense" + base[len(prefix):]
+    return base
+
+
+def tables_from_results(results: dict, pairs: list[tuple[str, str]] | None = None) -> str:
+    """The mean ± 95% CI tables of a `reproduce.py` results.json (its "eval_by_seed"), for
+    every run against its `reference_of`, or for the given (run, reference) pairs."""
+    texts = []
+    for heldout, runs in results["eval_by_seed"].items():
+        by_seed = {name: {int(seed): found for seed, found in seeds.items()} for name, seeds in runs.items()}
+        references = dict(pairs) if pairs else {name: reference_of(name) for name in by_seed}
+        seeds = sorted({seed for found in by_seed.values() for seed in found})
+        texts.append(f"{heldout}: % change in perplexity, mean ± 95% CI over seeds {seeds}, paired by seed "
+                     f"(n.s.: the interval spans 0)\n\n" + ci_table(by_seed, references))
+    return "\n\n".join(texts)
+
+
+def main() -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Mean ± 95% CI tables from a reproduce.py results.json.")
+    parser.add_argument("results", help="results.json written by benchmarks/reproduce.py")
+    parser.add_argument("--compare", default=None,
+                        help="comma-separated RUN:REFERENCE pairs (default: every run vs its dense run)")
+    args = parser.parse_args()
+    pairs = [tuple(p.split(":", 1)) for p in args.compare.split(",")] if args.compare else None
+    print(tables_from_results(json.loads(Path(args.results).read_text()), pairs))
+
+
+if __name__ == "__main__":
+    main()

@@ -97,3 +97,22 @@ def test_set_values_split_into_model_and_training_options():
     assert model == {"upcycle_noise": 0.01, "router_init_std": 0.2}
     assert train == {"dense_warmup": 0.2, "segment_len": 32, "lr": 1e-3}
     assert reproduce.seed_name("lory-8E+noise", 2) == "lory-8E+noise-s2"
+
+
+def test_references_follow_the_run_names():
+    assert seed_stats.reference_of("lory-8E") == "dense"
+    assert seed_stats.reference_of("lory-8E-random-dedup") == "dense-random-dedup"
+    assert seed_stats.reference_of("lory-8E+noise") == "dense"
+    assert seed_stats.reference_of("ec-token-8E") == "dense"
+    assert seed_stats.reference_of("dense-random") == "dense-random"
+
+
+def test_tables_from_a_results_json_with_string_seeds():
+    names = {"dense": "dense", "lory": "lory-8E"}
+    results = {"eval_by_seed": {"heldout-similarity": {  # JSON keys are strings
+        names[name]: {str(seed): found for seed, found in seeds.items()} for name, seeds in BY_SEED.items()}}}
+    text = seed_stats.tables_from_results(results)
+    assert text.startswith("heldout-similarity: % change in perplexity, mean ± 95% CI over seeds [0, 1, 2, 3]")
+    assert f"| lory-8E vs dense | 3 | +1.0 ± {T_975_2:.1f}% n.s." in text
+    other = seed_stats.tables_from_results(results, [("dense", "lory-8E")])
+    assert "| dense vs lory-8E | 3 |" in other and "| lory-8E vs dense |" not in other
