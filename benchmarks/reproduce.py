@@ -31,7 +31,8 @@ routing divergence between domains) and `diagnostics.png` of their curves over t
 `--set KEY=VALUE` (repeatable) changes every MoE run's training or model option (a lever:
 `upcycle_noise=0.01`, `router_init_std=0.2`, `dense_warmup=0.2`, `segment_len=32`...);
 `--tag NAME` then names those runs `lory-8E+NAME` so they sit beside the plain ones and are
-compared with the same dense runs.
+compared with the same dense runs; their tables and plots go to `levers/NAME/`. All runs'
+per-seed files together: `python benchmarks/seed_stats.py --per-seed OUT/per_seed`.
 
 Every stage is skipped when its output exists, so an interrupted reproduction continues
 where it stopped. Usage:
@@ -538,16 +539,18 @@ def main() -> None:
         (per_seed / f"{seed_name(name, seed)}.json").write_text(json.dumps(record, indent=2, default=_json_default))
     text = "\n\n".join(texts)
     run_dirs = {seed_name(name, seed): run_dir for (name, seed), run_dir in run_dirs.items()}
-    plot_losses(run_dirs, out / "loss_curves.png")
-    plot_diagnostics(run_dirs, out / "diagnostics.png")
-    (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "seeds": seeds,
+    report = out / "levers" / args.tag if args.tag else out  # a lever's tables beside the plain ones
+    report.mkdir(parents=True, exist_ok=True)
+    plot_losses(run_dirs, report / "loss_curves.png")
+    plot_diagnostics(run_dirs, report / "diagnostics.png")
+    (report / "table.md").write_text(text + "\n")
+    (report / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "seeds": seeds,
                                                    "overrides": overrides, "tag": args.tag, "eval": results,
                                                    "eval_by_seed": by_seed, "near_duplicates": rate, "planted": planted,
                                                    "specialisation": special, "analysis": analysis},
                                                   indent=2, default=_json_default))
     print(text)
-    log(f"done in {time.perf_counter() - started:.0f} s; results in {out}")
+    log(f"done in {time.perf_counter() - started:.0f} s; results in {report}")
 
 
 def _json_default(value):

@@ -201,18 +201,45 @@ def tables_from_results(results: dict, pairs: list[tuple[str, str]] | None = Non
     return "\n\n".join(texts)
 
 
+def results_from_per_seed(records: list[dict]) -> dict:
+    """Per-seed records (`reproduce.py`'s per_seed/*.json) gathered into the results.json form
+    {"eval_by_seed": {heldout: {run: {seed: result}}}, "specialisation": {run: {seed: record}}},
+    runs in the order of their names."""
+    evals: dict = {}
+    special: dict = {}
+    for record in sorted(records, key=lambda r: (r["run"], r["seed"])):
+        for heldout, result in record["eval"].items():
+            evals.setdefault(heldout, {}).setdefault(record["run"], {})[record["seed"]] = result
+        if record.get("specialisation"):
+            special.setdefault(record["run"], {})[record["seed"]] = record["specialisation"]
+    return {"eval_by_seed": evals, "specialisation": special}
+
+
 def main() -> None:
     import argparse
     import json
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(description="Mean ± 95% CI tables from a reproduce.py results.json.")
-    parser.add_argument("results", help="results.json written by benchmarks/reproduce.py")
+    parser = argparse.ArgumentParser(description="Mean ± 95% CI tables from reproduce.py's results.json or from "
+                                                 "its per-seed files (every run, levers included).")
+    parser.add_argument("results", nargs="?", help="results.json written by benchmarks/reproduce.py")
+    parser.add_argument("--per-seed", default=None, help="a reproduce.py OUT/per_seed folder instead")
     parser.add_argument("--compare", default=None,
                         help="comma-separated RUN:REFERENCE pairs (default: every run vs its dense run)")
     args = parser.parse_args()
+    if bool(args.results) == bool(args.per_seed):
+        raise SystemExit("error: give a results.json or --per-seed FOLDER")
     pairs = [tuple(p.split(":", 1)) for p in args.compare.split(",")] if args.compare else None
-    print(tables_from_results(json.loads(Path(args.results).read_text()), pairs))
+    if args.per_seed:
+        results = results_from_per_seed([json.loads(p.read_text()) for p in sorted(Path(args.per_seed).glob("*.json"))])
+    else:
+        results = json.loads(Path(args.results).read_text())
+    print(tables_from_results(results, pairs))
+    special = {name: {int(seed): record for seed, record in seeds.items()}
+               for name, seeds in results.get("specialisation", {}).items()}
+    if special:
+        print("\nspecialisation of the MoE runs (mean over MoE layers; mean ± 95% CI over seeds)\n\n"
+              + specialisation_table(special))
 
 
 if __name__ == "__main__":

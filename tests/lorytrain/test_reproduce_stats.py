@@ -116,3 +116,14 @@ def test_tables_from_a_results_json_with_string_seeds():
     assert f"| lory-8E vs dense | 3 | +1.0 ± {T_975_2:.1f}% n.s." in text
     other = seed_stats.tables_from_results(results, [("dense", "lory-8E")])
     assert "| dense vs lory-8E | 3 |" in other and "| lory-8E vs dense |" not in other
+
+
+def test_per_seed_records_gather_into_results():
+    records = [{"run": name, "seed": seed, "eval": {"heldout-similarity": found},
+                "specialisation": {"expert_spread": 0.1 * seed} if name == "lory" else None}
+               for name, seeds in BY_SEED.items() for seed, found in seeds.items()]
+    results = seed_stats.results_from_per_seed(records[::-1])
+    assert list(results["eval_by_seed"]["heldout-similarity"]) == ["dense", "lory"]
+    assert results["eval_by_seed"]["heldout-similarity"]["lory"][3] == BY_SEED["lory"][3]
+    assert results["specialisation"] == {"lory": {s: {"expert_spread": 0.1 * s} for s in range(4)}}
+    assert "| lory vs dense | 3 |" in seed_stats.tables_from_results(results, [("lory", "dense")])
