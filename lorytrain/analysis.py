@@ -344,14 +344,26 @@ DIAGNOSTIC_PANELS = (
     ("expert_spread", "expert spread: RMS distance from the mean expert / its norm", None),
     ("expert_cosine", "mean pairwise cosine of the experts' weights", 1.0),
     ("routing_entropy", "routing entropy per segment (nats; dashed: log E)", "log_experts"),
-    ("top1_off_mode", "share of segments off the batch's most common top expert", None),
+    ("top1_off_mode", "share of segments off the batch's top expert", None),
     ("router_grad_norm", "router gradient norm", None),
 )
+# Per-batch numbers (one micro-batch each) are drawn as trailing moving averages.
+SMOOTHED = ("routing_entropy", "routing_entropy_std", "top1_off_mode", "router_grad_norm", "loss")
+
+
+def smooth(values: np.ndarray, parts: int = 40) -> np.ndarray:
+    """Trailing moving average along axis 0 over len/parts points (at least 1)."""
+    window = max(1, len(values) // parts)
+    cumulative = np.cumsum(np.concatenate([np.zeros((1, *values.shape[1:])), values]), axis=0)
+    lo = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    counts = (np.arange(1, len(values) + 1) - lo).reshape(-1, *[1] * (values.ndim - 1))
+    return (cumulative[1:] - cumulative[lo]) / counts
 
 
 def plot_training_diagnostics(records: list[dict], path: str | Path, title: str = "") -> Path | None:
     """Curves of the training-time MoE diagnostics over training tokens, one line per layer,
-    plus the training loss; routing entropy with its ±1 std band across segments.
+    plus the training loss; routing entropy with its ±1 std band across segments. Numbers of
+    one micro-batch each (entropy, off-top share, router gradient, loss) are `smooth`ed.
 
     Args:
         records: metrics.jsonl records (`read_metrics`); those without "diagnostics" are skipped.
@@ -377,10 +389,13 @@ def plot_training_diagnostics(records: list[dict], path: str | Path, title: str 
         rows = [r["diagnostics"].get(key) for r in found]
         keep = [i for i, row in enumerate(rows) if row is not None and len(row) == n_layers]
         values = np.array([rows[i] for i in keep], dtype=float).reshape(len(keep), n_layers)
+        if key in SMOOTHED:
+            values = smooth(values)
+            label += ", smoothed"
         for layer in range(n_layers):
             line, = ax.plot(tokens[keep], values[:, layer], label=f"MoE layer {layer}", lw=1.2)
             if key == "routing_entropy":
-                std = np.array([found[i]["diagnostics"]["routing_entropy_std"][layer] for i in keep])
+                std = smooth(np.array([found[i]["diagnostics"]["routing_entropy_std"][layer] for i in keep]))
                 ax.fill_between(tokens[keep], values[:, layer] - std, values[:, layer] + std,
                                 color=line.get_color(), alpha=0.15)
         if reference == "log_experts":
@@ -396,8 +411,9 @@ def plot_training_diagnostics(records: list[dict], path: str | Path, title: str 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     ax = axes[len(DIAGNOSTIC_PANELS)]
-    ax.plot([r["tokens"] for r in losses], [r["loss"] for r in losses], color="gray", lw=0.8)
-    ax.set_title("training loss", fontsize=9)
+    ax.plot([r["tokens"] for r in losses], smooth(np.array([r["loss"] for r in losses], dtype=float)),
+            color="gray", lw=0.8)
+    ax.set_title("training loss, smoothed", fontsize=9)
     ax.set_xlabel("training tokens")
     ax.grid(alpha=0.3)
     fig.suptitle(title or "MoE training diagnostics", fontsize=10)

@@ -89,3 +89,12 @@ def test_analyze_cli_reports_divergence_and_writes_the_curves(lory_run, text_sha
     for layer in report["layers"]:
         assert 0 <= layer["divergence"]["js"] <= math.log(2)
     assert str(tmp_path / "training_diagnostics.png") in report["files"]
+
+
+def test_smooth_is_a_trailing_moving_average():
+    from lorytrain.analysis import smooth
+
+    values = np.arange(8, dtype=float).reshape(8, 1) ** 2  # 0 1 4 9 16 25 36 49
+    found = smooth(values, parts=4)  # window 2
+    np.testing.assert_allclose(found[:, 0], [0, 0.5, 2.5, 6.5, 12.5, 20.5, 30.5, 42.5])
+    np.testing.assert_allclose(smooth(values, parts=100), values)  # window 1
