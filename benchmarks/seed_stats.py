@@ -90,6 +90,27 @@ def ci_table(by_seed: dict[str, dict[int, dict]], references: dict[str, str]) ->
     return "\n".join(lines)
 
 
+def per_seed_table(by_seed: dict[str, dict[int, dict]], references: dict[str, str], domain: str = "overall") -> str:
+    """Markdown table of every run's change vs its reference seed by seed (for screens of 2
+    seeds, where the interval says little), with the mean ± 95% CI in the last column."""
+    seeds = sorted({seed for runs in by_seed.values() for seed in runs})
+    lines = ["| model vs dense | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± 95% CI |",
+             "|---" + "|---:" * (len(seeds) + 1) + "|"]
+    for name, reference in references.items():
+        if reference == name or name not in by_seed or reference not in by_seed:
+            continue
+        runs, bases = by_seed[name], by_seed[reference]
+        values = {}
+        for seed in sorted(set(runs) & set(bases)):
+            run = runs[seed]["overall"] if domain == "overall" else runs[seed]["domains"].get(domain)
+            base = bases[seed]["overall"] if domain == "overall" else bases[seed]["domains"].get(domain)
+            if run is not None and base is not None:
+                values[seed] = 100 * (run["ppl"] / base["ppl"] - 1)
+        cells = [f"{values[s]:+.1f}%" if s in values else "—" for s in seeds]
+        lines.append(f"| {name} vs {reference} | " + " | ".join(cells) + f" | {change_cell(list(values.values()))} |")
+    return "\n".join(lines)
+
+
 def value_cell(values: list[float], digits: int = 2) -> str:
     """'114.58 ± 1.20 (3 seeds)', or the single value with '(1 seed)'."""
     mean, half, n = mean_ci(values)
@@ -198,6 +219,8 @@ def tables_from_results(results: dict, pairs: list[tuple[str, str]] | None = Non
         seeds = sorted({seed for found in by_seed.values() for seed in found})
         texts.append(f"{heldout}: % change in perplexity, mean ± 95% CI over seeds {seeds}, paired by seed "
                      f"(n.s.: the interval spans 0)\n\n" + ci_table(by_seed, references))
+        texts.append(f"{heldout}: overall % change in perplexity seed by seed\n\n"
+                     + per_seed_table(by_seed, references))
     return "\n\n".join(texts)
 
 

@@ -127,3 +127,11 @@ def test_per_seed_records_gather_into_results():
     assert results["eval_by_seed"]["heldout-similarity"]["lory"][3] == BY_SEED["lory"][3]
     assert results["specialisation"] == {"lory": {s: {"expert_spread": 0.1 * s} for s in range(4)}}
     assert "| lory vs dense | 3 |" in seed_stats.tables_from_results(results, [("lory", "dense")])
+
+
+def test_per_seed_table_lists_each_paired_seed():
+    table = seed_stats.per_seed_table(BY_SEED, {"dense": "dense", "lory": "dense"})
+    header, _, row = table.splitlines()
+    assert header == "| model vs dense | seed 0 | seed 1 | seed 2 | seed 3 | mean ± 95% CI |"
+    assert row == f"| lory vs dense | -5.0% | -3.0% | -4.0% | — | -4.0 ± {T_975_2 / math.sqrt(3):.1f}% |"
+    assert "| +2.0% | -1.0% | +2.0% |" in seed_stats.per_seed_table(BY_SEED, {"lory": "dense"}, domain="a")
