@@ -242,8 +242,9 @@ def generate_cmd(run_dir, prompts, prompt_file, max_new_tokens, routing, tempera
 @_run_over_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print the whole analysis as JSON.")
 def analyze_cmd(run_dir, data, out, checkpoint, batch_size, max_batches, device, as_json):
-    """Expert use, per-domain routing weights and domain specialisation per layer, with
-    domain × expert heatmaps (PNG) and analysis.json."""
+    """Expert use, per-domain routing weights, domain specialisation (MI) and routing divergence
+    (Jensen-Shannon between domains) per layer, with domain × expert heatmaps (PNG), the run's
+    training-time MoE diagnostics (training_diagnostics.png) and analysis.json."""
     from pathlib import Path
 
     from lorytrain.analysis import run_analysis
@@ -261,15 +262,16 @@ def _print_analysis(result: dict, out: str) -> None:
     from rich.table import Table
 
     table = Table(title="routing per layer (MI in nats between domain and top-1 expert)")
-    for column in ("layer", "expert use", "MI", "shuffled MI", "NMI"):
+    for column in ("layer", "expert use", "MI", "shuffled MI", "NMI", "domain JS", "shuffled JS"):
         table.add_column(column, justify="right")
     for layer in result["layers"]:
-        spec = layer["specialisation"]
+        spec, js = layer["specialisation"], layer["divergence"]
         table.add_row(str(layer["layer"]), f"{layer['expert_use']:.2f}", f"{spec['mi']:.3f}",
-                      f"{spec['mi_shuffled']:.3f}", f"{spec['nmi']:.3f}")
+                      f"{spec['mi_shuffled']:.3f}", f"{spec['nmi']:.3f}", f"{js['js']:.4f}", f"{js['js_shuffled']:.4f}")
     console = _console()
     console.print(table)
-    console.print(f"heatmaps and analysis.json in {out}")
+    console.print("domain JS: mean Jensen-Shannon divergence (nats) between the domains' mean routing weights")
+    console.print(f"heatmaps, training diagnostics and analysis.json in {out}")
 
 
 def _split_beam_args(tokens: tuple[str, ...]) -> tuple[list[str], list[str]]:

@@ -21,13 +21,26 @@ relative to the dense run trained on the same corpus), writes
 `--plant-copies 0.13` first gives 13% of the training documents one edited near-copy each (the
 dev corpus has none, so without it the dedup axis has nothing to remove).
 
-`--seeds 0,1` trains every run once per seed and adds a table of the overall held-out
-perplexity as mean ± standard deviation over the seeds (training corpus × model).
+`--seeds 0,1,2` trains every run once per seed (a seed changes the model's initialisation and
+the data order), writes each run's per-seed results to `per_seed/<run>[-s<seed>].json`, and
+reports every change against dense as mean ± 95% confidence interval over the seeds (paired
+by seed; "n.s." where the interval spans 0; see `seed_stats.py`), with a table of how far
+each MoE run's experts and routing moved from the upcycled copies (training diagnostics and
+routing divergence between domains) and `diagnostics.png` of their curves over training.
+
+`--set KEY=VALUE` (repeatable) changes every MoE run's training or model option (a lever:
+`upcycle_noise=0.01`, `router_init_std=0.2`, `dense_warmup=0.2`, `segment_len=32`...);
+`--tag NAME` then names those runs `lory-8E+NAME` so they sit beside the plain ones and are
+compared with the same dense runs; their tables and plots go to `levers/NAME/`. All runs'
+per-seed files together: `python benchmarks/seed_stats.py --per-seed OUT/per_seed`.
 
 Every stage is skipped when its output exists, so an interrupted reproduction continues
 where it stopped. Usage:
 
     python benchmarks/reproduce.py --corpus /path/to/dev_corpus --out runs/reproduce [--preset cpu|gpu]
+    python benchmarks/reproduce.py --corpus ... --out runs/seeds --seeds 0,1,2 --runs dense,lory-8E --threads 1
+    python benchmarks/reproduce.py --corpus ... --out runs/seeds --seeds 0,1 --runs dense,lory-8E \
+        --set upcycle_noise=0.01 --tag noise
     python benchmarks/reproduce.py --corpus ... --out runs/dedup --dedup --seeds 0,1 --runs dense,lory-8E,\
         dense-random,lory-8E-random,dense-dedup,lory-8E-dedup,dense-random-dedup,lory-8E-random-dedup
 
@@ -41,8 +54,10 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from seed_stats import ci_table, seed_table, specialisation_record, specialisation_table
 
 DOMAINS_FIELD = "domain"
 
@@ -248,17 +263,34 @@ def seed_name(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-s{seed}"
 
 
-def train_run(name: str, data: Path, ffn: str, preset: Preset, out: Path, seed: int = 0) -> Path:
-    """Train one run unless its final checkpoint exists (resumes an interrupted one)."""
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """`--set` values split into (ModelConfig overrides, TrainConfig options)."""
+    from lorytrain.model.config import ModelConfig
+    from lorytrain.training.config import TrainConfig
+
+    model_keys = {f.name for f in fields(ModelConfig)} - {f.name for f in fields(TrainConfig)}
+    model = {k: v for k, v in overrides.items() if k in model_keys}
+    return model, {k: v for k, v in overrides.items() if k not in model_keys}
+
+
+def train_run(name: str, data: Path, ffn: str, preset: Preset, out: Path, seed: int = 0,
+              overrides: dict | None = None) -> Path:
+    """Train one run unless its final checkpoint exists (resumes an interrupted one).
+
+    Args:
+        overrides: `--set` values for this run (model options go into its model overrides).
+    """
     from lorytrain.training.config import make_config
     from lorytrain.training.trainer import Trainer
 
     name = seed_name(name, seed)
     run_dir = out / "runs" / name
+    model, options = split_overrides(overrides or {})
     config = make_config(None, {
         "data": str(data), "out": str(run_dir), "preset": preset.base, "ffn": ffn, "experts": preset.experts,
-        "segment_len": preset.segment_len, "model_overrides": preset.model, "batch_size": preset.batch_size,
-        "tokens": preset.tokens, "lr": preset.lr, "save_every": 100, "log_every": 5, "resume": True, "seed": seed,
+        "segment_len": preset.segment_len, "model_overrides": {**preset.model, **model},
+        "batch_size": preset.batch_size, "tokens": preset.tokens, "lr": preset.lr, "save_every": 100, "log_every": 5,
+        "resume": True, "seed": seed, **options,
     })
     trainer = Trainer(config, log=lambda *a, **k: None)
     if trainer.step >= trainer.plan.steps:
@@ -304,32 +336,6 @@ def table(results: dict[str, dict], references: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def seed_table(by_seed: dict[str, dict[int, dict]], runs: list) -> str:
-    """Markdown table of overall held-out perplexity, mean ± standard deviation over seeds:
-    one row per training corpus, one column per model."""
-    import numpy as np
-
-    corpora = list(dict.fromkeys(order for _, order, _, _ in runs))
-    models = list(dict.fromkeys(ffn for _, _, ffn, _ in runs))
-    cell = {(order, ffn): name for name, order, ffn, _ in runs}
-    # A column is named after its runs without the corpus suffixes: "lory-8E-random-dedup" → "lory-8E".
-    labels = {ffn: name.replace("-random", "").replace("-dedup", "") for name, _, ffn, _ in reversed(runs)}
-    lines = ["| training corpus | " + " | ".join(labels[m] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
-    for order in corpora:
-        cells = []
-        for ffn in models:
-            found = by_seed.get(cell.get((order, ffn)), {})
-            ppl = np.array([result["overall"]["ppl"] for result in found.values()])
-            if len(ppl) == 0:
-                cells.append("—")
-            elif len(ppl) == 1:
-                cells.append(f"{ppl[0]:.2f} (1 seed)")
-            else:
-                cells.append(f"{ppl.mean():.2f} ± {ppl.std(ddof=1):.2f} ({len(ppl)} seeds)")
-        lines.append(f"| {order} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def plot_losses(run_dirs: dict[str, Path], path: Path) -> None:
     import matplotlib
 
@@ -357,14 +363,68 @@ def plot_losses(run_dirs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def analyse(run_dirs: dict[str, Path], heldout: Path, out: Path) -> dict:
-    from lorytrain.analysis import run_analysis
+def analyse(run_dir: Path, heldout: Path, out: Path, sequences: int) -> dict:
+    """Routing analysis of a run's final checkpoint on held-out text (heatmaps, routing divergence,
+    training_diagnostics.png), cached in `out` (redone when the run has a newer checkpoint)."""
+    from lorytrain.analysis import ANALYSIS_FILE, run_analysis
+    from lorytrain.runs import find_checkpoint
 
-    summaries = {}
-    for name in ("lory-8E", "lory-8E-random"):
-        if name in run_dirs:
-            summaries[name] = run_analysis(run_dirs[name], heldout, out / "analysis" / name)
-    return summaries
+    cached = out / ANALYSIS_FILE
+    if cached.exists():
+        found = json.loads(cached.read_text())
+        if found.get("checkpoint") == str(find_checkpoint(run_dir, None)):
+            return found
+    return run_analysis(run_dir, heldout, out, max_batches=max(1, sequences // 8))
+
+
+def last_diagnostics(run_dir: Path, share: float = 0.1) -> list[dict]:
+    """The "diagnostics" of the last `share` of a run's logged steps (at least one)."""
+    from lorytrain.training.metrics_log import read_metrics
+
+    found = [r["diagnostics"] for r in read_metrics(run_dir) if r.get("diagnostics")]
+    return found[-max(1, round(share * len(found))):] if found else []
+
+
+def plot_diagnostics(run_dirs: dict[str, Path], path: Path) -> Path | None:
+    """Every MoE run's expert spread and routing entropy / log E over training (means over
+    the MoE layers; one line per seed, one colour per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorytrain.training.metrics_log import read_metrics
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colours: dict[str, str] = {}
+    for name, run_dir in run_dirs.items():
+        records = [r for r in read_metrics(run_dir) if r.get("diagnostics")]
+        if not records:
+            continue
+        base = name.rsplit("-s", 1)[0] if name.rsplit("-s", 1)[-1].isdigit() else name
+        label = None if base in colours else base  # one legend entry per run, not per seed
+        colour = colours.setdefault(base, f"C{len(colours)}")
+        tokens = [r["tokens"] for r in records]
+        for ax, key in zip(axes, ("expert_spread", "routing_entropy", "top1_off_mode"), strict=True):
+            values = [sum(r["diagnostics"][key]) / len(r["diagnostics"][key]) for r in records]
+            if key == "routing_entropy":
+                values = [v / r["diagnostics"]["log_experts"] for v, r in zip(values, records, strict=True)]
+            ax.plot(tokens, values, color=colour, lw=1, alpha=0.8, label=label)
+    if not colours:
+        plt.close(fig)
+        return None
+    titles = ("expert spread (RMS distance from the mean expert / its norm)", "routing entropy / log E",
+              "share of segments off the batch's top expert")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("MoE diagnostics during training (mean over MoE layers; one line per seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -384,7 +444,11 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help="comma-separated run names to train (default: all)")
     parser.add_argument("--dedup", action="store_true",
                         help="add the near-dedup axis: dense and lory-8E on both orders of the deduplicated corpus")
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; each run once per seed")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds (model init and data order); each run once per seed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training or model option of every MoE run (repeatable); needs --tag")
+    parser.add_argument("--tag", default=None, help="suffix of the MoE runs' names with --set: lory-8E+TAG")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -392,6 +456,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LORY_PROGRESS", "0")
+    from lorytrain.training.config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if overrides and not args.tag:
+        raise SystemExit("error: --set changes the MoE runs: give them a name with --tag")
     preset = PRESETS[args.preset]
     if args.tokens:
         preset.tokens = args.tokens
@@ -406,14 +475,19 @@ def main() -> None:
     if args.runs:
         wanted = set(args.runs.split(","))
         preset.runs = [run for run in preset.runs if run[0] in wanted]
+    if args.tag:  # the MoE runs under their lever's name, compared with the same dense runs
+        preset.runs = [(name if ffn == "dense" else f"{name}+{args.tag}", order, ffn, reference)
+                       for name, order, ffn, reference in preset.runs]
     if args.piece_chars:
         corpus = short_document_corpus(corpus, out, args.piece_chars, args.keep_every)
     if args.plant_copies:
         corpus = planted_copies_corpus(corpus, out, args.plant_copies)
     folders, corpus_counts = build_corpora(corpus, out, preset)
     planted = json.loads((corpus / "planted.json").read_text()) if args.plant_copies else None
-    run_dirs = {(name, seed): train_run(name, folders[order], ffn, preset, out, seed)
-                for name, order, ffn, _ in preset.runs for seed in seeds}
+    moe = {name for name, _, ffn, _ in preset.runs if ffn != "dense"}
+    run_dirs = {(name, seed): train_run(name, folders[order], ffn, preset, out, seed,
+                                        overrides if name in moe else None)
+                for seed in seeds for name, order, ffn, _ in preset.runs}  # seed-major: pairs finish together
     references = {name: reference for name, _, _, reference in preset.runs}
     results, by_seed, texts = {}, {}, []
     rate = near_duplicate_rate(corpus_counts)
@@ -422,30 +496,61 @@ def main() -> None:
                      f"documents ({100 * planted['copies'] / max(1, planted['documents']):.1f}%)")
     if rate:
         texts.append(f"near-duplicates in the training split: {rate}")
+    if overrides:
+        texts.append(f"lever `{args.tag}`: MoE runs trained with " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     for heldout in ("heldout-similarity", "heldout-random"):
         by_seed[heldout] = {}
         for (name, seed), run_dir in run_dirs.items():
             result = evaluate_run(run_dir, folders[heldout], heldout, preset.eval_sequences)
             by_seed[heldout].setdefault(name, {})[seed] = result
         results[heldout] = {name: found[seeds[0]] for name, found in by_seed[heldout].items()}
-        texts.append(f"held-out perplexity, {heldout} packing ({preset.tokens:,} training tokens per run, "
-                     f"seed {seeds[0]}; in parentheses: change vs the dense run on the same training corpus)\n\n"
-                     + table(results[heldout], references))
-        if len(seeds) > 1 or args.dedup:
-            texts.append(f"overall held-out perplexity, {heldout} packing, mean ± standard deviation over seeds "
+        budget = f"{preset.tokens:,} training tokens per run"
+        if len(seeds) > 1:
+            texts.append(f"held-out perplexity, {heldout} packing ({budget}): % change vs the dense run on the same "
+                         f"training corpus, mean ± 95% confidence interval (t) over seeds {args.seeds}, paired by "
+                         "seed; n.s. = not significant (the interval spans 0)\n\n"
+                         + ci_table(by_seed[heldout], references))
+            texts.append(f"overall held-out perplexity, {heldout} packing, mean ± 95% confidence interval over seeds "
                          f"{args.seeds}\n\n" + seed_table(by_seed[heldout], preset.runs))
+        else:
+            texts.append(f"held-out perplexity, {heldout} packing ({budget}, single seed {seeds[0]}: differences "
+                         "of a few percent may be seed noise; in parentheses: change vs the dense run on the same "
+                         "training corpus)\n\n" + table(results[heldout], references))
+    analysis, special = {}, {}
+    for (name, seed), run_dir in run_dirs.items():
+        if name in moe:
+            found = analyse(run_dir, folders["heldout-similarity"], out / "analysis" / seed_name(name, seed),
+                            preset.eval_sequences)
+            analysis[seed_name(name, seed)] = found.get("summary", {})
+            special.setdefault(name, {})[seed] = specialisation_record(last_diagnostics(run_dir), found)
+    if special:
+        texts.append("how far the experts and the routing moved from the upcycled copies (mean over MoE layers; "
+                     "mean ± 95% CI over seeds): expert spread and cosine of the final weights, routing entropy and "
+                     "off-top share over the last 10% of logged steps, routing divergence (JS) and MI between "
+                     "domains on heldout-similarity in excess of shuffled domain labels\n\n"
+                     + specialisation_table(special))
+    per_seed = out / "per_seed"
+    per_seed.mkdir(parents=True, exist_ok=True)
+    for (name, seed), run_dir in run_dirs.items():
+        record = {"run": name, "seed": seed, "run_dir": str(run_dir), "tokens": preset.tokens,
+                  "overrides": overrides if name in moe else {},
+                  "eval": {heldout: by_seed[heldout][name][seed] for heldout in by_seed},
+                  "specialisation": special.get(name, {}).get(seed)}
+        (per_seed / f"{seed_name(name, seed)}.json").write_text(json.dumps(record, indent=2, default=_json_default))
     text = "\n\n".join(texts)
     run_dirs = {seed_name(name, seed): run_dir for (name, seed), run_dir in run_dirs.items()}
-    plot_losses(run_dirs, out / "loss_curves.png")
-    analysis = analyse(run_dirs, folders["heldout-similarity"], out)
-    (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "eval": results,
+    report = out / "levers" / args.tag if args.tag else out  # a lever's tables beside the plain ones
+    report.mkdir(parents=True, exist_ok=True)
+    plot_losses(run_dirs, report / "loss_curves.png")
+    plot_diagnostics(run_dirs, report / "diagnostics.png")
+    (report / "table.md").write_text(text + "\n")
+    (report / "results.json").write_text(json.dumps({"preset": args.preset, "tokens": preset.tokens, "seeds": seeds,
+                                                   "overrides": overrides, "tag": args.tag, "eval": results,
                                                    "eval_by_seed": by_seed, "near_duplicates": rate, "planted": planted,
-                                                   "analysis": analysis}, indent=2, default=_json_default))
+                                                   "specialisation": special, "analysis": analysis},
+                                                  indent=2, default=_json_default))
     print(text)
-    for name, summary in analysis.items():
-        print(f"\n{name} routing: {json.dumps(summary.get('summary', {}), default=_json_default)}")
-    log(f"done in {time.perf_counter() - started:.0f} s; results in {out}")
+    log(f"done in {time.perf_counter() - started:.0f} s; results in {report}")
 
 
 def _json_default(value):

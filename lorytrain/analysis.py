@@ -9,7 +9,10 @@ segment's tokens (the tokens those weights are applied to), from the shard's
 
 From these, per layer: expert use (the paper counts an expert as used when its weight exceeds
 2/E), the mean routing weights of every domain (the heatmaps), and the mutual information
-between domain and top-1 expert against a baseline with shuffled domain labels.
+between domain and top-1 expert against a baseline with shuffled domain labels, and the
+routing divergence between domains (Jensen–Shannon between their mean routing weights). When
+the run's metrics.jsonl holds the training-time diagnostics (`lorytrain.training.diagnostics`),
+their curves over training go to `training_diagnostics.png`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import rel_entr
 from torch.utils.data import DataLoader
 
 from lorydata.dataset import ShardDataset
@@ -30,6 +34,7 @@ from lorytrain.errors import LoryTrainError
 from lorytrain.evaluation import token_domains
 from lorytrain.model.config import ModelConfig
 from lorytrain.runs import find_checkpoint, load_run
+from lorytrain.training.metrics_log import read_metrics
 
 ANALYSIS_FILE = "analysis.json"
 GROUPS = ("lower", "middle", "upper")
@@ -164,6 +169,27 @@ def entropy(a: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def routing_divergence(weights: np.ndarray, codes: np.ndarray) -> float:
+    """Mean Jensen–Shannon divergence (nats, at most log 2) between the mean routing weights of
+    every pair of domains: 0 when all domains route alike, log 2 when no two share an expert.
+
+    Args:
+        weights: (S, E) routing weights of S segments.
+        codes: (S,) integer domain of every segment; domains without segments are skipped.
+    """
+    means = [weights[codes == c].astype(np.float64).mean(0) for c in np.unique(codes)]
+    means = [m / m.sum() for m in means]
+    pairs = [js_divergence(a, b) for i, a in enumerate(means) for b in means[i + 1 :]]
+    return float(np.mean(pairs)) if pairs else 0.0
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen–Shannon divergence (nats) of two distributions; rounding below 0 counts as 0
+    (scipy's `jensenshannon` takes the square root and turns it into NaN)."""
+    m = (p + q) / 2
+    return max(0.0, float(rel_entr(p, m).sum() + rel_entr(q, m).sum()) / 2)
+
+
 def layer_group(layer: int, n_layers: int) -> str:
     """"lower", "middle" or "upper" third of the decoder."""
     return GROUPS[min(2, 3 * layer // n_layers)]
@@ -184,7 +210,10 @@ def analyze_routing(collected: RoutingCollection, n_shuffles: int = 20, seed: in
     - `specialisation`: mutual information (nats) between domain and top-1 expert
       (argmax of w), the same with domain labels shuffled (mean and std over `n_shuffles`
       permutations: the plug-in estimate's bias from finite counts), `mi_excess` = mi - the
-      shuffled mean, and `nmi` = 2·mi / (H(domain) + H(top-1)) in [0, 1].
+      shuffled mean, and `nmi` = 2·mi / (H(domain) + H(top-1)) in [0, 1];
+    - `divergence`: `routing_divergence` of the whole weight vectors (not only the top-1,
+      so it sees domains that shift weight without changing the winner), `js_shuffled` the
+      same with shuffled labels (mean over the permutations), `js_excess` the difference.
 
     Args:
         collected: from `collect_routing`.
@@ -212,6 +241,8 @@ def analyze_routing(collected: RoutingCollection, n_shuffles: int = 20, seed: in
         mi = mutual_information(codes, top1)
         base = np.array([mutual_information(s, top1) for s in shuffles]) if shuffles else np.zeros(1)
         h_dom, h_top = entropy(codes), entropy(top1)
+        js = routing_divergence(w, codes)
+        js_base = float(np.mean([routing_divergence(w, s) for s in shuffles])) if shuffles else 0.0
         layers.append({
             "layer": layer,
             "group": layer_group(layer, collected.n_layers),
@@ -229,6 +260,7 @@ def analyze_routing(collected: RoutingCollection, n_shuffles: int = 20, seed: in
                 "entropy_domain": h_dom,
                 "entropy_top1": h_top,
             },
+            "divergence": {"js": js, "js_shuffled": js_base, "js_excess": js - js_base},
         })
     return {
         "unit": "nats",
@@ -255,6 +287,7 @@ def _summary(layers: list[dict]) -> dict:
                 **{key: float(np.mean([entry["specialisation"][key] for entry in members]))
                    for key in ("mi", "mi_excess", "nmi")},
                 "expert_use": float(np.mean([entry["expert_use"] for entry in members])),
+                "js_excess": float(np.mean([entry["divergence"]["js_excess"] for entry in members])),
             }
     others = [entry["specialisation"]["mi_excess"] for entry in layers if entry["group"] != "middle"]
     best = max(layers, key=lambda entry: entry["specialisation"]["mi_excess"])
@@ -264,6 +297,7 @@ def _summary(layers: list[dict]) -> dict:
                                           if "middle" in groups and others else None),
         "most_specialised_layer": best["layer"],
         "mean_expert_use": float(np.mean([entry["expert_use"] for entry in layers])),
+        "mean_js_excess": float(np.mean([entry["divergence"]["js_excess"] for entry in layers])),
     }
 
 
@@ -305,6 +339,90 @@ def plot_heatmaps(result: dict, out_dir: str | Path, layers_per_figure: int = 4)
     return paths
 
 
+# (metrics.jsonl key, panel title, reference line) of `plot_training_diagnostics`
+DIAGNOSTIC_PANELS = (
+    ("expert_spread", "expert spread: RMS distance from the mean expert / its norm", None),
+    ("expert_cosine", "mean pairwise cosine of the experts' weights", 1.0),
+    ("routing_entropy", "routing entropy per segment (nats; dashed: log E)", "log_experts"),
+    ("top1_off_mode", "share of segments off the batch's top expert", None),
+    ("router_grad_norm", "router gradient norm", None),
+)
+# Per-batch numbers (one micro-batch each) are drawn as trailing moving averages.
+SMOOTHED = ("routing_entropy", "routing_entropy_std", "top1_off_mode", "router_grad_norm", "loss")
+
+
+def smooth(values: np.ndarray, parts: int = 40) -> np.ndarray:
+    """Trailing moving average along axis 0 over len/parts points (at least 1)."""
+    window = max(1, len(values) // parts)
+    cumulative = np.cumsum(np.concatenate([np.zeros((1, *values.shape[1:])), values]), axis=0)
+    lo = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    counts = (np.arange(1, len(values) + 1) - lo).reshape(-1, *[1] * (values.ndim - 1))
+    return (cumulative[1:] - cumulative[lo]) / counts
+
+
+def plot_training_diagnostics(records: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Curves of the training-time MoE diagnostics over training tokens, one line per layer,
+    plus the training loss; routing entropy with its ±1 std band across segments. Numbers of
+    one micro-batch each (entropy, off-top share, router gradient, loss) are `smooth`ed.
+
+    Args:
+        records: metrics.jsonl records (`read_metrics`); those without "diagnostics" are skipped.
+        path: the PNG to write.
+        title: figure title.
+
+    Returns:
+        `path`, or None when no record holds diagnostics (a dense run or an older log).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    found = [r for r in records if r.get("diagnostics")]
+    if not found:
+        return None
+    losses = [r for r in records if "loss" in r]
+    tokens = np.array([r["tokens"] for r in found], dtype=float)
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3).flatten()
+    n_layers = len(found[-1]["diagnostics"]["expert_cosine"])
+    for ax, (key, label, reference) in zip(axes, DIAGNOSTIC_PANELS, strict=False):
+        rows = [r["diagnostics"].get(key) for r in found]
+        keep = [i for i, row in enumerate(rows) if row is not None and len(row) == n_layers]
+        values = np.array([rows[i] for i in keep], dtype=float).reshape(len(keep), n_layers)
+        if key in SMOOTHED:
+            values = smooth(values)
+            label += ", smoothed"
+        for layer in range(n_layers):
+            line, = ax.plot(tokens[keep], values[:, layer], label=f"MoE layer {layer}", lw=1.2)
+            if key == "routing_entropy":
+                std = smooth(np.array([found[i]["diagnostics"]["routing_entropy_std"][layer] for i in keep]))
+                ax.fill_between(tokens[keep], values[:, layer] - std, values[:, layer] + std,
+                                color=line.get_color(), alpha=0.15)
+        if reference == "log_experts":
+            ax.axhline(found[-1]["diagnostics"]["log_experts"], color="black", ls="--", lw=0.8)
+        elif reference is not None:
+            ax.axhline(reference, color="black", ls="--", lw=0.8)
+        if key == "router_grad_norm" and (values > 0).any():
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)  # cosines like 0.9999 stay readable
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[len(DIAGNOSTIC_PANELS)]
+    ax.plot([r["tokens"] for r in losses], smooth(np.array([r["loss"] for r in losses], dtype=float)),
+            color="gray", lw=0.8)
+    ax.set_title("training loss, smoothed", fontsize=9)
+    ax.set_xlabel("training tokens")
+    ax.grid(alpha=0.3)
+    fig.suptitle(title or "MoE training diagnostics", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def _json_safe(value):
     """Plain JSON types; NaN and infinities become null."""
     if isinstance(value, dict):
@@ -343,7 +461,8 @@ def run_analysis(run_dir: str | Path, data: str | Path, out_dir: str | Path, *, 
     Args:
         run_dir: a `lory train --out` folder.
         data: shard folder (typically held-out data with domains).
-        out_dir: where analysis.json and the heatmap PNGs go.
+        out_dir: where analysis.json, the heatmap PNGs and (when the run logged diagnostics)
+            training_diagnostics.png go.
         checkpoint: a specific checkpoint (default: the latest).
         batch_size, max_batches, device: see `collect_routing`.
         dtype: cast the weights (e.g. torch.bfloat16 on GPU).
@@ -371,6 +490,10 @@ def run_analysis(run_dir: str | Path, data: str | Path, out_dir: str | Path, *, 
     result = analyze_routing(collected, n_shuffles, seed, min_share)
     result.update(run=str(run_dir), checkpoint=str(path), step=state.get("step"), data=str(data))
     files = plot_heatmaps(result, out_dir)
+    curves = plot_training_diagnostics(read_metrics(run_dir), Path(out_dir) / "training_diagnostics.png",
+                                       title=f"{Path(run_dir).name}: MoE diagnostics during training")
+    if curves is not None:
+        files.append(curves)
     result["files"] = [str(p) for p in [*files, Path(out_dir) / ANALYSIS_FILE]]
     write_analysis(result, out_dir)
     return result

@@ -55,6 +55,11 @@ class ModelConfig:
         merge_tile: inner FFN units merged per step (0: sized so the merged tile stays in a
             CPU's cache, or within 2^28 elements on a GPU); bounds transient merged weights.
         activation_checkpointing: recompute each block's activations in the backward pass.
+        router_init_std: std of the routers' normal initialisation (0: `init_std`), at
+            upcycling and from scratch; larger values start routing further from uniform.
+        upcycle_noise: at upcycling, add to every expert copy Gaussian noise of this std relative
+            to the dense FFN's own (per gate/up/down part), centred over the experts so that their
+            mean is still the dense FFN; breaks the experts' symmetry (0: exact copies, the paper).
     """
 
     vocab_size: int = 32000
@@ -80,6 +85,8 @@ class ModelConfig:
     merge_chunk: int = 0
     merge_tile: int = 0
     activation_checkpointing: bool = False
+    router_init_std: float = 0.0
+    upcycle_noise: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -163,7 +170,7 @@ def _type_problems(config: ModelConfig) -> list[str]:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
             problems.append(f"{name} must be an integer from 0 to {limit:,}, got {value!r:.80}")
     for name in ("rope_theta", "norm_eps", "init_std", "capacity_factor", "ec_threshold_momentum",
-                 "balance_loss_weight", "z_loss_weight"):
+                 "balance_loss_weight", "z_loss_weight", "router_init_std", "upcycle_noise"):
         value, positive = getattr(config, name), name in ("rope_theta", "norm_eps", "init_std")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             problems.append(f"{name} must be a finite number, got {value!r:.80}")

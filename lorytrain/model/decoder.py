@@ -96,6 +96,8 @@ class LoryLM(nn.Module):
             nn.init.normal_(block.attn.wqkv.weight, std=std)
             nn.init.normal_(block.attn.wo.weight, std=out_std)
             block.ffn.init_weights(std, out_std)
+            if self.config.is_moe and self.config.router_init_std:
+                block.ffn.init_routing(self.config.router_init_std)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)

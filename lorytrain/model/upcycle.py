@@ -20,6 +20,9 @@ def upcycle(dense: LoryLM, config: ModelConfig, shard: Callable[[LoryLM], object
     """A new MoE model whose experts are copies of `dense`'s FFNs and whose other weights are
     `dense`'s; routers (and EC thresholds) start fresh from the current RNG state.
 
+    With `config.upcycle_noise` the copies get small centred noise (`expert_noise`); their mean,
+    and so the merged FFN under uniform routing, is still the dense FFN.
+
     Right after upcycling the output equals the dense model's for soft merging (lory, prefix:
     merged weights Σ e_i θ = θ) and for renormalised top-k with k > 1. Switch top-1 and expert
     choice scale each expert output by its gate, so their outputs change by construction.
@@ -71,11 +74,27 @@ def upcycle(dense: LoryLM, config: ModelConfig, shard: Callable[[LoryLM], object
             copy_shard_(target, source[name])
         elif name.endswith(".ffn.experts.w"):
             ffn = full_tensor(source[name.replace(".ffn.experts.w", ".ffn.w")].detach())
-            fill_shard_(target, ffn.unsqueeze(0).expand(target.shape))
+            copies = ffn.unsqueeze(0).expand(target.shape)
+            if config.upcycle_noise:
+                copies = copies + expert_noise(ffn, target.shape[0], config.upcycle_noise)
+            fill_shard_(target, copies)
         else:
             raise LoryTrainError(f"upcycle: no source for the MoE's {name}")
     moe.set_activation_checkpointing(dense.activation_checkpointing or config.activation_checkpointing)
     return moe.train(dense.training)
+
+
+def expert_noise(ffn: torch.Tensor, n_experts: int, scale: float) -> torch.Tensor:
+    """Noise (E, f, 3, d) for E copies of one dense FFN (f, 3, d), from the current RNG state.
+
+    Each of the gate/up/down parts gets Gaussian noise of `scale` times that part's root mean
+    square, and the noise is centred over the experts, so the experts differ but average to
+    the dense FFN. Every process draws the same full noise (same RNG state), so the shards
+    of a sharded model fit together.
+    """
+    rms = ffn.float().pow(2).mean(dim=(0, 2), keepdim=True).sqrt()  # (1, 3, 1)
+    noise = torch.randn((n_experts, *ffn.shape), device=ffn.device, dtype=torch.float32) * (scale * rms)
+    return (noise - noise.mean(0, keepdim=True)).to(ffn.dtype)
 
 
 def fresh_routing(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -91,7 +110,7 @@ def fresh_routing(config: ModelConfig, device: torch.device, dtype: torch.dtype)
             if child is not ffn.experts:
                 child.to_empty(device=device)
         with torch.no_grad():
-            ffn.init_routing(config.init_std)
+            ffn.init_routing(config.router_init_std or config.init_std)
         for name, value in [*ffn.named_parameters(), *ffn.named_buffers()]:
             if not name.startswith("experts."):
                 values[f"layers.{index}.ffn.{name}"] = value.detach().to(dtype)

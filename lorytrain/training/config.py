@@ -54,7 +54,8 @@ class TrainConfig:
         save_final: write a checkpoint at the end of the run (off: only the `save_every`
             ones; for throughput measurements that must not write gigabytes).
         keep_last: checkpoints to keep.
-        log_every: steps between metric records.
+        log_every: steps between metric records (MoE steps also record the expert and routing
+            `diagnostics` of `lorytrain.training.diagnostics`).
         num_workers: dataloader worker processes per rank.
         seed: seed of initialisation and data order.
         record_samples: each rank appends the `seq_id`s of every step's sequences to

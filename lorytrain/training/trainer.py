@@ -40,6 +40,7 @@ from lorytrain.training.checkpoint import (
     save_checkpoint,
 )
 from lorytrain.training.config import TrainConfig
+from lorytrain.training.diagnostics import moe_diagnostics, router_grad_norms
 from lorytrain.training.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -310,7 +311,7 @@ class Trainer:
                 if self.phase == "dense" and self.step >= self.plan.upcycle_step:
                     self._upcycle()
                 record = self._optimizer_step(batches)
-                if self.env.is_main and (self.step % self.config.log_every == 0 or self.step == self.plan.steps):
+                if self.env.is_main and self._logs(self.step):
                     metrics.log(record)
                 last_record = dict(record)
                 if preemption.requested():  # every rank stops after this same step
@@ -354,6 +355,8 @@ class Trainer:
                 f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopped before the optimizer step. "
                 f"The last good checkpoint in {self.out / 'checkpoints'} is intact; resume with a lower --lr"
             )
+        logged = self.phase == "moe" and self._logs(self.step + 1)
+        router_grad = router_grad_norms(self.raw_model) if logged else None  # before clipping and zero_grad
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -379,12 +382,18 @@ class Trainer:
         usage = model_setup.expert_use(self.raw_model)
         if usage is not None:
             record["expert_use"] = usage
+        if logged:  # collective under FSDP: every rank computes it, rank 0 logs it
+            record["diagnostics"] = moe_diagnostics(self.raw_model, router_grad)
         if self.env.device.type == "cuda":
             utilisation = model_setup.mfu(self.raw_model, record["tokens_per_s"] / self.env.world_size, self.env.device,
                                           self.seq_len)
             if utilisation is not None:
                 record["mfu"] = utilisation
         return record
+
+    def _logs(self, step: int) -> bool:
+        """Whether the record of `step` goes to metrics.jsonl."""
+        return step % self.config.log_every == 0 or step == self.plan.steps
 
     def _truncate_samples(self) -> None:
         """Drop sample records after the resumed step, so the file reads as one run."""
