@@ -119,7 +119,7 @@ def stage_floors(out: Path, options, documents: int) -> dict:
 
     def pack_and_write():
         packer = SequencePacker(options.seq_len, tok.eos_id, tok.pad_id, options.tail)
-        sequences = [s for i in cell.order for s in packer.add(tokens[i], "")] + packer.finish()
+        sequences = [s for i in cell.order for s in packer.add(tokens[i], "")] + list(packer.finish())
         rows = options.rows_per_shard
         return sum(len(table_to_ipc_bytes(sequences_to_table(sequences[i: i + rows], options.seq_len)))
                    for i in range(0, len(sequences), rows))

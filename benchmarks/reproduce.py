@@ -429,7 +429,7 @@ def plot_diagnostics(run_dirs: dict[str, Path], path: Path) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default="../shared/data/dev_corpus", help="folder with train/heldout .jsonl.zst")
+    parser.add_argument("--corpus", required=True, help="folder with train/heldout .jsonl.zst (benchmarks/data/make_dev_corpus.py makes one)")
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--tokens", type=int, default=None, help="override the preset's tokens per run")

@@ -10,7 +10,7 @@ Domains: git (git's manuals), postgres (PostgreSQL's manual), perlpod (Perl's ma
 perlcode (Perl's standard modules), bible (King James Version, one chapter a document).
 The texts keep their packages' licences (see /usr/share/doc/PACKAGE/copyright).
 
-This is ../shared/data/make_dev_corpus.py with one fix: the original shares one
+This is the team's original make_dev_corpus.py with one fix: the original shares one
 ZstdCompressor between the train and held-out stream writers, which interleaves their
 compression state and corrupts both files (train.jsonl.zst fails to decode after ~390 kB,
 heldout.jsonl.zst has no zstd header). Each stream now has its own compressor.

@@ -1,7 +1,7 @@
 """Cut the bundled sample corpus (lorydata/assets/sample/) from the dev corpus.
 
-    python benchmarks/data/make_dev_corpus.py /work/dev_corpus
-    python benchmarks/data/make_sample_corpus.py /work/dev_corpus/train.jsonl.zst
+    python benchmarks/data/make_dev_corpus.py dev_corpus
+    python benchmarks/data/make_sample_corpus.py dev_corpus/train.jsonl.zst
 
 Takes DOCS_PER_DOMAIN documents of every domain, chosen by a seeded shuffle, and writes
 them (fields id, text, domain, source) in a seeded random order to
