@@ -16,7 +16,7 @@ from lorydata.errors import LoryDataError, MismatchError
 from tests.lorydata.shardkit import build_shards, make_documents
 
 BATCH = 4
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_hf_llama.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "benchmarks" / "examples" / "train_hf_llama.py"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def _dicts(tree):
 
 
 def run_example(argv, capsys) -> list[dict]:
-    """examples/train_hf_llama.py in this process; its JSON step lines."""
+    """benchmarks/examples/train_hf_llama.py in this process; its JSON step lines."""
     spec = importlib.util.spec_from_file_location("train_hf_llama", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,8 +1,8 @@
 """Train a transformers Llama on lory shards, each document attending only to itself, and resume
 mid-epoch exactly.
 
-    python examples/train_hf_llama.py SHARDS --out run/ --steps 40 --stop-after 20   # "crashes" at 20
-    python examples/train_hf_llama.py SHARDS --out run/ --steps 40 --resume          # goes on from 20
+    python benchmarks/examples/train_hf_llama.py SHARDS --out run/ --steps 40 --stop-after 20   # "crashes" at 20
+    python benchmarks/examples/train_hf_llama.py SHARDS --out run/ --steps 40 --resume          # goes on from 20
 
 Batches come from `ShardDataset(with_metadata=True)` through torchdata's `StatefulDataLoader`;
 `lorydata.masks` turns their `doc_starts` into the model's mask, positions and labels; the

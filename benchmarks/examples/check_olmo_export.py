@@ -2,7 +2,7 @@
 shards it came from.
 
     lory export-corpus SHARDS OUT --format olmo
-    python examples/check_olmo_export.py SHARDS OUT
+    python benchmarks/examples/check_olmo_export.py SHARDS OUT
 
 Needs `ai2-olmo-core` (tested with 3.0.0). It is not one of lory's extras: it pins
 `filelock<4`, which makes pip downgrade huggingface_hub (2.x to 1.x) under lory's
