@@ -188,8 +188,10 @@ def _device(device: str) -> str:
 @click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
               help="A file of prompts, one per line (blank lines skipped).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--routing", default="prompt", show_default=True, type=click.Choice(["prompt", "segment"]),
-              help="prompt: merge each MoE layer once from the prompt; segment: re-route every segment_len tokens.")
+@click.option("--routing", default="prompt", show_default=True, type=click.Choice(["prompt", "segment", "causal"]),
+              help="prompt: merge each MoE layer once from the prompt; segment: re-route every segment_len tokens; "
+                   "causal: as segment, the first segment token by token (no token sees a later one, as scored by "
+                   "lory benchmark and the export-hf model).")
 @click.option("--temperature", default=0.8, show_default=True, type=float, help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
 @click.option("--top-p", default=0.95, show_default=True, type=float, help="1.0 = off.")

@@ -54,7 +54,7 @@ def test_eval_json_matches_a_direct_computation(tiny_run, text_shards):
     assert overall["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
-def test_generate_is_seeded_and_routing_modes_both_work(tiny_run):
+def test_generate_is_seeded_and_every_routing_mode_works(tiny_run):
     args = ["generate", tiny_run, "--prompt", "git rebase", "--prompt", "In the beginning", "--max-new-tokens", "12",
             "--json", "--device", "cpu"]
     first, again = invoke(*args, "--seed", "3"), invoke(*args, "--seed", "3")
@@ -64,6 +64,9 @@ def test_generate_is_seeded_and_routing_modes_both_work(tiny_run):
     assert first.output == again.output
     segment = invoke(*args, "--routing", "segment", "--temperature", "0")
     assert segment.exit_code == 0 and len(json.loads(segment.output)) == 2
+    causal = [invoke(*args, "--routing", "causal", "--temperature", "0") for _ in range(2)]
+    assert causal[0].exit_code == 0 and len(json.loads(causal[0].output)) == 2, causal[0].output
+    assert causal[0].output == causal[1].output
 
 
 def test_analyze_writes_heatmaps_and_numbers(tiny_run, text_shards, tmp_path):
