@@ -15,7 +15,7 @@ The folder holds, by content (the manifest's sha256), never by a name from the b
   nobody holds is left by a process that died and is removed. A part is renamed to its
   final name only once complete and verified, so a partial download is never read;
 - `.lock`: an `flock` taken for the bookkeeping (what is there, what to evict, what to
-  reserve), never while downloading.
+  reserve, and the rename that publishes a finished download), never while downloading.
 
 The limit counts every complete and reserved file, so the folder never holds more than
 `limit` bytes of shards (an evicted shard that a reader still has memory-mapped frees its
@@ -228,7 +228,10 @@ class ShardCache:
                 if digest != obj.sha256:
                     raise ShardError(f"{obj.url} does not match the manifest's sha256 (corrupted or replaced in the "
                                      "bucket); refused")
-                os.replace(part, self.folder / obj.name)
+                # renamed under the folder lock: a claim listing the folder meanwhile would see
+                # the part's name, fail to stat it and count the shard as neither part nor file
+                with self._locked():
+                    os.replace(part, self.folder / obj.name)
                 self._verified.add((obj.name, os.fstat(fd).st_ino))
                 done = True
                 return

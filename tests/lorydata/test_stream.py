@@ -5,6 +5,8 @@ retried transient failures."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import time
@@ -64,8 +66,17 @@ def stream(dataset, workers: int = 0, batches: int | None = None) -> list[tuple[
     return found
 
 
+def folder_listing(folder: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of every file in the folder; a file renamed or evicted while it is listed is left out."""
+    found = []
+    for path in folder.iterdir() if folder.exists() else ():
+        with contextlib.suppress(FileNotFoundError):
+            found.append((path.name, path.stat().st_size))
+    return sorted(found)
+
+
 def folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file()) if folder.exists() else 0
+    return sum(size for _, size in folder_listing(folder))
 
 
 class Flaky(pafs.FileSystemHandler):
@@ -260,12 +271,42 @@ def test_the_cache_folder_never_exceeds_its_limit(local, url, tmp_path):
     got, sizes, seen = [], [], set()
     for batch in loader:
         got += [int(s) for s in batch["seq_id"]]
-        sizes.append(folder_bytes(cache))
+        listing = folder_listing(cache)
+        sizes.append((sum(size for _, size in listing), listing))
         seen |= {p.name for p in cache.iterdir() if p.name.endswith(".arrow")}
     assert got == [seq_id for _, seq_id, _ in want]
-    assert max(sizes) <= limit, f"cache held {max(sizes)} bytes, limit {limit}"
+    most, listing = max(sizes)
+    assert most <= limit, f"cache held {most} bytes, limit {limit}: {listing}"
     assert len(seen) > 3, "the stream went through more shards than the cache holds: it evicted"
     assert len([p for p in cache.iterdir() if p.name.endswith(".arrow")]) <= 3
+
+
+def test_a_finished_download_is_published_under_the_folder_lock(tmp_path, monkeypatch):
+    """A claim lists the folder under its lock; a part renamed meanwhile (outside the lock)
+    was seen by name, gone at stat time and counted as neither part nor shard, letting the
+    cache grow past its limit (a race seen with two workers)."""
+    source = tmp_path / "shard.arrow"
+    source.write_bytes(os.urandom(1000))
+    obj = RemoteObject(url=str(source), path=str(source), sha256=file_sha256(source), size=1000)
+    folder = tmp_path / "cache"
+    cache = ShardCache(folder, limit=10_000, filesystem=pafs.LocalFileSystem())
+    lock_states, real_replace = [], os.replace
+
+    def replace_and_note_the_lock(src, dst):
+        fd = os.open(folder / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_states.append("free")
+        except BlockingIOError:
+            lock_states.append("held")
+        finally:
+            os.close(fd)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_and_note_the_lock)
+    assert cache.fetch(obj) == folder / obj.name
+    assert lock_states == ["held"]
+    assert (folder / obj.name).read_bytes() == source.read_bytes()
 
 
 def test_workers_share_one_download_per_shard(local, s3, url, tmp_path):
