@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import zstandard
+
+from cli import main as lory_main
 from lorydata.manifest import Manifest
 from lorydata.pack import PackStats, pack_documents
 from lorydata.shards import ShuffledShardWriter
@@ -34,3 +41,19 @@ def build_shards(folder: Path, documents: list[tuple[str, str]], seq_len: int = 
                         counts=stats.to_dict(), order={"method": "given", "seed": seed, "metrics": {}})
     manifest.write(folder)
     return manifest
+
+
+def read_jsonl_zst(path: str | Path) -> Iterator[dict]:
+    """The records of a `.jsonl.zst` file (the bundled sample), one dict a line."""
+    with open(path, "rb") as raw:
+        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8"):
+            yield json.loads(line)
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """`lory ARGS` in this process: its exit code, stdout and stderr."""
+    with pytest.raises(SystemExit) as exc:
+        lory_main([str(a) for a in args])
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err

@@ -1,15 +1,14 @@
 """The real MiniLM embedder on a few dozen sample documents (kept short so the test is fast)."""
 
-import io
 import json
 import pickle
 
 import numpy as np
 import pytest
-import zstandard
 
 from lorydata.embed import Embedder, EmbedderConfig, embedding_dim
 from lorydata.errors import LoryDataError
+from tests.lorydata.shardkit import read_jsonl_zst
 
 PER_DOMAIN = 6
 CHARS = 1500
@@ -17,12 +16,10 @@ CHARS = 1500
 
 def _sample_docs(path, per_domain=PER_DOMAIN):
     docs, seen = [], {}
-    with open(path, "rb") as raw:
-        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8"):
-            record = json.loads(line)
-            if seen.get(record["domain"], 0) < per_domain:
-                seen[record["domain"]] = seen.get(record["domain"], 0) + 1
-                docs.append(record)
+    for record in read_jsonl_zst(path):
+        if seen.get(record["domain"], 0) < per_domain:
+            seen[record["domain"]] = seen.get(record["domain"], 0) + 1
+            docs.append(record)
     return docs
 
 

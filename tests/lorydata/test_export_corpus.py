@@ -14,12 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cli import main as lory_main
 from lorydata.errors import ShardError
 from lorydata.export import EXPORT_INFO_NAME, export_corpus
 from lorydata.masks import block_causal_mask, position_ids
 from lorydata.shards import read_shard, write_shard
-from tests.lorydata.shardkit import build_shards, make_documents
+from tests.lorydata.shardkit import build_shards, make_documents, run_cli
 
 SEQ_LEN = 16
 
@@ -42,14 +41,6 @@ def corpus(tmp_path_factory):
             rows[row["seq_id"]] = row
     ordered = [rows[i] for i in range(manifest.num_rows)]
     return folder, manifest, ordered
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        lory_main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 # ---- megatron ------------------------------------------------------------------------------

@@ -4,22 +4,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cli import main as lory_main
 from lorydata.dataset import ShardDataset
 from lorydata.errors import ShardError
 from lorydata.manifest import MANIFEST_NAME, Manifest
 from lorydata.shards import read_shard, shard_schema
 from lorydata.tokenizer import Tokenizer
 from lorydata.verify import inspect_folder, verify_folder
-from tests.lorydata.shardkit import build_shards, make_documents
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        lory_main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from tests.lorydata.shardkit import build_shards, make_documents, run_cli
 
 
 def test_round_trip_documents_to_text(tmp_path):

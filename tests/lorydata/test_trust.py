@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from cli import main as lory_main
 from lorydata.confine import OutsideFolderError, inside
 from lorydata.dataset import ShardDataset
 from lorydata.errors import ShardError
@@ -22,16 +21,8 @@ from lorydata.lock import LOCK_NAME, FolderLock, FolderLockedError, LockOwner
 from lorydata.manifest import Manifest
 from lorydata.tokenizer import DEFAULT_TOKENIZER
 from lorydata.verify import inspect_folder, verify_folder
-from tests.lorydata.shardkit import build_shards, make_documents
+from tests.lorydata.shardkit import build_shards, make_documents, run_cli
 from tests.lorydata.trustkit import edit_manifest, set_token
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        lory_main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def _error_lines(err: str) -> list[str]:

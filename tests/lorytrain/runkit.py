@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 from lorydata.documents import Document
@@ -13,6 +15,18 @@ from lorydata.tokenizer import Tokenizer
 
 # A 2-layer model small enough for CLI and training tests to train in seconds.
 TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "ffn_dim": 64, "segment_len": 16}
+
+# One model of every FFN kind (and routing variant) for the model and generation tests.
+FFN_VARIANTS = {
+    "dense": dict(ffn="dense"),
+    "lory": dict(ffn="lory"),
+    "lory-uniform": dict(ffn="lory", first_segment="uniform"),
+    "prefix": dict(ffn="prefix"),
+    "topk2": dict(ffn="topk", top_k=2),
+    "ec-token": dict(ffn="expert-choice", ec_level="token"),
+    "ec-segment": dict(ffn="expert-choice", ec_level="segment"),
+    "lory-samoe": dict(ffn="lory", samoe_pool=3),
+}
 
 SAMPLE = Path(__file__).resolve().parents[2] / "lorydata" / "assets" / "sample" / "sample.jsonl.zst"
 
@@ -57,3 +71,14 @@ def train_tiny_run(train: Path, out: Path, **options) -> Path:
                                 "dense_warmup": 0.5, "model_overrides": TINY, **options})
     Trainer(config, log=lambda *a, **k: None).train()
     return out
+
+
+def wait_for_steps(path: Path, steps: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until the file at `path` (metrics, samples) has `steps` lines; the process must stay alive."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= steps:
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {steps} steps")

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from lorytrain.training.checkpoint import find_valid_checkpoint, load_rng_state,
 from lorytrain.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 from lorytrain.training.rng import rng_state, set_rng_state
 from lorytrain.training.trainer import Trainer
+from tests.lorytrain.runkit import wait_for_steps
 from tests.lorytrain.test_training import REPO, _overrides, config, losses, run
 
 STEP = "step-{:08d}".format
@@ -186,16 +186,6 @@ def test_sigterm_mid_step_checkpoints_the_step_and_resumes_exactly(text_shards, 
     assert [resumed[s] for s in range(1, 9)] == [straight[s] for s in range(1, 9)]
 
 
-def _wait_for_steps(path: Path, steps: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= steps:
-            return
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not reach {steps} steps")
-
-
 def test_sigterm_to_the_cli_exits_with_the_preemption_code(text_shards, tmp_path):
     train, _ = text_shards
     out = tmp_path / "run"
@@ -203,7 +193,7 @@ def test_sigterm_to_the_cli_exits_with_the_preemption_code(text_shards, tmp_path
                "--ffn", "dense", "--batch-size", "2", *_overrides()]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "LORY_PROGRESS": "0"})
-    _wait_for_steps(out / "metrics.jsonl", 2, process)
+    wait_for_steps(out / "metrics.jsonl", 2, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
@@ -252,7 +242,7 @@ def test_sigterm_to_one_torchrun_rank_stops_all_at_one_step_and_resumes_exactly(
     straight = _torchrun([*options, "--out", str(tmp_path / "straight")])
     out = tmp_path / "run"
     preempted = _torchrun([*options, "--out", str(out)])
-    _wait_for_steps(out / "samples" / "rank-1.jsonl", 2, preempted)
+    wait_for_steps(out / "samples" / "rank-1.jsonl", 2, preempted)
     workers = {_rank_of(pid): pid for pid in _children(preempted.pid)}
     os.kill(workers[1], signal.SIGTERM)
     _, stderr = preempted.communicate(timeout=300)

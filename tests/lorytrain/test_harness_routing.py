@@ -7,18 +7,10 @@ import torch
 from lorytrain.generation import SamplingConfig, full_forward_logits, generate_with_logits
 from lorytrain.model import ModelConfig, build_model
 from lorytrain.model.routing import FFNContext
+from tests.lorytrain.runkit import FFN_VARIANTS
 
 T, LENGTH, VOCAB = 8, 30, 50
-VARIANTS = {
-    "dense": dict(ffn="dense"),
-    "lory": dict(ffn="lory"),
-    "lory-uniform": dict(ffn="lory", first_segment="uniform"),
-    "prefix": dict(ffn="prefix"),
-    "topk2": dict(ffn="topk", top_k=2),
-    "ec-token": dict(ffn="expert-choice", ec_level="token"),
-    "ec-segment": dict(ffn="expert-choice", ec_level="segment"),
-    "lory-samoe": dict(ffn="lory", samoe_pool=3),
-}
+VARIANTS = FFN_VARIANTS
 
 
 def sharp_model(**options):

@@ -5,20 +5,12 @@ import torch
 
 from lorytrain.errors import LoryTrainError
 from lorytrain.model import ModelConfig, build_model
+from tests.lorytrain.runkit import FFN_VARIANTS
 
 T, VOCAB = 8, 50
 PROMPT_LENS = [3, 8, 13]  # inside segment 1, exactly one segment, across a boundary
 
-VARIANTS = {
-    "dense": dict(ffn="dense"),
-    "lory": dict(ffn="lory"),
-    "lory-uniform": dict(ffn="lory", first_segment="uniform"),
-    "prefix": dict(ffn="prefix"),
-    "topk2": dict(ffn="topk", top_k=2),
-    "ec-token": dict(ffn="expert-choice", ec_level="token"),
-    "ec-segment": dict(ffn="expert-choice", ec_level="segment"),
-    "lory-samoe": dict(ffn="lory", samoe_pool=3),
-}
+VARIANTS = FFN_VARIANTS
 
 
 def decode(model, prompts, lens, new_tokens, routing):

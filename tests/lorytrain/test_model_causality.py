@@ -5,20 +5,14 @@ import pytest
 import torch
 
 from lorytrain.model import ModelConfig, build_model
+from tests.lorytrain.runkit import FFN_VARIANTS
 
 T, LENGTH, VOCAB = 8, 40, 50
 
 VARIANTS = {
-    "dense": dict(ffn="dense"),
-    "lory": dict(ffn="lory"),
-    "lory-uniform": dict(ffn="lory", first_segment="uniform"),
-    "prefix": dict(ffn="prefix"),
+    **FFN_VARIANTS,
     "prefix-uniform": dict(ffn="prefix", first_segment="uniform"),
     "topk1": dict(ffn="topk", top_k=1),
-    "topk2": dict(ffn="topk", top_k=2),
-    "ec-token": dict(ffn="expert-choice", ec_level="token"),
-    "ec-segment": dict(ffn="expert-choice", ec_level="segment"),
-    "lory-samoe": dict(ffn="lory", samoe_pool=3),
     "topk-samoe": dict(ffn="topk", top_k=2, samoe_pool=3),
 }
 # routing that reads segment 1's own mean is causal only from the second segment on

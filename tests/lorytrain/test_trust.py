@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from lorytrain.training import checkpoint as checkpoint_module
 from lorytrain.training.checkpoint import verify_checkpoint
 from lorytrain.training.trainer import Trainer
 from tests.lorydata.trustkit import edit_manifest, set_token
-from tests.lorytrain.runkit import sample_documents, write_shards
+from tests.lorytrain.runkit import sample_documents, wait_for_steps, write_shards
 from tests.lorytrain.test_training import REPO, _overrides, config, losses, run
 
 STEP = "step-{:08d}".format
@@ -318,16 +317,6 @@ def test_ctrl_c_during_a_checkpoint_leaves_no_temp_folder_or_lock(text_shards, t
     assert not (out / LOCK_NAME).exists()
 
 
-def _wait_for_steps(path: Path, steps: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= steps:
-            return
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not reach {steps} steps")
-
-
 def _long_run(train: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cli", *_train_args(train, out, "--steps", "5000")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -339,7 +328,7 @@ def test_ctrl_c_exits_130_with_one_line(text_shards, tmp_path):
     train, _ = text_shards
     out = tmp_path / "run"
     process = _long_run(train, out)
-    _wait_for_steps(out / "metrics.jsonl", 2, process)
+    wait_for_steps(out / "metrics.jsonl", 2, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr[-3000:]
@@ -445,7 +434,7 @@ def test_second_lory_train_exits_at_once_while_the_first_runs(text_shards, tmp_p
     out = tmp_path / "run"
     first = _long_run(train, out)
     try:
-        _wait_for_steps(out / "metrics.jsonl", 1, first)
+        wait_for_steps(out / "metrics.jsonl", 1, first)
         second = _cli(_train_args(train, out, "--steps", "5000", "--resume"), timeout=120)
         line = _one_error_line(second)
         assert f"is being written by pid {first.pid} on {socket.gethostname()}" in line and "lory train" in line

@@ -5,19 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from cli import main as lory_main
 from lorydata.dataset import ShardDataset
 from lorydata.manifest import Manifest
 from lorydata.tokenizer import Tokenizer
 from tests.lorydata.badcorpus import GOOD, MAX_CHARS, write_bad_corpus
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        lory_main([str(a) for a in args])
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
+from tests.lorydata.shardkit import run_cli
 
 
 def all_text(folder):
