@@ -354,6 +354,30 @@ def load_npy(path: str) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
 
 
+def load_npy_rows(path: str, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted, unique) of a 2-d C-order .npy file, read by seeking to each run
+    of consecutive rows: a few kilobytes of a large file, on local disk and object stores
+    (whose readers fetch byte ranges)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with open_read(path) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a 2-d C-order array, got shape {shape}")
+        row_bytes, offset = int(shape[1]) * dtype.itemsize, f.tell()
+        out = np.empty((len(rows), shape[1]), dtype=dtype)
+        if not len(rows):
+            return out
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for run_start, run_end in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist(), strict=True):
+            first, count = int(rows[run_start]), run_end - run_start
+            f.seek(offset + first * row_bytes)
+            data = f.read(count * row_bytes)
+            out[run_start:run_end] = np.frombuffer(data, dtype=dtype).reshape(count, shape[1])
+    return out
+
+
 def save_npz(path: str, **arrays: np.ndarray) -> None:
     write_bytes(path, npz_bytes(**arrays))
 

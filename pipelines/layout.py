@@ -6,7 +6,7 @@ A build folder (`--out`) holds the outputs (`train/`, `heldout/`, `dead_letters/
     _work/documents/            b<bucket>.parquet (deduplicated, tokenized documents)
         raw/b<bucket>/          f<file>-<flush>.parquet (read step → dedup step)
         deduped/                b<bucket>.parquet (dedup step → near dedup)
-        near_dedup/             lsh/l<bucket>/*.arrow, edges/, drops/
+        near_dedup/             signatures/b<bucket>.npy, lsh/l<bucket>/*.arrow, edges/, drops/
         dead_letters/           <step>-<part>.jsonl (copied to OUT/dead_letters at the end)
     _work/embeddings/           b<bucket>.npy, row-aligned with b<bucket>.parquet
     _work/order/<split>/        routes/b<bucket>.npy, units.npy, knn/ (P = 1), and scratch:
@@ -33,7 +33,7 @@ SPLITS = ("train", "heldout")
 LOCK = LOCK_NAME  # the build's lock on --out (`pipelines.lock`)
 # Intermediate files of each stage, removed once it is done (relative to its folder).
 SCRATCH = {
-    "documents": ("raw", "deduped", "near_dedup/lsh"),
+    "documents": ("raw", "deduped", "near_dedup/lsh", "near_dedup/signatures"),
     "embeddings": ("model",),
     "order": ("unitcounts", "signatures", "cells", "cellcounts", "cellroutes"),
     "shards": ("_scratch",),
@@ -145,6 +145,11 @@ def lsh_file(near_dedup: str, bucket: int, part: str) -> str:
 
 def lsh_files(near_dedup: str, bucket: int) -> list[str]:
     return fileio.match(fileio.join(near_dedup, "lsh", lsh_name(bucket), "*.arrow"))
+
+
+def minhash_file(near_dedup: str, documents: str) -> str:
+    """MinHash signatures of a deduplicated documents file, row-aligned with it."""
+    return fileio.join(near_dedup, "signatures", f"{fileio.stem(documents)}.npy")
 
 
 def edges_file(near_dedup: str, bucket: int) -> str:

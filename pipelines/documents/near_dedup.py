@@ -8,12 +8,14 @@ between steps through files partitioned by destination, never through an in-memo
 shuffle, and Beam carries only file names and bucket numbers:
 
 1. sign (`SignFileFn`, one deduplicated file per element): MinHash signature and band keys of
-   every document; each (band key, content hash, length, id, file, signature) record goes
-   to the LSH bucket file of `band key % lsh_buckets` (`layout.lsh_file`).
+   every document; the signatures go once to the file's signatures file
+   (`layout.minhash_file`, row-aligned), and each (band key, content hash, length, id,
+   file, row) record to the LSH bucket file of `band key % lsh_buckets` (`layout.lsh_file`).
 2. verify (`VerifyBucketFn`, one LSH bucket per element): records sorted by (band key,
-   content hash), candidate pairs within each band key verified by estimated Jaccard, and a
-   spanning forest of the verified pairs (at most m - 1 edges per band key of m members)
-   written to the bucket's edges file.
+   content hash); for the band keys two or more documents share, their signatures are read
+   by row, candidate pairs within each key verified by estimated Jaccard, and a spanning
+   forest of the verified pairs (at most m - 1 edges per band key of m members) written to
+   the bucket's edges file.
    Steps 1 and 2 run as one Beam pipeline (`BeamRunner.run_steps`: verify starts when every
    file is signed).
 3. driver: connected components over the (few) edges, one keeper per component
@@ -48,23 +50,29 @@ from pipelines import dead_letters, fileio, layout
 from pipelines.commits import Commit, PartitionFn
 from pipelines.runner.beam import BeamRunner
 
-# Band records per LSH bucket the step aims for: ≈ 100k × (4·128 + ~100) bytes ≈ 60 MB for
-# one verifying worker at the default 128 permutations.
+# Band records per LSH bucket the step aims for: ≈ 100k × ~90 bytes ≈ 9 MB for one verifying
+# worker (a record names its document's signature row instead of holding it).
 RECORDS_PER_BUCKET = 100_000
 # A signing worker writes its buffered records out every this many records.
-FLUSH_RECORDS = 50_000
+FLUSH_RECORDS = 400_000
+
+
 def lsh_bucket_count(documents: int, bands: int) -> int:
     """LSH buckets for `documents` documents, each holding about `RECORDS_PER_BUCKET` records."""
     return max(1, math.ceil(documents * bands / RECORDS_PER_BUCKET))
 
 
-def band_schema(num_perm: int) -> pa.Schema:
-    return pa.schema([("band", pa.uint64()), ("key", pa.string()), ("length", pa.int64()), ("id", pa.string()),
-                      ("file", pa.string()), ("signature", pa.list_(pa.uint32(), num_perm))])
+BAND_SCHEMA = pa.schema([("band", pa.uint64()), ("key", pa.string()), ("length", pa.int64()), ("id", pa.string()),
+                         ("file", pa.string()), ("row", pa.uint32())])
 
 
 class SignFileFn(PartitionFn):
-    """deduplicated documents file → its band records in LSH bucket files.
+    """deduplicated documents file → its signatures file and its band records in LSH bucket
+    files.
+
+    The signatures (num_perm × 4 bytes a document) are written once, row-aligned with the
+    documents file; each of a document's band records names its row there, so the bucket
+    files carry about 90 bytes a band instead of the whole signature once per band.
 
     Args:
         folder: the near-dedup work folder.
@@ -83,41 +91,49 @@ class SignFileFn(PartitionFn):
         signatures, has_words = self.hasher.signatures(table.column("text").to_pylist())  # one compiled pass
         out.count("near_dedup.no_words", int((~has_words).sum()))
         out.count("near_dedup.signed", int(has_words.sum()))
+        out.save_npy(layout.minhash_file(self.folder, path), signatures)
         signed = np.flatnonzero(has_words)
         lengths = pc.utf8_length(table.column("text")).to_numpy(zero_copy_only=False).astype(np.int64)
         per_part = -(-FLUSH_RECORDS // self.config.bands)  # documents per part: a bounded buffer per file
         for part, start in enumerate(range(0, len(signed), per_part)):
             rows = signed[start: start + per_part]
-            self._write(out, table, rows, signatures[rows], lengths[rows], fileio.stem(path), part)
+            self._write(out, table, rows, self.hasher.band_keys(signatures[rows]), lengths[rows], fileio.stem(path),
+                        part)
 
-    def _write(self, out: Commit, table: pa.Table, rows: np.ndarray, signatures: np.ndarray, lengths: np.ndarray,
+    def _write(self, out: Commit, table: pa.Table, rows: np.ndarray, bands: np.ndarray, lengths: np.ndarray,
                stem: str, part: int) -> None:
-        bands = self.hasher.band_keys(signatures)  # (documents, bands)
-        destination = bands % np.uint64(self.buckets)
-        schema = band_schema(self.config.num_perm)
-        for bucket in np.unique(destination).tolist():
-            members, cols = np.nonzero(destination == bucket)
-            chosen = pa.array(rows[members])
+        destination = bands % np.uint64(self.buckets)  # (documents, bands)
+        order = np.argsort(destination, axis=None, kind="stable")
+        members, cols = np.unravel_index(order, destination.shape)
+        cuts = np.flatnonzero(np.diff(destination.ravel()[order])) + 1
+        for chunk in np.split(np.arange(len(order)), cuts):
+            if not len(chunk):
+                continue
+            m, c = members[chunk], cols[chunk]
+            chosen = pa.array(rows[m])
             table_part = pa.table(
                 [
-                    pa.array(bands[members, cols], pa.uint64()),
+                    pa.array(bands[m, c], pa.uint64()),
                     table.column("content_hash").take(chosen),
-                    pa.array(lengths[members], pa.int64()),
+                    pa.array(lengths[m], pa.int64()),
                     table.column("id").take(chosen),
-                    pa.array([stem] * len(members), pa.string()),
-                    pa.FixedSizeListArray.from_arrays(pa.array(signatures[members].ravel(), pa.uint32()),
-                                                      self.config.num_perm),
+                    pa.array([stem] * len(m), pa.string()),
+                    pa.array(rows[m], pa.uint32()),
                 ],
-                schema=schema,
+                schema=BAND_SCHEMA,
             )
             sink = pa.BufferOutputStream()
-            with pa.ipc.new_file(sink, schema) as writer:
+            with pa.ipc.new_file(sink, BAND_SCHEMA) as writer:
                 writer.write_table(table_part)
+            bucket = int(destination[m[0], c[0]])
             out.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), sink.getvalue().to_pybytes())
 
 
 class VerifyBucketFn(PartitionFn):
     """LSH bucket → its verified near-duplicate edges (a spanning forest per band key).
+
+    Only the records of band keys that two or more documents share are looked at further:
+    their signatures are read from the signing step's files, row by row.
 
     Args:
         folder: the near-dedup work folder.
@@ -135,17 +151,20 @@ class VerifyBucketFn(PartitionFn):
         tables = [pa.ipc.open_file(pa.BufferReader(fileio.read_bytes(p))).read_all() for p in paths]
         table = pa.concat_tables(tables).sort_by([("band", "ascending"), ("key", "ascending")])
         bands = table.column("band").to_numpy()
-        starts = np.flatnonzero(np.r_[True, bands[1:] != bands[:-1]])
-        ends = np.r_[starts[1:], len(bands)]
-        shared = [(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True) if e - s > 1]
         out.count("near_dedup.band_records", len(bands))
-        if not shared:
+        starts = np.flatnonzero(np.r_[True, bands[1:] != bands[:-1]])
+        sizes = np.diff(np.r_[starts, len(bands)])
+        shared = sizes > 1
+        if not shared.any():
             return
-        num_perm = table.schema.field("signature").type.list_size
-        signatures = table.column("signature").combine_chunks().flatten().to_numpy().reshape(-1, num_perm)
+        # the records of shared band keys, in sorted order, and each key's run among them
+        chosen = np.repeat(shared, sizes)
+        table = table.filter(pa.array(chosen))
+        runs = np.cumsum(np.r_[0, sizes[shared]])
+        signatures = self._signatures(table)
         columns = [table.column(c).to_pylist() for c in ("key", "length", "id", "file")]
         lines = []
-        for start, end in shared:
+        for start, end in zip(runs[:-1].tolist(), runs[1:].tolist(), strict=True):
             out.count("near_dedup.candidate_pairs", (end - start) * (end - start - 1) // 2)
             sets = UnionFind()
             for i, j, _ in bucket_pairs(signatures[start:end], self.threshold, self.pairwise_limit):
@@ -155,6 +174,20 @@ class VerifyBucketFn(PartitionFn):
         out.count("near_dedup.edges", len(lines))
         if lines:
             out.write_bytes(layout.edges_file(self.folder, bucket), "".join(lines).encode())
+
+    def _signatures(self, table: pa.Table) -> np.ndarray:
+        """(records, num_perm) signatures of `table`'s records, read from each file's rows."""
+        files = np.asarray(table.column("file").to_pylist(), dtype=object)
+        rows = table.column("row").to_numpy().astype(np.int64)
+        signatures = None
+        for stem in sorted(set(files.tolist())):
+            where = np.flatnonzero(files == stem)
+            needed, back = np.unique(rows[where], return_inverse=True)
+            found = fileio.load_npy_rows(layout.minhash_file(self.folder, stem), needed)
+            if signatures is None:
+                signatures = np.empty((len(rows), found.shape[1]), dtype=found.dtype)
+            signatures[where] = found[back]
+        return signatures
 
 
 class ApplyDropsFn(PartitionFn):
