@@ -4,7 +4,7 @@ A build folder (`--out`) holds the outputs (`train/`, `heldout/`, `dead_letters/
 `_work/`, one folder per stage:
 
     _work/documents/            b<bucket>.parquet (deduplicated, tokenized documents)
-        raw/b<bucket>/          f<file>-<flush>.parquet (read step → dedup step)
+        raw/b<bucket>/          f<file>-<flush>.arrow (read step → dedup step)
         deduped/                b<bucket>.parquet (dedup step → near dedup)
         near_dedup/             signatures/b<bucket>.npy, lsh/l<bucket>/*.arrow, edges/, drops/
         dead_letters/           <step>-<part>.jsonl (copied to OUT/dead_letters at the end)
@@ -124,11 +124,11 @@ def read_summary_files(stage: str) -> list[str]:
 
 
 def raw_file(stage: str, bucket: int, part: str) -> str:
-    return fileio.join(stage, "raw", bucket_name(bucket), f"{part}.parquet")
+    return fileio.join(stage, "raw", bucket_name(bucket), f"{part}.arrow")
 
 
 def raw_files(stage: str, bucket: int) -> list[str]:
-    return fileio.match(fileio.join(stage, "raw", bucket_name(bucket), "*.parquet"))
+    return fileio.match(fileio.join(stage, "raw", bucket_name(bucket), "*.arrow"))
 
 
 def near_dedup_folder(stage: str) -> str:
@@ -265,11 +265,11 @@ def scratch_folder(stage: str) -> str:
 
 
 def unit_part_file(scratch: str, unit: int, documents: str) -> str:
-    return fileio.join(scratch, "units", unit_name(unit), f"{fileio.stem(documents)}.parquet")
+    return fileio.join(scratch, "units", unit_name(unit), f"{fileio.stem(documents)}.arrow")
 
 
 def unit_part_files(scratch: str, unit: int) -> list[str]:
-    return fileio.match(fileio.join(scratch, "units", unit_name(unit), "*.parquet"))
+    return fileio.match(fileio.join(scratch, "units", unit_name(unit), "*.arrow"))
 
 
 def shard_part_file(scratch: str, shard: int, unit: int) -> str:

@@ -122,11 +122,8 @@ class SignFileFn(PartitionFn):
                 ],
                 schema=BAND_SCHEMA,
             )
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_file(sink, BAND_SCHEMA) as writer:
-                writer.write_table(table_part)
             bucket = int(destination[m[0], c[0]])
-            out.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), sink.getvalue().to_pybytes())
+            out.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), fileio.ipc_bytes(table_part))
 
 
 class VerifyBucketFn(PartitionFn):
@@ -148,8 +145,7 @@ class VerifyBucketFn(PartitionFn):
         paths = layout.lsh_files(self.folder, bucket)
         if not paths:
             return
-        tables = [pa.ipc.open_file(pa.BufferReader(fileio.read_bytes(p))).read_all() for p in paths]
-        table = pa.concat_tables(tables).sort_by([("band", "ascending"), ("key", "ascending")])
+        table = pa.concat_tables([fileio.read_ipc_table(p) for p in paths]).sort_by([("band", "ascending"), ("key", "ascending")])
         bands = table.column("band").to_numpy()
         out.count("near_dedup.band_records", len(bands))
         starts = np.flatnonzero(np.r_[True, bands[1:] != bands[:-1]])

@@ -54,7 +54,8 @@ class RouteTokensFn(PartitionFn):
             rows = np.flatnonzero(units == unit)
             part = pa.table({"key": keys[rows], "tokens": table.column("tokens").take(rows),
                              "domain": table.column("domain").take(rows)}, schema=UNIT_SCHEMA)
-            out.write_table(layout.unit_part_file(self.scratch, int(unit), path), part)
+            out.write_bytes(layout.unit_part_file(self.scratch, int(unit), path),
+                            fileio.ipc_bytes(part))
 
 
 class PackUnitFn(PartitionFn):
@@ -80,7 +81,8 @@ class PackUnitFn(PartitionFn):
     def run(self, element: tuple[int, int, int], out: Commit) -> None:
         unit, first, expected = element
         parts = layout.unit_part_files(self.scratch, unit)
-        table = fileio.read_tables(parts, schema=UNIT_SCHEMA).sort_by("key")
+        tables = [fileio.read_ipc_table(p) for p in parts]
+        table = (pa.concat_tables(tables) if tables else UNIT_SCHEMA.empty_table()).sort_by("key")
         tokens = table.column("tokens").combine_chunks()
         offsets = tokens.offsets.to_numpy()
         values = tokens.values.to_numpy(zero_copy_only=False)
@@ -118,8 +120,7 @@ class AssembleShardFn(PartitionFn):
 
     def run(self, shard: int, out: Commit) -> None:
         parts = layout.shard_part_files(self.scratch, shard)
-        tables = [pa.ipc.open_file(pa.BufferReader(fileio.read_bytes(p))).read_all() for p in parts]
-        table = pa.concat_tables(tables)
+        table = pa.concat_tables([fileio.read_ipc_table(p) for p in parts])
         place = permute(table.column("seq_id").to_numpy(), self.total, self.seed)
         expected = min(self.rows_per_shard, self.total - shard * self.rows_per_shard)
         if table.num_rows != expected or (place // self.rows_per_shard != shard).any():
