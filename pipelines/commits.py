@@ -61,11 +61,6 @@ class Commit:
     def save_json(self, path: str, value) -> None:
         self.write_bytes(path, fileio.json_bytes(value))
 
-    def copy(self, source: str, target: str) -> None:
-        """Copy a file (server-side on object stores; its size is recorded, not its hash)."""
-        fileio.copy(source, target)
-        self.files[fileio.relative(target, self.stage)] = [fileio.size(target), None]
-
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + int(n)
 

@@ -340,6 +340,10 @@ def write_table(path: str, table: pa.Table, row_group_rows: int = 1024) -> None:
 
 
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file, or an Arrow IPC file (`.arrow`, `ipc_bytes`), as a table."""
+    if str(path).endswith(".arrow"):
+        table = read_ipc_table(path)
+        return table.select(columns) if columns is not None else table
     with open_read(path) as f:
         return pq.read_table(f, columns=columns)
 

@@ -5,7 +5,7 @@ A build folder (`--out`) holds the outputs (`train/`, `heldout/`, `dead_letters/
 
     _work/documents/            b<bucket>.parquet (deduplicated, tokenized documents)
         raw/b<bucket>/          f<file>-<flush>.arrow (read step → dedup step)
-        deduped/                b<bucket>.parquet (dedup step → near dedup)
+        deduped/                b<bucket>.arrow (dedup step → near dedup)
         near_dedup/             signatures/b<bucket>.npy, lsh/l<bucket>/*.arrow, edges/, drops/
         dead_letters/           <step>-<part>.jsonl (copied to OUT/dead_letters at the end)
     _work/embeddings/           b<bucket>.npy, row-aligned with b<bucket>.parquet
@@ -107,11 +107,11 @@ def documents_files(stage: str) -> list[str]:
 
 
 def deduped_file(stage: str, bucket: int) -> str:
-    return fileio.join(stage, "deduped", f"{bucket_name(bucket)}.parquet")
+    return fileio.join(stage, "deduped", f"{bucket_name(bucket)}.arrow")
 
 
 def deduped_files(stage: str) -> list[str]:
-    return fileio.match(fileio.join(stage, "deduped", "b*.parquet"))
+    return fileio.match(fileio.join(stage, "deduped", "b*.arrow"))
 
 
 def read_summary_file(stage: str, index: int) -> str:

@@ -99,5 +99,7 @@ class DedupBucketFn(PartitionFn):
         table = (kept.append_column("split", pa.array(splits, pa.string()))
                  .append_column("tokens", tokens)
                  .select(DOCUMENT_SCHEMA.names).cast(DOCUMENT_SCHEMA))
-        target = layout.documents_file if self.final else layout.deduped_file
-        out.write_table(target(self.folder, bucket), table)
+        if self.final:
+            out.write_table(layout.documents_file(self.folder, bucket), table)
+        else:  # scratch for near dedup, whose apply step writes the documents file
+            out.write_bytes(layout.deduped_file(self.folder, bucket), fileio.ipc_bytes(table))

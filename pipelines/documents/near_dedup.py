@@ -22,7 +22,7 @@ shuffle, and Beam carries only file names and bucket numbers:
    (`lorydata.near_dedup.group_duplicates`); drop lists written per documents file
    (`layout.drops_file`: dropped hash → [kept id, group size]).
 4. apply (`ApplyDropsFn`, one deduplicated file per element): the stage's documents file,
-   which is the deduplicated file without its dropped documents (a copy where it has none);
+   which is the deduplicated (Arrow IPC scratch) file without its dropped documents, as Parquet;
    the dropped documents become `near_duplicate` dead letters naming the id they duplicate
    (`near_dedup-<file>.jsonl`). Inputs are never changed, so every step can be resumed.
 
@@ -188,7 +188,7 @@ class VerifyBucketFn(PartitionFn):
 
 class ApplyDropsFn(PartitionFn):
     """deduplicated documents file → the stage's documents file without its dropped documents
-    (not written when nothing is left; a copy when it has none), and `near_duplicate` dead
+    (not written when nothing is left), and `near_duplicate` dead
     letters. The counts it adds are the documents stage's own (`documents_kept`, `tokens`,
     `documents.<split>`, `tokens.<split>`: down by what it drops; `dropped.near_duplicate`:
     up), so the stage's counts come out right by adding them.
@@ -204,11 +204,11 @@ class ApplyDropsFn(PartitionFn):
 
     def run(self, path: str, out: Commit) -> None:
         target = layout.documents_file(self.stage, int(fileio.stem(path)[1:]))
+        table = fileio.read_table(path)
         if fileio.stem(path) not in self.with_drops:
-            out.copy(path, target)
+            out.write_table(target, table)
             return
         drops = fileio.load_json(layout.drops_file(self.folder, path))
-        table = fileio.read_table(path)
         hashes = table.column("content_hash").to_pylist()
         keep = np.array([h not in drops for h in hashes], dtype=bool)
         sources, lines, splits = (table.column(c).to_pylist() for c in ("source", "line", "split"))
