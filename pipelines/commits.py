@@ -52,6 +52,10 @@ class Commit:
     def write_table(self, path: str, table: pa.Table) -> None:
         self.write_bytes(path, fileio.table_bytes(table))
 
+    def write_scratch(self, path: str, table: pa.Table) -> None:
+        """A table the next step reads once, as Arrow IPC (`fileio.scratch_compression`)."""
+        self.write_bytes(path, fileio.ipc_bytes(table, fileio.scratch_compression(path)))
+
     def save_npy(self, path: str, array: np.ndarray) -> None:
         self.write_bytes(path, fileio.npy_bytes(array))
 

@@ -102,4 +102,4 @@ class DedupBucketFn(PartitionFn):
         if self.final:
             out.write_table(layout.documents_file(self.folder, bucket), table)
         else:  # scratch for near dedup, whose apply step writes the documents file
-            out.write_bytes(layout.deduped_file(self.folder, bucket), fileio.ipc_bytes(table))
+            out.write_scratch(layout.deduped_file(self.folder, bucket), table)

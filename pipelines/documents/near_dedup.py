@@ -123,7 +123,7 @@ class SignFileFn(PartitionFn):
                 schema=BAND_SCHEMA,
             )
             bucket = int(destination[m[0], c[0]])
-            out.write_bytes(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), fileio.ipc_bytes(table_part))
+            out.write_scratch(layout.lsh_file(self.folder, bucket, f"{stem}-{part:04d}"), table_part)
 
 
 class VerifyBucketFn(PartitionFn):

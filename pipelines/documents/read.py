@@ -101,6 +101,5 @@ class ReadToBucketsFn(PartitionFn):
                letters: list[DeadLetter]) -> None:
         name = f"f{index:06d}-{flush:04d}"
         for bucket, docs in rows.items():
-            out.write_bytes(layout.raw_file(self.folder, bucket, name),
-                            fileio.ipc_bytes(pa.Table.from_pylist(docs, schema=RAW_SCHEMA)))
+            out.write_scratch(layout.raw_file(self.folder, bucket, name), pa.Table.from_pylist(docs, schema=RAW_SCHEMA))
         dead_letters.write(out, layout.dead_letter_file(self.folder, f"read-{name}"), letters)

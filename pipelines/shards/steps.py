@@ -54,8 +54,7 @@ class RouteTokensFn(PartitionFn):
             rows = np.flatnonzero(units == unit)
             part = pa.table({"key": keys[rows], "tokens": table.column("tokens").take(rows),
                              "domain": table.column("domain").take(rows)}, schema=UNIT_SCHEMA)
-            out.write_bytes(layout.unit_part_file(self.scratch, int(unit), path),
-                            fileio.ipc_bytes(part))
+            out.write_scratch(layout.unit_part_file(self.scratch, int(unit), path), part)
 
 
 class PackUnitFn(PartitionFn):
