@@ -16,6 +16,9 @@ words "static" / "static-bpe": distilled once from the bundled MiniLM and cached
 tokens (default `STATIC_TOKENS`), or over all of them with `long_documents="whole"`.
 `Embedder.encode_ids` embeds documents from token ids already computed (lory's BPE ids for
 "static-bpe").
+
+LSA folders (`lorydata.lexical_embed`: a table fitted on the corpus's own token ids, sublinear
+TF-IDF pooling) load as static models too: same token window, same `encode_ids`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lorydata.errors import LoryDataError
+from lorydata.lexical_embed import LsaModel, is_lsa_folder, lsa_info
 from lorydata.model_cache import folder_fingerprint
 from lorydata.static_embed import (
     DEFAULT_DIMS,
@@ -58,7 +62,8 @@ class EmbedderConfig:
 
     Args:
         model: None = the bundled all-MiniLM-L6-v2; a sentence-transformers folder or hub
-            name (transformer or StaticEmbedding); a model2vec folder; "static" = a static
+            name (transformer or StaticEmbedding); a model2vec folder; an LSA folder
+            (`lorydata.lexical_embed.fit_lsa`); "static" = a static
             model distilled from the bundled MiniLM (once, then cached); "static-bpe" = the
             same over the token ids of `static_tokenizer` (see `Embedder.encode_ids`).
         device: "auto" (CUDA when visible for torch transformers, else CPU), "cpu" or "cuda".
@@ -154,6 +159,8 @@ def _local_folder(source: str) -> Path | None:
 
 def _dimension_from_files(folder: Path) -> int | None:
     """Output dimension from modules.json: the last Dense `out_features`, else the Pooling size."""
+    if is_lsa_folder(folder):
+        return int(lsa_info(folder)["dims"])
     if is_static_folder(folder):
         return static_dimension(folder)
     modules_file = folder / "modules.json"
@@ -170,6 +177,13 @@ def _dimension_from_files(folder: Path) -> int | None:
         elif "Dense" in module.get("type", ""):
             dim = config.get("out_features", dim)
     return dim
+
+
+def _lsa_window(config: EmbedderConfig, info: dict) -> int | None:
+    """Tokens an LSA model reads: every one for "whole", else max_tokens, else the fit's window."""
+    if config.long_documents == "whole":
+        return None
+    return config.max_tokens or info.get("window")
 
 
 def _check_static_options(config: EmbedderConfig) -> None:
@@ -233,7 +247,8 @@ class Embedder:
 
     Attributes:
         name, source: display name and the folder (or hub name) loaded.
-        static: True for a static model (`encode_ids` available).
+        static: True for a static model (`encode_ids` available), LSA folders included.
+        lexical: True for an LSA folder (`lorydata.lexical_embed`).
         window: tokens read per text (per window for "chunk-mean"); None = the whole text.
         dim: vector size.
         tokenizer_sha256: static models distilled by lory: sha256 of the tokenizer.json
@@ -248,9 +263,13 @@ class Embedder:
         self.name, self.source = resolve_model(self.config.model, self.config.static_dims,
                                                self.config.static_tokenizer)
         folder = Path(self.source)
-        self.static = folder.is_dir() and is_static_folder(folder)
+        self.lexical = folder.is_dir() and is_lsa_folder(folder)
+        self.static = self.lexical or (folder.is_dir() and is_static_folder(folder))
         self.tokenizer_sha256 = None
         self._onnx = None
+        if self.lexical:
+            self._load_lsa(folder)
+            return
         if self.static:
             self._load_static(folder)
         else:
@@ -258,6 +277,22 @@ class Embedder:
         # sentence-transformers renamed the method in v5; v3/v4 only have the old name.
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
+
+    def _load_lsa(self, folder: Path) -> None:
+        _check_static_options(self.config)
+        if self.config.device == "cuda":
+            raise LoryDataError("an LSA model runs on CPU (a sparse product); use device auto or cpu")
+        self.device, self.precision = "cpu", "fp32"
+        try:
+            self.model = LsaModel(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise LoryDataError(f"cannot load LSA model {self.config.model!r}: {_one_line(exc)}") from exc
+        self.window = _lsa_window(self.config, lsa_info(folder))
+        self._tokenizer = self.model.tokenizer
+        if self.window is not None:  # as for static models: the tokenizer cuts texts at the window
+            self._tokenizer.enable_truncation(self.window)
+        self.dim = self.model.dim
+        self.tokenizer_sha256 = self.model.tokenizer_sha256
 
     def _load_static(self, folder: Path) -> None:
         _check_static_options(self.config)
@@ -269,7 +304,7 @@ class Embedder:
         self.model.eval()
         self.precision = "fp32"
         self.window = None if self.config.long_documents == "whole" else (self.config.max_tokens or STATIC_TOKENS)
-        tokenizer = self.model[0].tokenizer
+        tokenizer = self._tokenizer = self.model[0].tokenizer
         # The tokenizer cuts, the EmbeddingBag averages what is left. Distilled folders keep the
         # source's truncation (512 tokens for model2vec from a BERT): "whole" must lift it.
         if self.window is None:
@@ -362,7 +397,7 @@ class Embedder:
         on long documents, where tokenization is nearly all of a static model's time). With
         a window, only a prefix of each text is tokenized (`_token_prefix`).
         """
-        tokenizer = self.model[0].tokenizer
+        tokenizer = self._tokenizer
         encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # tokenizers < 0.20: no fast
         step = self.config.batch_size
         parts = []
@@ -386,6 +421,8 @@ class Embedder:
 
         if not docs:
             return np.zeros((0, self.dim), np.float32)
+        if self.lexical:  # the ids are already cut at the window
+            return self.model.embed_ids(docs, None)
         lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
         flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
         vocab = self.model[0].num_embeddings
@@ -456,7 +493,8 @@ class Embedder:
         if dim is None:  # an exotic layout or an uncached hub name: ask the model itself
             dim = Embedder(EmbedderConfig(model=config.model, device="cpu")).dim
         fingerprint = folder_fingerprint(folder) if folder is not None else None
-        static = folder is not None and is_static_folder(folder)
+        lexical = folder is not None and is_lsa_folder(folder)
+        static = lexical or (folder is not None and is_static_folder(folder))
         if static:
             _check_static_options(config)
         else:
@@ -468,9 +506,12 @@ class Embedder:
                     "dim": int(dim)}
         skip = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
         identity.update({k: v for k, v in asdict(config).items() if k not in skip})
-        if static:  # the tokens actually read, so a changed default changes the identity
+        if lexical:
+            identity["max_tokens"] = _lsa_window(config, lsa_info(folder))
+            identity["tokenizer_sha256"] = lsa_info(folder)["tokenizer_sha256"]
+        elif static:  # the tokens actually read, so a changed default changes the identity
             identity["max_tokens"] = None if config.long_documents == "whole" else (config.max_tokens or STATIC_TOKENS)
-        if static and static_info(folder).get("tokenizer_sha256"):
+        if static and not lexical and static_info(folder).get("tokenizer_sha256"):
             identity["tokenizer_sha256"] = static_info(folder)["tokenizer_sha256"]
         return identity
 
