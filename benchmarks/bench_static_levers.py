@@ -35,6 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 from bench_embedders import interval, load_documents
 
+from lorydata import lexical_embed
 from lorydata.embed import Embedder, EmbedderConfig, _bundled_model
 from lorydata.order_metrics import domain_agreement
 from lorydata.tokenizer import Tokenizer
@@ -150,6 +151,8 @@ class Sample:
         self.wp = {w: count_matrix(wp_ids, wp_vocab, w) for w in (64, *WINDOWS)}
         self.bp = {w: count_matrix(bpe_ids, bpe_vocab, w) for w in (64, *WINDOWS)}
         self.wp_idf, self.bp_idf = idf(self.wp[None]), idf(self.bp[None])
+        self.bpe_ids = bpe_ids
+        self.others = []  # the other samples (statistics estimated on other documents)
         self.other = None
 
 
@@ -378,10 +381,40 @@ def set_sif(t: dict, x: Sample) -> dict:
     return v
 
 
+def _lsa_build(ids: list, x: Sample, dims: int = lexical_embed.DEFAULT_LSA_DIMS,
+               window: int | None = lexical_embed.LSA_WINDOW) -> np.ndarray:
+    """The product's LSA (`lexical_embed.fit_lsa_table` + `embed_lsa`, special ids skipped)
+    fitted on `ids`, embedding the sample's ids."""
+    bpe = Tokenizer()
+    table = lexical_embed.fit_lsa_table(ids, bpe.vocab_size, dims, window, skip_ids=(bpe.eos_id, bpe.pad_id))
+    return lexical_embed.embed_lsa(table, x.bpe_ids, window)
+
+
+def set_build(t: dict, x: Sample) -> dict:
+    """What `lory build-corpus` runs: the product embedders ("static", "static-bpe" over the
+    stored ids; "lsa" fitted on the split's own documents, as a build fits it), and the LSA
+    levers: fitted on documents disjoint from the measured sample, dims, window, fit size."""
+    v = {"static (product, 256 tokens)": t["static"].encode(x.texts),
+         "static-bpe ids (product, 256 tokens)": t["static-bpe"].encode_ids(x.bpe_ids)}
+    own = x.bpe_ids
+    v["lsa (build: fit on the sample itself)"] = _lsa_build(own, x)
+    disjoint = [ids for other in x.others for ids in other.bpe_ids]
+    v[f"lsa fit on {len(x.others[0].bpe_ids)} disjoint docs"] = _lsa_build(x.others[0].bpe_ids, x)
+    v[f"lsa fit on {len(disjoint)} disjoint docs"] = _lsa_build(disjoint, x)
+    v["lsa fit on 300 of the sample"] = _lsa_build(own[:300], x)
+    v["lsa fit on 300 disjoint docs"] = _lsa_build(x.others[0].bpe_ids[:300], x)
+    for dims in (128, 384):
+        v[f"lsa dims {dims} (fit on the sample)"] = _lsa_build(own, x, dims=dims)
+    v["lsa window 128 (fit on the sample)"] = _lsa_build(own, x, window=128)
+    v["lsa window 512 (fit on the sample)"] = _lsa_build(own, x, window=512)
+    v["lsa whole documents (fit on the sample)"] = _lsa_build(own, x, window=None)
+    return v
+
+
 VARIANT_SETS = {"weights": set_weights, "lexical": set_lexical, "post": set_post, "tables": set_tables,
                 "tfidf": set_tfidf, "mix": set_mix, "pool": set_pool,
                 "dense": set_dense, "window": set_window,
-                "sif": set_sif}
+                "sif": set_sif, "build": set_build}
 
 
 def run(args) -> dict:
@@ -414,8 +447,13 @@ def run(args) -> dict:
         texts = [d["text"] for d in sample]
         prepared.append(Sample([e.ids for e in wp_tok.encode_batch(texts, add_special_tokens=False)],
                                bpe.encode_batch(texts), wp_vocab, bpe_vocab))
-    for s, x in enumerate(prepared):
+    for s, (sample, x) in enumerate(zip(samples, prepared, strict=True)):
         x.other = prepared[(s + 1) % len(prepared)]
+        x.others = [prepared[(s + i) % len(prepared)] for i in range(1, len(prepared))]
+        x.texts = [d["text"] for d in sample]
+    if "build" in args.sets:
+        t["static"] = Embedder(EmbedderConfig(model="static", device="cpu"))
+        t["static-bpe"] = Embedder(EmbedderConfig(model="static-bpe", device="cpu"))
 
     results, reference = {}, []
     for s, (sample, x) in enumerate(zip(samples, prepared, strict=True)):

@@ -25,13 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from lorydata.errors import LoryDataError
-from lorydata.lexical_embed import LsaModel, is_lsa_folder, lsa_info
+from lorydata.lexical_embed import (
+    LSA_FIT_DOCS,
+    LSA_WINDOW,
+    RECIPE,
+    LsaModel,
+    fit_lsa,
+    is_lsa_folder,
+    lsa_info,
+)
 from lorydata.model_cache import folder_fingerprint
 from lorydata.static_embed import (
     DEFAULT_DIMS,
@@ -45,6 +53,7 @@ from lorydata.static_embed import (
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 STATIC_MODELS = ("static", "static-bpe")
+LSA_MODEL = "lsa"  # fitted on the documents it embeds (`fit_lsa_model`), never resolved to a folder alone
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _LONG = ("start", "chunk-mean", "whole")
@@ -136,6 +145,9 @@ def resolve_model(model: str | None, static_dims: int = DEFAULT_DIMS, static_tok
         return model, str(static_model(_bundled_model(), static_dims))
     if model == "static-bpe":
         return model, str(static_bpe_model(_bundled_model(), static_tokenizer, static_dims))
+    if model == LSA_MODEL:
+        raise LoryDataError("model 'lsa' is fitted on the documents it embeds: build-corpus fits it in its embed "
+                            "stage; elsewhere fit one with lorydata.embed.fit_lsa_model and pass its folder")
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -487,6 +499,8 @@ class Embedder:
             the cached ONNX export for an ONNX backend.
         """
         config = config or EmbedderConfig()
+        if config.model == LSA_MODEL:
+            return _unfitted_lsa_identity(config)
         name, source = resolve_model(config.model, config.static_dims, config.static_tokenizer)
         folder = _local_folder(source)
         dim = _dimension_from_files(folder) if folder is not None else None
@@ -514,6 +528,50 @@ class Embedder:
         if static and not lexical and static_info(folder).get("tokenizer_sha256"):
             identity["tokenizer_sha256"] = static_info(folder)["tokenizer_sha256"]
         return identity
+
+
+def lsa_fit_window(config: EmbedderConfig) -> int | None:
+    """Tokens per document model "lsa" is fitted on and reads: all for "whole", else
+    `max_tokens`, else `LSA_WINDOW`."""
+    return None if config.long_documents == "whole" else (config.max_tokens or LSA_WINDOW)
+
+
+def _unfitted_lsa_identity(config: EmbedderConfig) -> dict:
+    """The identity of model "lsa" before its fit: the recipe that will be fitted (its table
+    depends on the documents, which the build's stage fingerprints already cover)."""
+    from lorydata.tokenizer import Tokenizer
+
+    _check_static_options(config)
+    tokenizer_sha256 = Tokenizer(config.static_tokenizer).sha256
+    recipe = {"recipe": RECIPE, "dims": config.static_dims, "window": lsa_fit_window(config),
+              "fit_documents": LSA_FIT_DOCS, "tokenizer_sha256": tokenizer_sha256}
+    identity = {"model": LSA_MODEL, "source": "fitted on the documents it embeds", "backend": config.backend,
+                "fingerprint": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16],
+                "dim": int(config.static_dims)}
+    skip = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
+    identity.update({k: v for k, v in asdict(config).items() if k not in skip})
+    identity.update(max_tokens=lsa_fit_window(config), tokenizer_sha256=tokenizer_sha256)
+    return identity
+
+
+def fit_lsa_model(config: EmbedderConfig, token_ids: list, out: str | Path) -> EmbedderConfig:
+    """Fit model "lsa" on documents' token ids and return the config that loads the fit.
+
+    Args:
+        config: model "lsa"; `static_dims` columns, `static_tokenizer` the tokenizer of the
+            ids (None = lory's bundled one), the window from `max_tokens` / `long_documents`.
+        token_ids: the documents' ids in an order that does not depend on the runner (the
+            first `LSA_FIT_DOCS` are fitted on).
+        out: the folder to write the fitted model into (local).
+
+    Returns:
+        `config` with `model` set to the written folder.
+    """
+    if config.model != LSA_MODEL:
+        raise LoryDataError(f"fit_lsa_model fits model {LSA_MODEL!r}, got {config.model!r}")
+    _check_static_options(config)
+    folder = fit_lsa(token_ids, out, config.static_tokenizer, config.static_dims, lsa_fit_window(config))
+    return replace(config, model=str(Path(folder).resolve()))
 
 
 def embedding_dim(config: EmbedderConfig | None = None) -> int:

@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from lorydata import lexical_embed
-from lorydata.embed import Embedder, EmbedderConfig
+from lorydata.embed import Embedder, EmbedderConfig, fit_lsa_model
 from lorydata.errors import LoryDataError
 from lorydata.lexical_embed import embed_lsa, fit_lsa, fit_lsa_table, idf_weights
 from lorydata.order_metrics import domain_agreement
@@ -146,3 +146,23 @@ def test_lsa_user_errors(lsa_folder, tmp_path):
     np.save(damaged / lexical_embed.TABLE_FILE, table)
     with pytest.raises(LoryDataError, match="does not match its recorded sha256"):
         Embedder(EmbedderConfig(model=str(damaged)))
+
+
+def test_model_lsa_is_fitted_on_the_documents_then_loads(sample_ids, tmp_path):
+    config = EmbedderConfig(model="lsa", static_dims=24, max_tokens=128)
+    planned = Embedder.describe(config)
+    assert planned["model"] == "lsa" and planned["dim"] == 24 and planned["max_tokens"] == 128
+    assert planned["tokenizer_sha256"] == Tokenizer().sha256
+    assert Embedder.describe(EmbedderConfig(model="lsa", static_dims=16))["fingerprint"] != planned["fingerprint"]
+    with pytest.raises(LoryDataError, match="fitted on the documents it embeds"):
+        Embedder(config)
+    fitted = fit_lsa_model(config, sample_ids[:100], tmp_path / "lsa")
+    assert fitted.model == str((tmp_path / "lsa").resolve()) and fitted.max_tokens == 128
+    embedder = Embedder(fitted)
+    assert embedder.lexical and embedder.dim == 24 and embedder.window == 128
+    assert lexical_embed.lsa_info(tmp_path / "lsa")["window"] == 128
+    assert Embedder.describe(fitted)["dim"] == 24
+    np.testing.assert_allclose(embedder.encode_ids(sample_ids[100:103]),
+                               embed_lsa(embedder.model.table, sample_ids[100:103], 128), atol=1e-6)
+    with pytest.raises(LoryDataError, match="fits model 'lsa'"):
+        fit_lsa_model(EmbedderConfig(model="static"), sample_ids[:10], tmp_path / "x")
