@@ -500,6 +500,36 @@ def report(results: dict) -> None:
               f"{fmt(row['knn10_overlap_minilm']):>21s}")
 
 
+def plot(results: dict, path: Path) -> None:
+    """Nearest-neighbour and walk same-domain share of every variant (mean ± 95% interval),
+    MiniLM's mean as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["variants"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.28 * len(names)), sharey=True)
+    for ax, key, title in ((axes[0], "nearest_same_domain", "nearest neighbour of the same domain"),
+                           (axes[1], "walk_same_domain", "adjacent documents of one domain (walk)")):
+        means = [results["variants"][n][key][0] for n in names]
+        spans = [results["variants"][n][key][1] for n in names]
+        for i, name in enumerate(names):
+            colour = "C3" if name == "minilm torch" else "C2" if name.startswith("lsa") else "C0"
+            ax.errorbar(means[i], i, xerr=spans[i], fmt="o", color=colour, capsize=3)
+        if "minilm torch" in results["variants"]:
+            ax.axvline(results["variants"]["minilm torch"][key][0], color="C3", ls="--", lw=1)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(title, fontsize=10)
+    axes[0].set_yticks(range(len(names)), names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{results['corpus']}: {results['samples']} × {results['documents_per_sample']} documents "
+                 "(mean ± 95% interval over samples)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="jsonl(.zst) corpus with a 'domain' field")
@@ -517,7 +547,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out / 'results.json'}")
+    plot(results, out / "levers.png")
+    print(f"wrote {out / 'results.json'} and {out / 'levers.png'}")
 
 
 if __name__ == "__main__":

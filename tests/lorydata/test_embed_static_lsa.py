@@ -166,3 +166,19 @@ def test_model_lsa_is_fitted_on_the_documents_then_loads(sample_ids, tmp_path):
                                embed_lsa(embedder.model.table, sample_ids[100:103], 128), atol=1e-6)
     with pytest.raises(LoryDataError, match="fits model 'lsa'"):
         fit_lsa_model(EmbedderConfig(model="static"), sample_ids[:10], tmp_path / "x")
+
+
+def test_encode_ids_equals_an_explicit_loop_over_tokens(lsa_folder, sample_ids):
+    embedder = Embedder(EmbedderConfig(model=str(lsa_folder), max_tokens=100))
+    table = np.load(lsa_folder / lexical_embed.TABLE_FILE).astype(np.float64)
+    docs = sample_ids[1:30:3]
+    expected = []
+    for ids in docs:
+        counts = {}
+        for token in ids[:100]:
+            counts[int(token)] = counts.get(int(token), 0) + 1
+        v = np.zeros(table.shape[1])
+        for token, count in counts.items():
+            v += (1 + np.log(count)) * table[token]
+        expected.append(v / np.linalg.norm(v))
+    np.testing.assert_allclose(embedder.encode_ids(docs), np.array(expected), atol=1e-5)
