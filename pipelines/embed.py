@@ -179,7 +179,11 @@ def fit_build_lsa(config: EmbedderConfig, files: list[str], folder: str) -> tupl
             for name in (lexical_embed.TABLE_FILE, "tokenizer.json", lexical_embed.INFO_FILE):  # info last: commit
                 fileio.write_bytes(fileio.join(target, name), (local / name).read_bytes())
     fitted = dataclasses.replace(config, model=target)
-    identity = {**Embedder.describe(_local_copy(fitted)), "model": LSA_MODEL, "source": target}
+    local = _local_copy(fitted)
+    documents = lexical_embed.lsa_info(Path(local.model))["fit_documents"]
+    # The folder is the stage's scratch: the manifest says what the fit was, not where it was.
+    identity = {**Embedder.describe(local), "model": LSA_MODEL, "fit_documents": documents,
+                "source": f"fitted by the embeddings stage on {documents} {LSA_SPLIT} documents"}
     return fitted, identity
 
 
