@@ -18,7 +18,9 @@ tokens (default `STATIC_TOKENS`), or over all of them with `long_documents="whol
 "static-bpe").
 
 LSA folders (`lorydata.lexical_embed`: a table fitted on the corpus's own token ids, sublinear
-TF-IDF pooling) load as static models too: same token window, same `encode_ids`.
+TF-IDF pooling) load as static models too: same token window, same `encode_ids`. The word
+"lsa" names one not fitted yet: `fit_lsa_model` fits it on documents' ids (build-corpus does
+so in its embeddings stage); `Embedder` refuses it unfitted.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class EmbedderConfig:
             name (transformer or StaticEmbedding); a model2vec folder; an LSA folder
             (`lorydata.lexical_embed.fit_lsa`); "static" = a static
             model distilled from the bundled MiniLM (once, then cached); "static-bpe" = the
-            same over the token ids of `static_tokenizer` (see `Embedder.encode_ids`).
+            same over the token ids of `static_tokenizer` (see `Embedder.encode_ids`);
+            "lsa" = an LSA model still to be fitted over those ids (`fit_lsa_model`;
+            `static_dims` columns).
         device: "auto" (CUDA when visible for torch transformers, else CPU), "cpu" or "cuda".
         batch_size: texts (or chunks) per forward pass.
         precision: "auto" (fp16 on CUDA, fp32 on CPU), "fp32", or "fp16"/"bf16" (CUDA only).

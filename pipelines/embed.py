@@ -178,7 +178,8 @@ def fit_build_lsa(config: EmbedderConfig, files: list[str], folder: str) -> tupl
                 raise LoryDataError(f"--embedder lsa is fitted on the {LSA_SPLIT} split: {exc}") from None
             for name in (lexical_embed.TABLE_FILE, "tokenizer.json", lexical_embed.INFO_FILE):  # info last: commit
                 fileio.write_bytes(fileio.join(target, name), (local / name).read_bytes())
-    fitted = dataclasses.replace(config, model=target)
+    # --device cuda is for FAISS then: LSA is a sparse product, on CPU everywhere.
+    fitted = dataclasses.replace(config, model=target, device="cpu")
     local = _local_copy(fitted)
     documents = lexical_embed.lsa_info(Path(local.model))["fit_documents"]
     # The folder is the stage's scratch: the manifest says what the fit was, not where it was.
