@@ -156,3 +156,15 @@ def test_lsa_build_to_s3_gives_the_local_shards(built, cut, s3):  # noqa: F811
     build_corpus(BuildOptions(inputs=[str(cut)], out=s3.url(prefix), **LSA), log=quiet)
     assert s3_hashes(s3, prefix) == local_hashes(out)
     assert not [k for k in s3.keys(prefix) if "/_work/embeddings/model/" in k]
+
+
+@pytest.mark.slow
+def test_dask_workers_embed_with_the_fit_the_driver_published(built, cut, dask_cluster, tmp_path):  # noqa: F811
+    out, _ = built
+    dask = tmp_path / "dask"
+    build_corpus(BuildOptions(inputs=[str(cut)], out=str(dask), runner="dask",
+                              beam_args=[f"--dask_client_address={dask_cluster.scheduler_address}"], **LSA),
+                 log=quiet)
+    assert local_hashes(dask) == local_hashes(out)
+    assert Manifest.read(dask / "train").embedder == Manifest.read(out / "train").embedder
+    assert not (dask / "_work" / "embeddings" / "model").exists()
