@@ -41,6 +41,7 @@ from lorydata.lexical_embed import (
     fit_lsa,
     is_lsa_folder,
     lsa_info,
+    truncated_svd_class,
 )
 from lorydata.model_cache import folder_fingerprint
 from lorydata.static_embed import (
@@ -546,6 +547,7 @@ def _unfitted_lsa_identity(config: EmbedderConfig) -> dict:
     from lorydata.tokenizer import Tokenizer
 
     _check_static_options(config)
+    truncated_svd_class()  # a build fails before its first stage, not at its fit
     tokenizer_sha256 = Tokenizer(config.static_tokenizer).sha256
     recipe = {"recipe": RECIPE, "dims": config.static_dims, "window": lsa_fit_window(config),
               "fit_documents": LSA_FIT_DOCS, "tokenizer_sha256": tokenizer_sha256}

@@ -82,6 +82,20 @@ def idf_weights(df: np.ndarray, documents: int) -> np.ndarray:
     return np.log((1.0 + documents) / (1.0 + np.asarray(df, dtype=np.float64))) + 1.0
 
 
+def truncated_svd_class():
+    """scikit-learn's TruncatedSVD (imported here: heavy, and only fitting needs it).
+
+    Raises:
+        LoryDataError: scikit-learn is not installed.
+    """
+    try:
+        from sklearn.decomposition import TruncatedSVD
+    except ImportError:
+        raise LoryDataError("fitting an LSA model needs scikit-learn: install the static extra: "
+                            "pip install 'lory[static]'") from None
+    return TruncatedSVD
+
+
 def fit_lsa_table(token_ids: list, vocab_size: int, dims: int = DEFAULT_LSA_DIMS, window: int | None = LSA_WINDOW,
                   skip_ids: tuple[int, ...] = ()) -> np.ndarray:
     """The LSA table of a fit sample (module docstring).
@@ -97,8 +111,7 @@ def fit_lsa_table(token_ids: list, vocab_size: int, dims: int = DEFAULT_LSA_DIMS
     Returns:
         (vocab_size, dims) float32; tokens absent from the sample get zero rows.
     """
-    from sklearn.decomposition import TruncatedSVD  # heavy import, only where a table is fitted
-
+    svd_class = truncated_svd_class()
     if dims < 1:
         raise LoryDataError(f"LSA dims must be positive, got {dims}")
     counts = term_counts(token_ids, vocab_size, window)
@@ -117,7 +130,7 @@ def fit_lsa_table(token_ids: list, vocab_size: int, dims: int = DEFAULT_LSA_DIMS
     rank = min(dims, counts.shape[0] - 1, len(present) - 1)
     table = np.zeros((vocab_size, dims), np.float32)
     if rank >= 1:
-        svd = TruncatedSVD(rank, algorithm="randomized", n_iter=7, random_state=0).fit(rows)
+        svd = svd_class(rank, algorithm="randomized", n_iter=7, random_state=0).fit(rows)
         table[present, :rank] = (svd.components_.T * idf[:, None]).astype(np.float32)
     return table
 

@@ -182,3 +182,13 @@ def test_encode_ids_equals_an_explicit_loop_over_tokens(lsa_folder, sample_ids):
             v += (1 + np.log(count)) * table[token]
         expected.append(v / np.linalg.norm(v))
     np.testing.assert_allclose(embedder.encode_ids(docs), np.array(expected), atol=1e-5)
+
+
+def test_fitting_without_scikit_learn_is_one_clear_error(sample_ids, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.decomposition", None)  # as if scikit-learn were not installed
+    with pytest.raises(LoryDataError, match=r"needs scikit-learn: install the static extra"):
+        fit_lsa_table(sample_ids[:10], 8192, dims=4)
+    with pytest.raises(LoryDataError, match=r"needs scikit-learn"):
+        Embedder.describe(EmbedderConfig(model="lsa"))  # what build-corpus checks before its first stage
