@@ -328,7 +328,9 @@ def _build_option(*decls: str, help: str = "", **kwargs):
 @_build_option("--order", type=click.Choice(["similarity", "random"]))
 @_build_option("--embedder", help="Embedding model: a sentence-transformers or model2vec folder, 'static' (a "
                                   "static model distilled from the bundled MiniLM, ~70x faster on CPU) or "
-                                  "'static-bpe' (the same over lory's own token ids); default: the bundled MiniLM.")
+                                  "'static-bpe' (the same over lory's own token ids), 'lsa' (LSA of TF-IDF over "
+                                  "lory's token ids, fitted on this build's documents: orders like MiniLM at "
+                                  "static-bpe's speed); default: the bundled MiniLM.")
 @_build_option("--embed-backend", type=click.Choice(["torch", "onnx", "onnx-int8"]),
                help="Transformer embedders on CPU: ONNX Runtime (onnx-int8: ~2.5x torch).")
 @_build_option("--embed-batch-size", type=int)

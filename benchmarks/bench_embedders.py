@@ -15,8 +15,10 @@ documents at a time, in one process, so a busy machine slows them alike. Per emb
   order's share; mean ± 95% t-interval over the disjoint samples.
 
 `static-bpe ids` embeds lory BPE ids computed before the clock starts (the documents stage
-has them already), through `Embedder.encode_ids`. `--only LABEL...` runs a subset (without
-"minilm torch": no ratios, no cosines).
+has them already), through `Embedder.encode_ids`. `lsa ids` / `lsa` are the LSA embedder
+(`lorydata.lexical_embed`), fitted on each sample's own BPE ids before its clock starts, as
+a build fits it on the split it orders; the fit's seconds are reported apart ("fit s").
+`--only LABEL...` runs a subset (without "minilm torch": no ratios, no cosines).
 
 Usage:
     python benchmarks/bench_embedders.py --corpus PATH/dev_corpus/train.jsonl.zst --docs 300 --samples 3
@@ -25,9 +27,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from lorydata import lexical_embed
 from lorydata.clean import CleanConfig, clean_document
 from lorydata.documents import Document
 from lorydata.embed import Embedder, EmbedderConfig
@@ -47,6 +53,7 @@ from lorydata.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "embedders"
 REFERENCE = "minilm torch"
+FITTED = "fitted per sample"  # the model of LSA labels: fitted on each sample's ids
 
 
 def load_documents(path: str) -> list[dict]:
@@ -74,8 +81,11 @@ def embedder_specs(args) -> dict[str, tuple[EmbedderConfig, str]]:
         specs[f"{label} whole"] = (EmbedderConfig(model=model, long_documents="whole", batch_size=static_batch), mode)
         for cut in args.static_cuts:
             specs[f"{label} cut {cut}"] = (EmbedderConfig(model=model, max_tokens=cut, batch_size=static_batch), mode)
+    for mode, label in (("ids", "lsa ids"), ("text", "lsa")):
+        specs[label] = (EmbedderConfig(model=FITTED, batch_size=static_batch), mode)
+        specs[f"{label} whole"] = (EmbedderConfig(model=FITTED, long_documents="whole", batch_size=static_batch), mode)
     default = [REFERENCE, "minilm onnx", "minilm onnx-int8", "static", "static whole", "static-bpe", "static-bpe ids",
-               "static-bpe ids whole", *(f"static cut {cut}" for cut in args.static_cuts)]
+               "static-bpe ids whole", "lsa ids", "lsa", *(f"static cut {cut}" for cut in args.static_cuts)]
     unknown = sorted(set(args.only or []) - set(specs))
     if unknown:
         raise SystemExit(f"unknown embedder label(s) {unknown}; known: {sorted(specs)}")
@@ -106,6 +116,8 @@ def run(args) -> dict:
 
     embedders = {}
     for label, (config, _) in specs.items():
+        if config.model == FITTED:
+            continue
         start = time.perf_counter()
         embedders[label] = Embedder(config)
         print(f"  loaded {label:22s} {time.perf_counter() - start:6.1f} s  dim {embedders[label].dim}  "
@@ -116,12 +128,20 @@ def run(args) -> dict:
         _encode(embedder, specs[label][1], warm, bpe.encode_batch(warm))
 
     rows = {label: {"seconds": [], "ratio": [], "mb_per_s": [], "docs_per_s": [], "nearest": [], "walk": [],
-                    "cosine_mean": [], "cosine_min": []} for label in specs}
+                    "cosine_mean": [], "cosine_min": [], "fit_seconds": []} for label in specs}
+    fit_dir = Path(tempfile.mkdtemp(prefix="bench-lsa-"))
     random_share = []
     for s, sample in enumerate(samples):
         texts, domains = [d["text"] for d in sample], [d["domain"] for d in sample]
         megabytes = sum(len(t.encode()) for t in texts) / 1e6
         ids = bpe.encode_batch(texts)  # the documents stage's work, done before any clock
+        for label, (config, mode) in specs.items():  # LSA: fitted on this sample's ids, as a build does
+            if config.model == FITTED:
+                begin = time.perf_counter()
+                folder = lexical_embed.fit_lsa(ids, fit_dir / f"{s}-{label}", dims=args.lsa_dims)
+                rows[label]["fit_seconds"].append(time.perf_counter() - begin)
+                embedders[label] = Embedder(dataclasses.replace(config, model=str(folder)))
+                _encode(embedders[label], mode, warm, bpe.encode_batch(warm))
         vectors = {label: [] for label in embedders}
         seconds = dict.fromkeys(embedders, 0.0)
         for start in range(0, len(texts), args.chunk):  # all embedders chunk by chunk: a load change hits all
@@ -150,6 +170,7 @@ def run(args) -> dict:
         print(f"  sample {s + 1}/{len(samples)}: " + ", ".join(
             f"{label} {rows[label]['docs_per_s'][-1]:.1f}" for label in rows) + " docs/s", flush=True)
 
+    shutil.rmtree(fit_dir, ignore_errors=True)
     results = {"corpus": Path(args.corpus).name, "documents_per_sample": args.docs, "samples": args.samples,
                "seed": args.seed, "torch_threads": args.threads, "random_same_domain": interval(random_share),
                "embedders": {}}
@@ -162,6 +183,7 @@ def run(args) -> dict:
             "nearest_same_domain": interval(row["nearest"]), "walk_same_domain": interval(row["walk"]),
             "cosine_to_reference": ({"mean": float(np.mean(row["cosine_mean"])), "min": float(np.min(row["cosine_min"]))}
                                     if row["cosine_mean"] else None),
+            "fit_seconds": interval(row["fit_seconds"]) if row["fit_seconds"] else None,
             "raw": row}
     return results
 
@@ -179,15 +201,16 @@ def report(results: dict) -> None:
     print(f"\nmean ± 95% t-interval over {results['samples']} samples of {results['documents_per_sample']} documents "
           f"({results['corpus']}); random order same-domain share {fmt(results['random_same_domain'])}")
     print(f"{'embedder':22s} {'docs/s':>16s} {'MB/s':>14s} {'x MiniLM':>14s} {'cos to MiniLM':>15s} "
-          f"{'NN same domain':>16s} {'walk same domain':>17s}")
+          f"{'NN same domain':>16s} {'walk same domain':>17s} {'fit s':>12s}")
     for label, row in results["embedders"].items():
         cosine = row["cosine_to_reference"]
         cos = f"{cosine['mean']:.4f}/{cosine['min']:.3f}" if cosine else "-"
         ratio = fmt(row["ratio_to_reference"], 2) if row["ratio_to_reference"] else "-"
+        fit = fmt(row["fit_seconds"], 1) if row.get("fit_seconds") else "-"
         print(f"{label:22s} {fmt(row['docs_per_s'], 1):>16s} {fmt(row['mb_per_s'], 2):>14s} "
               f"{ratio:>14s} {cos:>15s} {fmt(row['nearest_same_domain']):>16s} "
-              f"{fmt(row['walk_same_domain']):>17s}")
-    print("(cos to MiniLM: mean/min over documents)")
+              f"{fmt(row['walk_same_domain']):>17s} {fit:>12s}")
+    print("(cos to MiniLM: mean/min over documents; fit s: seconds to fit the LSA table on the sample, not in docs/s)")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -228,6 +251,7 @@ def main(argv=None) -> None:
     parser.add_argument("--static-batch-size", type=int, default=64, help="static models' batch size")
     parser.add_argument("--static-cuts", type=int, nargs="*", default=[512],
                         help="other token budgets for static models (labels '... cut N')")
+    parser.add_argument("--lsa-dims", type=int, default=lexical_embed.DEFAULT_LSA_DIMS, help="LSA table columns")
     parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: torch's)")
     parser.add_argument("--chunk", type=int, default=50, help="documents each embedder embeds in turn")
     parser.add_argument("--only", nargs="*", default=None,

@@ -4,7 +4,8 @@ floor, timed in one process on the same documents with the same cores.
 - **Library floor**: the calls no build can avoid, each timed alone on the documents the
   build keeps: BPE tokenization (`Tokenizer.encode_batch_arrow`, every core), MinHash
   signing (`MinHasher.signatures`, near-dedup) and the embedder (`Embedder.encode`, or
-  `encode_ids` over the BPE ids for `static-bpe`; model loaded before the clock starts).
+  `encode_ids` over the BPE ids for `static-bpe` and `lsa`; model loaded before the clock
+  starts; `lsa`'s fit on the BPE ids, which the build's embed stage does, is in the clock).
 - **Build**: `build_corpus` end to end into a fresh folder (model load and every stage).
 - **Per stage**: each stage's seconds against its own library calls: documents vs
   tokenization + MinHash, embeddings vs the embedder, order vs lory's kNN graph + walk on
@@ -22,6 +23,7 @@ Usage:
     python benchmarks/bench_pipeline.py                                       # the bundled sample, MiniLM
     python benchmarks/bench_pipeline.py PATH/dev_corpus/train.jsonl.zst --embedder static
     python benchmarks/bench_pipeline.py PATH/dev_corpus/train.jsonl.zst --embedder static --quality minilm,onnx,static
+    python benchmarks/bench_pipeline.py PATH/dev_corpus/train.jsonl.zst --embedder lsa --quality minilm,static,lsa
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "lorydata" / "assets" / "sample" 
 BEFORE_DOCS_PER_S = 15.6  # the MiniLM build of the dev corpus before issue 21 (README)
 # --quality names → (--embedder, --embed-backend)
 EMBEDDERS = {"minilm": (None, "torch"), "onnx": (None, "onnx"), "onnx-int8": (None, "onnx-int8"),
-             "static": ("static", "torch"), "static-bpe": ("static-bpe", "torch")}
+             "static": ("static", "torch"), "static-bpe": ("static-bpe", "torch"), "lsa": ("lsa", "torch")}
 
 
 def load_documents(path: str, limit: int | None) -> list[dict]:
@@ -75,8 +77,22 @@ def timed(fn, *args):
     return time.perf_counter() - start, result
 
 
+def fit_lsa_embedder(config, ids: list):
+    """Model "lsa" fitted on the first `LSA_FIT_DOCS` documents' ids (cut at its window), loaded."""
+    from lorydata.embed import Embedder, fit_lsa_model, lsa_fit_window
+    from lorydata.lexical_embed import LSA_FIT_DOCS
+
+    window = lsa_fit_window(config)
+    folder = Path(tempfile.mkdtemp(prefix="bench-lsa-"))
+    try:
+        return Embedder(fit_lsa_model(config, [i[:window] for i in ids[:LSA_FIT_DOCS]], folder / "lsa"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # loaded: the files are no longer read
+
+
 def library_floor(texts: list[str], embedder) -> dict:
     """Seconds of each unavoidable call on `texts` (see the module docstring)."""
+    from lorydata.embed import EmbedderConfig
     from lorydata.minhash import MinHasher
     from lorydata.tokenizer import Tokenizer
 
@@ -85,11 +101,15 @@ def library_floor(texts: list[str], embedder) -> dict:
     hasher.signatures(texts[:8])
     tokenize, tokens = timed(tokenizer.encode_batch_arrow, texts)
     minhash, _ = timed(hasher.signatures, texts)
-    if embedder.tokenizer_sha256 == tokenizer.sha256:  # static-bpe: the ids the stage stored
-        offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
-        ids = [values[offsets[i]: offsets[i + 1]] for i in range(len(texts))]
+    offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
+    ids = [values[offsets[i]: offsets[i + 1]] for i in range(len(texts))]
+    fit = 0.0
+    if isinstance(embedder, EmbedderConfig):  # model "lsa": fitted on the stored ids, as the embed stage does
+        fit, embedder = timed(fit_lsa_embedder, embedder, ids)
+    if embedder.tokenizer_sha256 == tokenizer.sha256:  # static-bpe, lsa: the ids the stage stored
         embedder.encode_ids(ids[:8])
         embed, _ = timed(embedder.encode_ids, ids)
+        embed += fit
     else:
         embedder.encode(texts[:8])
         embed, _ = timed(embedder.encode, texts)
@@ -137,7 +157,15 @@ def quality(docs: list[dict], names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         model, backend = EMBEDDERS[name]
-        embedder = Embedder(EmbedderConfig(model=model, backend=backend, device="cpu"))
+        config = EmbedderConfig(model=model, backend=backend, device="cpu")
+        if model == "lsa":  # fitted on these documents' BPE ids first (as a build fits on its split)
+            from lorydata.lexical_embed import LSA_FIT_DOCS
+            from lorydata.tokenizer import Tokenizer
+
+            fit, embedder = timed(fit_lsa_embedder, config, Tokenizer().encode_batch(texts))
+            print(f"  {name:12s} fitted on {min(len(texts), LSA_FIT_DOCS)} documents in {fit:.1f} s (not in docs/s)")
+        else:
+            embedder = Embedder(config)
         embedder.encode(texts[:8])
         seconds, x = timed(embedder.encode, texts)
         rows.append({"embedder": name, "docs_per_s": len(texts) / seconds, **domain_agreement(x, domains)})
@@ -159,7 +187,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
-    from lorydata.embed import Embedder
+    from lorydata.embed import Embedder, lsa_fit_window
     from pipelines.build_corpus import build_corpus, embedder_config
     from pipelines.options import BuildOptions
 
@@ -173,9 +201,11 @@ def main(argv=None) -> None:
         options = BuildOptions(inputs=[str(src)], out=str(work / "corpus"), domain_field="domain",
                                seq_len=args.seq_len, k=args.k, embedder=args.embedder,
                                embed_backend=args.embed_backend, beam_args=args.beam_arg)
-        embedder = Embedder(embedder_config(options))
-        print(f"{n} documents ({mb:.1f} MB) from {args.input}; embedder {embedder.name} ({args.embed_backend}), "
-              f"window {embedder.window} tokens, {os.cpu_count()} cores")
+        config = embedder_config(options)
+        embedder = config if config.model == "lsa" else Embedder(config)  # lsa: fitted in the floor's clock
+        print(f"{n} documents ({mb:.1f} MB) from {args.input}; embedder {getattr(embedder, 'name', 'lsa')} "
+              f"({args.embed_backend}), window {getattr(embedder, 'window', lsa_fit_window(config))} tokens, "
+              f"{os.cpu_count()} cores")
         floors = [library_floor(texts, embedder)]
         build_s, summary = timed(lambda: build_corpus(options, log=lambda *_: None))
         stages = {name: s["seconds"] for name, s in summary.stages.items()}

@@ -16,18 +16,33 @@ words "static" / "static-bpe": distilled once from the bundled MiniLM and cached
 tokens (default `STATIC_TOKENS`), or over all of them with `long_documents="whole"`.
 `Embedder.encode_ids` embeds documents from token ids already computed (lory's BPE ids for
 "static-bpe").
+
+LSA folders (`lorydata.lexical_embed`: a table fitted on the corpus's own token ids, sublinear
+TF-IDF pooling) load as static models too: same token window, same `encode_ids`. The word
+"lsa" names one not fitted yet: `fit_lsa_model` fits it on documents' ids (build-corpus does
+so in its embeddings stage); `Embedder` refuses it unfitted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from lorydata.errors import LoryDataError
+from lorydata.lexical_embed import (
+    LSA_FIT_DOCS,
+    LSA_WINDOW,
+    RECIPE,
+    LsaModel,
+    fit_lsa,
+    is_lsa_folder,
+    lsa_info,
+    truncated_svd_class,
+)
 from lorydata.model_cache import folder_fingerprint
 from lorydata.static_embed import (
     DEFAULT_DIMS,
@@ -41,6 +56,7 @@ from lorydata.static_embed import (
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 STATIC_MODELS = ("static", "static-bpe")
+LSA_MODEL = "lsa"  # fitted on the documents it embeds (`fit_lsa_model`), never resolved to a folder alone
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _LONG = ("start", "chunk-mean", "whole")
@@ -58,9 +74,12 @@ class EmbedderConfig:
 
     Args:
         model: None = the bundled all-MiniLM-L6-v2; a sentence-transformers folder or hub
-            name (transformer or StaticEmbedding); a model2vec folder; "static" = a static
+            name (transformer or StaticEmbedding); a model2vec folder; an LSA folder
+            (`lorydata.lexical_embed.fit_lsa`); "static" = a static
             model distilled from the bundled MiniLM (once, then cached); "static-bpe" = the
-            same over the token ids of `static_tokenizer` (see `Embedder.encode_ids`).
+            same over the token ids of `static_tokenizer` (see `Embedder.encode_ids`);
+            "lsa" = an LSA model still to be fitted over those ids (`fit_lsa_model`;
+            `static_dims` columns).
         device: "auto" (CUDA when visible for torch transformers, else CPU), "cpu" or "cuda".
         batch_size: texts (or chunks) per forward pass.
         precision: "auto" (fp16 on CUDA, fp32 on CPU), "fp32", or "fp16"/"bf16" (CUDA only).
@@ -131,6 +150,9 @@ def resolve_model(model: str | None, static_dims: int = DEFAULT_DIMS, static_tok
         return model, str(static_model(_bundled_model(), static_dims))
     if model == "static-bpe":
         return model, str(static_bpe_model(_bundled_model(), static_tokenizer, static_dims))
+    if model == LSA_MODEL:
+        raise LoryDataError("model 'lsa' is fitted on the documents it embeds: build-corpus fits it in its embed "
+                            "stage; elsewhere fit one with lorydata.embed.fit_lsa_model and pass its folder")
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -154,6 +176,8 @@ def _local_folder(source: str) -> Path | None:
 
 def _dimension_from_files(folder: Path) -> int | None:
     """Output dimension from modules.json: the last Dense `out_features`, else the Pooling size."""
+    if is_lsa_folder(folder):
+        return int(lsa_info(folder)["dims"])
     if is_static_folder(folder):
         return static_dimension(folder)
     modules_file = folder / "modules.json"
@@ -170,6 +194,13 @@ def _dimension_from_files(folder: Path) -> int | None:
         elif "Dense" in module.get("type", ""):
             dim = config.get("out_features", dim)
     return dim
+
+
+def _lsa_window(config: EmbedderConfig, info: dict) -> int | None:
+    """Tokens an LSA model reads: every one for "whole", else max_tokens, else the fit's window."""
+    if config.long_documents == "whole":
+        return None
+    return config.max_tokens or info.get("window")
 
 
 def _check_static_options(config: EmbedderConfig) -> None:
@@ -233,7 +264,8 @@ class Embedder:
 
     Attributes:
         name, source: display name and the folder (or hub name) loaded.
-        static: True for a static model (`encode_ids` available).
+        static: True for a static model (`encode_ids` available), LSA folders included.
+        lexical: True for an LSA folder (`lorydata.lexical_embed`).
         window: tokens read per text (per window for "chunk-mean"); None = the whole text.
         dim: vector size.
         tokenizer_sha256: static models distilled by lory: sha256 of the tokenizer.json
@@ -248,9 +280,13 @@ class Embedder:
         self.name, self.source = resolve_model(self.config.model, self.config.static_dims,
                                                self.config.static_tokenizer)
         folder = Path(self.source)
-        self.static = folder.is_dir() and is_static_folder(folder)
+        self.lexical = folder.is_dir() and is_lsa_folder(folder)
+        self.static = self.lexical or (folder.is_dir() and is_static_folder(folder))
         self.tokenizer_sha256 = None
         self._onnx = None
+        if self.lexical:
+            self._load_lsa(folder)
+            return
         if self.static:
             self._load_static(folder)
         else:
@@ -258,6 +294,22 @@ class Embedder:
         # sentence-transformers renamed the method in v5; v3/v4 only have the old name.
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
+
+    def _load_lsa(self, folder: Path) -> None:
+        _check_static_options(self.config)
+        if self.config.device == "cuda":
+            raise LoryDataError("an LSA model runs on CPU (a sparse product); use device auto or cpu")
+        self.device, self.precision = "cpu", "fp32"
+        try:
+            self.model = LsaModel(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise LoryDataError(f"cannot load LSA model {self.config.model!r}: {_one_line(exc)}") from exc
+        self.window = _lsa_window(self.config, lsa_info(folder))
+        self._tokenizer = self.model.tokenizer
+        if self.window is not None:  # as for static models: the tokenizer cuts texts at the window
+            self._tokenizer.enable_truncation(self.window)
+        self.dim = self.model.dim
+        self.tokenizer_sha256 = self.model.tokenizer_sha256
 
     def _load_static(self, folder: Path) -> None:
         _check_static_options(self.config)
@@ -269,7 +321,7 @@ class Embedder:
         self.model.eval()
         self.precision = "fp32"
         self.window = None if self.config.long_documents == "whole" else (self.config.max_tokens or STATIC_TOKENS)
-        tokenizer = self.model[0].tokenizer
+        tokenizer = self._tokenizer = self.model[0].tokenizer
         # The tokenizer cuts, the EmbeddingBag averages what is left. Distilled folders keep the
         # source's truncation (512 tokens for model2vec from a BERT): "whole" must lift it.
         if self.window is None:
@@ -362,7 +414,7 @@ class Embedder:
         on long documents, where tokenization is nearly all of a static model's time). With
         a window, only a prefix of each text is tokenized (`_token_prefix`).
         """
-        tokenizer = self.model[0].tokenizer
+        tokenizer = self._tokenizer
         encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # tokenizers < 0.20: no fast
         step = self.config.batch_size
         parts = []
@@ -386,6 +438,8 @@ class Embedder:
 
         if not docs:
             return np.zeros((0, self.dim), np.float32)
+        if self.lexical:  # the ids are already cut at the window
+            return self.model.embed_ids(docs, None)
         lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
         flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
         vocab = self.model[0].num_embeddings
@@ -450,13 +504,16 @@ class Embedder:
             the cached ONNX export for an ONNX backend.
         """
         config = config or EmbedderConfig()
+        if config.model == LSA_MODEL:
+            return _unfitted_lsa_identity(config)
         name, source = resolve_model(config.model, config.static_dims, config.static_tokenizer)
         folder = _local_folder(source)
         dim = _dimension_from_files(folder) if folder is not None else None
         if dim is None:  # an exotic layout or an uncached hub name: ask the model itself
             dim = Embedder(EmbedderConfig(model=config.model, device="cpu")).dim
         fingerprint = folder_fingerprint(folder) if folder is not None else None
-        static = folder is not None and is_static_folder(folder)
+        lexical = folder is not None and is_lsa_folder(folder)
+        static = lexical or (folder is not None and is_static_folder(folder))
         if static:
             _check_static_options(config)
         else:
@@ -468,11 +525,59 @@ class Embedder:
                     "dim": int(dim)}
         skip = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
         identity.update({k: v for k, v in asdict(config).items() if k not in skip})
-        if static:  # the tokens actually read, so a changed default changes the identity
+        if lexical:
+            identity["max_tokens"] = _lsa_window(config, lsa_info(folder))
+            identity["tokenizer_sha256"] = lsa_info(folder)["tokenizer_sha256"]
+        elif static:  # the tokens actually read, so a changed default changes the identity
             identity["max_tokens"] = None if config.long_documents == "whole" else (config.max_tokens or STATIC_TOKENS)
-        if static and static_info(folder).get("tokenizer_sha256"):
+        if static and not lexical and static_info(folder).get("tokenizer_sha256"):
             identity["tokenizer_sha256"] = static_info(folder)["tokenizer_sha256"]
         return identity
+
+
+def lsa_fit_window(config: EmbedderConfig) -> int | None:
+    """Tokens per document model "lsa" is fitted on and reads: all for "whole", else
+    `max_tokens`, else `LSA_WINDOW`."""
+    return None if config.long_documents == "whole" else (config.max_tokens or LSA_WINDOW)
+
+
+def _unfitted_lsa_identity(config: EmbedderConfig) -> dict:
+    """The identity of model "lsa" before its fit: the recipe that will be fitted (its table
+    depends on the documents, which the build's stage fingerprints already cover)."""
+    from lorydata.tokenizer import Tokenizer
+
+    _check_static_options(config)
+    truncated_svd_class()  # a build fails before its first stage, not at its fit
+    tokenizer_sha256 = Tokenizer(config.static_tokenizer).sha256
+    recipe = {"recipe": RECIPE, "dims": config.static_dims, "window": lsa_fit_window(config),
+              "fit_documents": LSA_FIT_DOCS, "tokenizer_sha256": tokenizer_sha256}
+    identity = {"model": LSA_MODEL, "source": "fitted on the documents it embeds", "backend": config.backend,
+                "fingerprint": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16],
+                "dim": int(config.static_dims)}
+    skip = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
+    identity.update({k: v for k, v in asdict(config).items() if k not in skip})
+    identity.update(max_tokens=lsa_fit_window(config), tokenizer_sha256=tokenizer_sha256)
+    return identity
+
+
+def fit_lsa_model(config: EmbedderConfig, token_ids: list, out: str | Path) -> EmbedderConfig:
+    """Fit model "lsa" on documents' token ids and return the config that loads the fit.
+
+    Args:
+        config: model "lsa"; `static_dims` columns, `static_tokenizer` the tokenizer of the
+            ids (None = lory's bundled one), the window from `max_tokens` / `long_documents`.
+        token_ids: the documents' ids in an order that does not depend on the runner (the
+            first `LSA_FIT_DOCS` are fitted on).
+        out: the folder to write the fitted model into (local).
+
+    Returns:
+        `config` with `model` set to the written folder.
+    """
+    if config.model != LSA_MODEL:
+        raise LoryDataError(f"fit_lsa_model fits model {LSA_MODEL!r}, got {config.model!r}")
+    _check_static_options(config)
+    folder = fit_lsa(token_ids, out, config.static_tokenizer, config.static_dims, lsa_fit_window(config))
+    return replace(config, model=str(Path(folder).resolve()))
 
 
 def embedding_dim(config: EmbedderConfig | None = None) -> int:

@@ -147,14 +147,48 @@ def distill_static(source: str | Path, out: str | Path, dims: int = DEFAULT_DIMS
     return out
 
 
+def bpe_token_vectors(source: str | Path, tokenizer: str | Path | None = None, device: str = "auto") -> np.ndarray:
+    """model2vec's first step over a lory BPE vocabulary: row i is the source model's
+    mean-pooled output for token i's text alone between the source's special tokens.
+
+    Args:
+        source: a transformer sentence-transformers folder.
+        tokenizer: the lory tokenizer.json (or its folder); None = lory's bundled tokenizer.
+        device: "auto", "cpu" or "cuda" for the source model's forward passes.
+
+    Returns:
+        (vocab_size, source dim) float32 vectors, before PCA and weighting.
+    """
+    from lorydata.tokenizer import Tokenizer
+
+    folder = _check_source(source)
+    try:
+        from model2vec.distill.inference import create_embeddings
+    except ImportError:
+        raise LoryDataError(f"distilling a static model needs model2vec: {_EXTRA_HINT}") from None
+    from sentence_transformers import SentenceTransformer
+
+    bpe = Tokenizer(tokenizer)
+    device = _distill_device(device)
+    try:
+        model = SentenceTransformer(str(folder), device=device)
+    except Exception as exc:
+        raise LoryDataError(f"cannot load {source}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    texts = [bpe.decode([token_id]) for token_id in range(bpe.vocab_size)]
+    ids = model.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=32)["input_ids"]
+    vectors = create_embeddings(model=model[0].auto_model, tokenized=ids, device=device,
+                                pad_token_id=model.tokenizer.pad_token_id or 0, pooling="mean")
+    return np.asarray(vectors, dtype=np.float32)
+
+
 def distill_static_bpe(source: str | Path, out: str | Path, tokenizer: str | Path | None = None,
                        dims: int = DEFAULT_DIMS, device: str = "auto", batch_size: int = 256) -> Path:
     """Distil a static model indexed by a lory BPE tokenizer's ids (model2vec's recipe).
 
     Row i is the source model's mean-pooled output for token i's text alone between the
-    source's special tokens; rows are PCA-reduced to `dims` and scaled by model2vec's
-    SIF/Zipf weight of rank i (BPE ids are in merge order, which follows frequency). The
-    tokenizer's special tokens (EOS, pad) get zero rows.
+    source's special tokens (`bpe_token_vectors`); rows are PCA-reduced to `dims` and scaled
+    by model2vec's SIF/Zipf weight of rank i (BPE ids are in merge order, which follows
+    frequency). The tokenizer's special tokens (EOS, pad) get zero rows.
 
     Args:
         source: a transformer sentence-transformers folder.
@@ -171,24 +205,15 @@ def distill_static_bpe(source: str | Path, out: str | Path, tokenizer: str | Pat
 
     folder = _check_source(source)
     try:
-        from model2vec.distill.inference import apply_pca, compute_weights, create_embeddings
+        from model2vec.distill.inference import apply_pca, compute_weights
     except ImportError:
         raise LoryDataError(f"distilling a static model needs model2vec: {_EXTRA_HINT}") from None
-    from sentence_transformers import SentenceTransformer
     from tokenizers import Tokenizer as HFTokenizer
 
     bpe = Tokenizer(tokenizer)
-    device = _distill_device(device)
-    try:
-        model = SentenceTransformer(str(folder), device=device)
-    except Exception as exc:
-        raise LoryDataError(f"cannot load {source}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    texts = [bpe.decode([token_id]) for token_id in range(bpe.vocab_size)]
     print(f"distilling a {dims}-dim static model over {bpe.vocab_size} BPE tokens from {folder.name}", file=sys.stderr)
-    ids = model.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=32)["input_ids"]
-    # model2vec's own steps: forward pass per token, mean pooling, PCA, Zipf-rank SIF weights.
-    vectors = create_embeddings(model=model[0].auto_model, tokenized=ids, device=device,
-                                pad_token_id=model.tokenizer.pad_token_id or 0, pooling="mean")
+    vectors = bpe_token_vectors(folder, bpe.path, device)
+    # model2vec's remaining steps: PCA, Zipf-rank SIF weights.
     vectors = apply_pca(vectors, dims) * compute_weights(len(vectors), SIF_COEFFICIENT)[:, None]
     vectors[[bpe.eos_id, bpe.pad_id]] = 0.0
     static = _static_embedding_class()(HFTokenizer.from_file(str(bpe.path)), embedding_weights=vectors.astype(np.float32))

@@ -28,7 +28,7 @@ from importlib.metadata import version
 
 from lorydata.clean import CleanConfig
 from lorydata.documents import DropReason
-from lorydata.embed import Embedder, EmbedderConfig, pick_device
+from lorydata.embed import LSA_MODEL, Embedder, EmbedderConfig, pick_device
 from lorydata.errors import LoryDataError
 from lorydata.inputs import InputSelection, select_inputs
 from lorydata.knn import check_index_string, use_faiss_gpu
@@ -154,6 +154,8 @@ def _build(options: BuildOptions, out: str, selection: InputSelection, tokenizer
                                                                    str(documents.folder), folder,
                                                                    ids_tokenizer=tokenizer.sha256))
         embeddings_dir, embedder = str(embed.folder), embedded.get("embedder")
+        if options.embedder == LSA_MODEL:  # fitted in the stage: the later stages cover the fitted table too
+            prior_fp += f":{embedder['fingerprint']}"
 
     # 3. order, every split
     names = ("order", "index", "k", "nprobe", "partitions", "seed", "seq_len")

@@ -11,6 +11,12 @@ Chunks are `CHUNK_BATCHES` embedding batches of consecutive documents in hash or
 encoder sorts each chunk by length, so batches carry little padding), so which documents
 share a batch, and with it every embedding bit, depends on the documents alone, never on the
 runner or the worker count. Memory per worker: one chunk of texts plus the file's vectors.
+
+Model "lsa" (`lorydata.lexical_embed`) is fitted here, once, by the driver: on at most
+`LSA_FIT_DOCS` train documents' stored token ids, the first ones (in hash order, so a
+pseudo-random draw) of every documents file in equal shares. The fitted folder is written to
+`model/` like a published static model (its info file last: present = a complete fit, which
+a resumed stage reuses), and every worker embeds the stored ids with it.
 """
 
 from __future__ import annotations
@@ -23,12 +29,23 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.utils import shared
 
-from lorydata.embed import Embedder, EmbedderConfig, is_static_folder, resolve_model
+from lorydata import lexical_embed
+from lorydata.embed import (
+    LSA_MODEL,
+    Embedder,
+    EmbedderConfig,
+    fit_lsa_model,
+    is_static_folder,
+    lsa_fit_window,
+    resolve_model,
+)
+from lorydata.errors import LoryDataError
 from pipelines import fileio, layout
 from pipelines.commits import Commit, PartitionFn
 from pipelines.runner.beam import LOCAL_RUNNER, BeamRunner
 
 CHUNK_BATCHES = 16
+LSA_SPLIT = "train"  # the split model "lsa" is fitted on (held-out documents stay unseen)
 
 
 class _Model:
@@ -105,6 +122,72 @@ def publish_model(config: EmbedderConfig, folder: str) -> EmbedderConfig:
     return dataclasses.replace(config, model=target)
 
 
+def lsa_fit_sample(files: list[str], window: int | None,
+                   max_documents: int = lexical_embed.LSA_FIT_DOCS) -> list[np.ndarray]:
+    """The token ids model "lsa" is fitted on: the first train documents of every documents
+    file, an equal share of `max_documents` from each (fewer where a file holds fewer),
+    each cut at `window`. Files are read a row batch at a time; only the sample is kept.
+
+    Args:
+        files: the documents files, in name (hash) order.
+        window: ids kept per document (None: all).
+        max_documents: at most this many documents in all.
+
+    Returns:
+        One int32 array per sampled document, in file order then row order.
+    """
+    share = -(-max_documents // max(1, len(files)))
+    sample = []
+    for path in files:
+        taken = 0
+        with fileio.open_read(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=min(share, 1024), columns=["split", "tokens"]):
+                splits = batch.column(0).to_pylist()
+                for split, ids in zip(splits, _token_arrays(batch.column(1)), strict=True):
+                    if split == LSA_SPLIT and taken < share:
+                        sample.append(np.array(ids[:window], dtype=np.int32))  # a copy: the batch is freed
+                        taken += 1
+                if taken >= share:
+                    break
+    return sample[:max_documents]
+
+
+def fit_build_lsa(config: EmbedderConfig, files: list[str], folder: str) -> tuple[EmbedderConfig, dict]:
+    """Fit model "lsa" on the build's documents into the stage's `model/` (or reuse the fit
+    a resumed stage committed there).
+
+    Args:
+        config: model "lsa" over the build's tokenizer.
+        files: the documents files.
+        folder: the embeddings stage folder.
+
+    Returns:
+        (the config that loads the fit, its identity for the manifest: model "lsa", the
+        fitted folder's fingerprint, which covers the table's sha256).
+
+    Raises:
+        LoryDataError: too few train documents with tokens to fit on.
+    """
+    target = layout.published_model(folder)
+    if not fileio.exists(fileio.join(target, lexical_embed.INFO_FILE)):
+        sample = lsa_fit_sample(files, lsa_fit_window(config))
+        with tempfile.TemporaryDirectory(prefix="lory-lsa-") as tmp:
+            try:
+                local = Path(fit_lsa_model(config, sample, tmp).model)
+            except LoryDataError as exc:
+                raise LoryDataError(f"--embedder lsa is fitted on the {LSA_SPLIT} split: {exc}") from None
+            for name in (lexical_embed.TABLE_FILE, "tokenizer.json", lexical_embed.INFO_FILE):  # info last: commit
+                fileio.write_bytes(fileio.join(target, name), (local / name).read_bytes())
+    # --device cuda is for FAISS then: LSA is a sparse product, on CPU everywhere.
+    fitted = dataclasses.replace(config, model=target, device="cpu")
+    local = _local_copy(fitted)
+    documents = lexical_embed.lsa_info(Path(local.model))["fit_documents"]
+    # The folder is the stage's scratch: the manifest says what the fit was, not where it was.
+    identity = {**Embedder.describe(local), "model": LSA_MODEL, "fit_documents": documents,
+                "source": f"fitted by the embeddings stage on {documents} {LSA_SPLIT} documents"}
+    return fitted, identity
+
+
 def _token_arrays(column) -> list[np.ndarray]:
     """The int32 token ids of every row of a list<int32> column, as numpy views."""
     offsets = column.offsets.to_numpy()
@@ -121,15 +204,19 @@ def run_embed_stage(config: EmbedderConfig, runner: BeamRunner, documents_dir: s
         runner: where the Beam step runs.
         documents_dir: the finished documents stage folder.
         folder: the stage's folder.
-        ids_tokenizer: sha256 of the documents' tokenizer (a static model over it embeds ids).
+        ids_tokenizer: sha256 of the documents' tokenizer (a static model over it embeds ids;
+            model "lsa" is fitted over it).
 
     Returns:
         {"documents_embedded", "embedder": identity dict}.
     """
     files = layout.documents_files(str(documents_dir))
-    identity = Embedder.describe(config)
-    if runner.name != LOCAL_RUNNER:  # workers may be other machines
-        config = publish_model(config, str(folder))
+    if config.model == LSA_MODEL:  # fitted here, in the driver; published where every worker reads it
+        config, identity = fit_build_lsa(config, files, str(folder))
+    else:
+        identity = Embedder.describe(config)
+        if runner.name != LOCAL_RUNNER:  # workers may be other machines
+            config = publish_model(config, str(folder))
     # Largest files first would need their sizes; hash buckets are of even size anyway.
     totals = runner.run_each(str(folder), "Embed", files, EmbedBucketFn(str(folder), config, ids_tokenizer))
     return {"documents_embedded": totals.get("documents_embedded", 0), "embedder": identity}

@@ -39,7 +39,9 @@ class BuildOptions:
         embedder: None = the bundled MiniLM; a sentence-transformers folder or name (a
             transformer or a StaticEmbedding), a model2vec folder, or "static" / "static-bpe":
             static models distilled from the bundled MiniLM once and cached (see
-            `lorydata.embed`); "static-bpe" reads the documents' own BPE ids.
+            `lorydata.embed`); "static-bpe" reads the documents' own BPE ids; "lsa": LSA of
+            sublinear TF-IDF over the documents' own BPE ids, fitted by the embeddings stage
+            on a sample of the train split (`lorydata.lexical_embed`).
         embed_backend: "torch", or for transformer models on CPU "onnx" / "onnx-int8".
         embed_batch_size: documents per embedding batch.
         embed_max_tokens: embedder tokens per document (None = the model's limit).
