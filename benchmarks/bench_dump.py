@@ -120,8 +120,36 @@ def report(size: int, dump: dict, result: dict) -> dict:
             "disk_gb": result["disk_bytes"] / GB, "files": result["files"], "work_files": result["work_files"],
             "kept": result["summary"]["documents"].get("documents_kept"),
             "pipelines": {name: p["seconds"] for name, p in result["summary"].get("partitions", {}).items()
-                          if "seconds" in p}}
+                          if "seconds" in p},
+            "driver_peak_s": result["driver_peak_s"], "driver_peak_stage": stage_at(result["driver_peak_s"], wall, stages),
+            "driver_rss_timeline": [[round(t, 1), round(rss / GB, 3)] for t, rss in result["driver_timeline"]]}
 
+
+def stage_at(seconds: float, wall: float, stages: dict[str, float]) -> str:
+    """The stage running `seconds` into a build of `wall` seconds whose stages took `stages`
+    (in order), taking the time outside the stages (start-up, mostly) as spent before them."""
+    clock = wall - sum(stages.values())
+    if seconds < clock:
+        return "start-up"
+    for name, spent in stages.items():
+        clock += spent
+        if seconds < clock:
+            return name
+    return "end"
+
+
+
+def shown_args(args) -> dict:
+    """The arguments as results record them: a path outside the repository by its last two
+    components (results name no folder of this machine)."""
+    root = Path(__file__).resolve().parents[1]
+    shown = {}
+    for name, value in vars(args).items():
+        if isinstance(value, str) and os.path.isabs(value):
+            path = Path(value)
+            value = str(path.relative_to(root)) if path.is_relative_to(root) else str(Path(*path.parts[-2:]))
+        shown[name] = value
+    return shown
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -175,7 +203,8 @@ def main(argv=None) -> None:
         console.print(table)
         console.print("Beam pipelines (seconds, named by their last step): "
                       + ", ".join(f"{name} {s:.1f}" for name, s in row["pipelines"].items()))
-        console.print(f"peak RSS: driver {row['driver_rss_gb']:.2f} GB, largest worker {row['worker_rss_gb']:.2f} GB; "
+        console.print(f"peak RSS: driver {row['driver_rss_gb']:.2f} GB (at {row['driver_peak_s']:.0f} s, "
+                      f"{row['driver_peak_stage']}), largest worker {row['worker_rss_gb']:.2f} GB; "
                       f"disk {row['disk_gb']:.2f} GB in {row['files']:,} files ({row['work_files']:,} in _work/)")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
@@ -184,7 +213,7 @@ def main(argv=None) -> None:
         console.print(f"{last['documents']:,} vs {first['documents']:,} documents: time per document {per_doc:.2f}×, "
                       f"peak RSS {rss:.2f}×")
     if args.results:
-        Path(args.results).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        Path(args.results).write_text(json.dumps({"args": shown_args(args), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,19 @@ def quality(docs: list[dict], names: list[str]) -> list[dict]:
     return rows
 
 
+
+def shown_args(args) -> dict:
+    """The arguments as results record them: a path outside the repository by its last two
+    components (results name no folder of this machine)."""
+    root = Path(__file__).resolve().parents[1]
+    shown = {}
+    for name, value in vars(args).items():
+        if isinstance(value, str) and os.path.isabs(value):
+            path = Path(value)
+            value = str(path.relative_to(root)) if path.is_relative_to(root) else str(Path(*path.parts[-2:]))
+        shown[name] = value
+    return shown
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", nargs="?", default=str(SAMPLE), help="jsonl(.zst/.gz) corpus (default: the sample)")
@@ -231,7 +244,7 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"documents": n, "mb": mb, "floors": floors, "build_seconds": build_s,
                                                "stages": stages, "stage_library": library, "quality": rows,
-                                               "args": vars(args)}, indent=2))
+                                               "args": shown_args(args)}, indent=2))
 
 
 if __name__ == "__main__":

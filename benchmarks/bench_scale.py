@@ -108,11 +108,13 @@ def tiny_embedder(folder: Path, dim: int = 64, layers: int = 1, seed: int = 0) -
 
 
 def run_measured(command: list[str], log: Path, poll: float) -> tuple[dict, str]:
-    """Run `command`; (wall seconds and peak RSS in bytes of it and of its largest
-    descendant, its stdout). Its stderr goes to `log`."""
+    """Run `command`; (wall seconds, peak RSS in bytes of it and of its largest descendant,
+    when the driver's peak came and the driver's RSS at every poll; its stdout). Its stderr
+    goes to `log`."""
     import psutil
 
     peaks: dict[int, int] = {}
+    timeline: list[tuple[float, int]] = []  # (seconds since start, driver RSS)
     start = time.perf_counter()
     with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
         proc = psutil.Popen(command, stdout=out, stderr=err, cwd=ROOT,
@@ -124,7 +126,10 @@ def run_measured(command: list[str], log: Path, poll: float) -> tuple[dict, str]
                 tree = [proc]
             for p in tree:
                 with contextlib.suppress(psutil.Error):  # exited between listing and reading
-                    peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
+                    rss = p.memory_info().rss
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
+                    if p is proc:
+                        timeline.append((time.perf_counter() - start, rss))
             time.sleep(poll)
         out.seek(0)
         stdout = out.read()
@@ -132,7 +137,9 @@ def run_measured(command: list[str], log: Path, poll: float) -> tuple[dict, str]
     if proc.returncode != 0:
         sys.exit(f"build failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
     driver = peaks.pop(proc.pid, 0)
-    return {"wall_s": wall, "driver_rss": driver, "worker_rss": max(peaks.values(), default=0)}, stdout
+    peak_at = max(timeline, key=lambda sample: sample[1])[0] if timeline else 0.0
+    return {"wall_s": wall, "driver_rss": driver, "worker_rss": max(peaks.values(), default=0),
+            "driver_peak_s": peak_at, "driver_timeline": timeline}, stdout
 
 
 def build_command(corpus: Path, out: Path, order: str, args, embedder: Path | None) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lorydata.manifest import ShardInfo
 from lorydata.pack import SequencePacker
@@ -79,18 +80,13 @@ class PackUnitFn(PartitionFn):
 
     def run(self, element: tuple[int, int, int], out: Commit) -> None:
         unit, first, expected = element
-        parts = layout.unit_part_files(self.scratch, unit)
-        tables = [fileio.read_ipc_table(p) for p in parts]
-        table = (pa.concat_tables(tables) if tables else UNIT_SCHEMA.empty_table()).sort_by("key")
-        tokens = table.column("tokens").combine_chunks()
-        offsets = tokens.offsets.to_numpy()
-        values = tokens.values.to_numpy(zero_copy_only=False)
-        domains = table.column("domain").to_pylist()
+        offsets, values, domains = self._unit_tokens(unit)
         packer = SequencePacker(self.seq_len, self.eos_id, self.pad_id, self.tail, first_seq_id=first)
         sequences = []
         for i, domain in enumerate(domains):
             sequences.extend(packer.add(values[offsets[i]: offsets[i + 1]], domain))
         sequences.extend(packer.finish())
+        del offsets, values, domains  # the unit's tokens now live in the sequences
         if len(sequences) != expected:
             raise RuntimeError(f"unit {unit} packed {len(sequences)} sequences, expected {expected}")
         if sequences:
@@ -101,6 +97,19 @@ class PackUnitFn(PartitionFn):
                 out.write_bytes(layout.shard_part_file(self.scratch, int(target), unit), data)
         out.save_json(layout.pack_stats_file(self.scratch, unit), packer.stats.to_dict())
         out.count("sequences_packed", len(sequences))
+
+    def _unit_tokens(self, unit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(offsets, token values, domains) of the unit's documents in key order, holding one
+        copy of its tokens (the worker's memory is a few times a unit's tokens at most)."""
+        table = pa.concat_tables([fileio.read_ipc_table(p) for p in layout.unit_part_files(self.scratch, unit)]
+                                 or [UNIT_SCHEMA.empty_table()])
+        order = pc.sort_indices(table.column("key"))
+        domains = table.column("domain").take(order).to_pylist()
+        tokens = table.column("tokens").take(order)
+        del table  # the parts as read
+        tokens = tokens.combine_chunks() if tokens.num_chunks != 1 else tokens.chunk(0)
+        # offsets index the whole child array (`values`), sliced or not
+        return tokens.offsets.to_numpy(), tokens.values.to_numpy(zero_copy_only=False), domains
 
 
 class AssembleShardFn(PartitionFn):
