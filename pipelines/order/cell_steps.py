@@ -8,7 +8,8 @@ everything through files (`pipelines.layout`, order stage).
 - `OrderCellFn` (per cell): the cell's kNN graph, semantic dedup when on, and token-aware
   walk; writes the position of every walked member back per source documents file, with
   the dropped members beside, the adjacent similarities, the graph rows of the recall
-  sample and the cell's stats.
+  sample and the cell's stats, with the packing blocks its walk is cut into (`block_starts`;
+  each block is one unit of the shards stage).
 - `MergeRoutesFn` (per documents file): the cells' positions into its routes file, and its
   `semantic_duplicate` dead letters.
 
@@ -24,11 +25,19 @@ import numpy as np
 
 from lorydata.knn import as_unit_float32, index_for
 from lorydata.order_metrics import adjacent_similarities, break_rate
+from lorydata.pack import block_starts
 from lorydata.partition import order_cell
 from pipelines import dead_letters, fileio, layout
 from pipelines.commits import Commit, PartitionFn
 from pipelines.order.semantic_dedup import COLUMNS, SemanticFilter, dead_letters_of, drops_in, load_signatures
-from pipelines.order.split_data import empty_routes, sampled, split_rows, token_lengths, unit_counts
+from pipelines.order.split_data import (
+    UNIT_TOKENS,
+    empty_routes,
+    sampled,
+    split_rows,
+    token_lengths,
+    unit_counts,
+)
 
 
 class AssignCellsFn(PartitionFn):
@@ -124,7 +133,13 @@ class OrderCellFn(PartitionFn):
                      similarities=result.graph.similarities[query])
         neighbors = result.graph.neighbors
         degree = np.bincount(neighbors[neighbors >= 0], minlength=len(x))
+        # Packing blocks of the walk, cut where a document starts a sequence (as the global
+        # walk's units): the pack step holds one block, however large k-means made the cell.
+        walked = lengths[result.order]
+        cuts = block_starts(walked, self.walk_config.seq_len, UNIT_TOKENS)
+        block = np.searchsorted(cuts, np.arange(len(walked)), side="right") - 1
         out.save_json(layout.cell_result_file(self.order_dir, cell, "result.json"), {
+            "blocks": {"starts": cuts.tolist(), "counts": unit_counts(block, walked, len(cuts)).tolist()},
             "walk": result.stats, "graph": result.graph.describe(), "broken_sequences": int(broken),
             "sequences": int(sequences), "orphans": int((degree == 0).sum()), "max_in_degree": int(degree.max(initial=0)),
             **({"semantic_dedup": semantic.counts(lengths)} if semantic is not None else {}),
@@ -137,19 +152,21 @@ class MergeRoutesFn(PartitionFn):
 
     Args:
         order_dir: the order stage folder.
-        unit_of_cell: {cell: unit} (cells in chain order are units 0, 1, ...).
+        units_of_cell: {cell: (its first unit, walk positions where its blocks start)}: the
+            blocks of the cells in chain order are units 0, 1, ...
         split: the split (names its dead-letter files).
     """
 
-    def __init__(self, order_dir: str, unit_of_cell: dict[int, int], split: str = ""):
-        self.order_dir, self.unit_of_cell, self.split = order_dir, unit_of_cell, split
+    def __init__(self, order_dir: str, units_of_cell: dict[int, tuple[int, list[int]]], split: str = ""):
+        self.order_dir, self.units_of_cell, self.split = order_dir, units_of_cell, split
 
     def run(self, path: str, out: Commit) -> None:
         table = fileio.read_table(path, ["split"])
         routes = empty_routes(table.num_rows)
         for cell, part in layout.cell_routes_files(self.order_dir, path).items():
             pairs = fileio.load_npy(part)
-            routes[pairs[:, 0], 0] = self.unit_of_cell[cell]
+            first, starts = self.units_of_cell[cell]
+            routes[pairs[:, 0], 0] = first + np.searchsorted(np.asarray(starts), pairs[:, 1], side="right") - 1
             routes[pairs[:, 0], 1] = pairs[:, 1]
         out.save_npy(layout.routes_file(self.order_dir, path), routes)
         drop_files = layout.cell_routes_files(self.order_dir, path, ".drops.json")

@@ -3,7 +3,8 @@
 k-means centroids are trained in the driver on a hash-chosen sample (256 per cell);
 `cell_steps.AssignCellsFn` writes every document to its cell's files; `OrderCellFn` builds
 each cell's graph and walk on one worker; the cells are chained by a walk over their
-centroids in the driver, and each cell is one unit. The driver holds the sample, O(cells)
+centroids in the driver, and each cell's walk is cut into packing blocks (the shards
+stage's units) where a document starts a sequence. The driver holds the sample, O(cells)
 state and the adjacent similarities (4 bytes per document) for the metrics. Neighbours
 across cell borders are lost: the recorded kNN recall is measured against exact search over
 the whole split (streamed a documents file at a time), so the manifest shows what
@@ -66,14 +67,18 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
     # is too small to train it (`OrderCellFn`), and the automatic choice follows cell size.
     runner.run_each(out, "OrderCells", elements, OrderCellFn(out, config.knn_config(), config.walk_config(),
                                                              threshold, semantic))
-    runner.run_each(out, "MergeRoutes", files, MergeRoutesFn(out, {int(c): u for u, c in enumerate(sequence)}, split))
     results = [fileio.load_json(layout.cell_result_file(out, int(c), "result.json")) for c in sequence]
-    # What each cell dropped leaves its unit: documents, and tokens with their EOS.
-    dropped = np.array([[r["semantic_dedup"]["dropped"], r["semantic_dedup"]["tokens_dropped"]
-                         + r["semantic_dedup"]["dropped"]] if on else [0, 0] for r in results], np.int64)
-    units = counts[sequence] - dropped
+    # Each cell's packing blocks (its walked documents: what semantic dedup dropped is not
+    # in them) are units, in chain order.
+    blocks = [np.asarray(r["blocks"]["counts"], np.int64).reshape(-1, 2) for r in results]
+    first_unit = np.cumsum([0] + [len(b) for b in blocks])
+    units_of_cell = {int(c): (int(first_unit[i]), results[i]["blocks"]["starts"]) for i, c in enumerate(sequence)}
+    runner.run_each(out, "MergeRoutes", files, MergeRoutesFn(out, units_of_cell, split))
+    dropped = np.array([r["semantic_dedup"]["dropped"] if on else 0 for r in results], np.int64)
+    units = np.concatenate(blocks) if blocks else np.zeros((0, 2), np.int64)
     fileio.save_npy(layout.units_file(out), units)
-    walked = n - int(dropped[:, 0].sum())
+    walked = n - int(dropped.sum())
+    cell_sizes = np.array([int(b[:, 0].sum()) for b in blocks], np.int64)  # walked documents per cell
     adjacent = np.concatenate([fileio.load_npy(layout.cell_result_file(out, int(c), "adjacent.npy")) for c in sequence])
     recall, queries = _cells_recall(out, sequence, documents_dir, embeddings_dir, split, config.k, n)
     broken, sequences = sum(r["broken_sequences"] for r in results), sum(r["sequences"] for r in results)
@@ -86,7 +91,7 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
         "broken_sequences": broken,
         "sequences": sequences,
         "seq_len": config.seq_len,
-        **adjacent_metrics(adjacent, threshold, units[:, 0]),
+        **adjacent_metrics(adjacent, threshold, cell_sizes),
         "hubness": {"orphan_share": sum(r["orphans"] for r in results) / n,
                     "max_in_degree": max(r["max_in_degree"] for r in results), "k": config.k},
         "knn_recall": recall,
@@ -101,7 +106,7 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
     partitions = {"requested": config.partitions, "used": parts, "cell_sizes": [int(s) for s in counts[:, 0]],
                   "cell_order": [int(c) for c in sequence]}
     info = {"method": "similarity", "seed": config.seed, "metrics": metrics,
-            "walk": _sum_stats([r["walk"] for r in results]), "partitions": partitions, "units": len(sequence)}
+            "walk": _sum_stats([r["walk"] for r in results]), "partitions": partitions, "units": len(units)}
     if on:
         info["semantic_dedup"] = semantic_dedup.summary(config.semantic, [r["semantic_dedup"] for r in results])
     return {"order": info, "index": index}

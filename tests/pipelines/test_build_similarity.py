@@ -174,6 +174,23 @@ def test_partitions_keep_every_document_once(built, corpus, tmp_path):
     assert not (copy / "_work" / "order" / "train" / "cells").exists()
 
 
+def test_a_cell_larger_than_a_packing_block_is_packed_as_several_units(built, corpus, tmp_path, monkeypatch):
+    # Blocks of ~2,000 tokens: each cell's walk is cut where a document starts a sequence, so
+    # the pack step holds one block, not a whole (possibly oversized) k-means cell.
+    out, _ = built
+    whole, blocked = tmp_path / "whole", tmp_path / "blocked"
+    shutil.copytree(out, whole)
+    shutil.copytree(out, blocked)
+    build_corpus(options(corpus[0], whole, partitions=3, overwrite=True), log=quiet)
+    monkeypatch.setattr("pipelines.order.cell_steps.UNIT_TOKENS", 2000)
+    build_corpus(options(corpus[0], blocked, partitions=3, overwrite=True), log=quiet)
+    one, many = Manifest.read(whole / "train"), Manifest.read(blocked / "train")
+    assert one.order["units"] == 3 and many.order["units"] > 6
+    assert Counter(documents_in(blocked / "train")) == Counter(documents_in(whole / "train"))
+    assert many.order["partitions"]["cell_sizes"] == one.order["partitions"]["cell_sizes"]
+    assert many.order["metrics"]["adjacent_similarity"] == one.order["metrics"]["adjacent_similarity"]
+
+
 @pytest.mark.slow
 def test_partition_cells_on_two_worker_processes_give_identical_shards(built, corpus, tmp_path):
     out, _ = built
