@@ -70,9 +70,10 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
     results = [fileio.load_json(layout.cell_result_file(out, int(c), "result.json")) for c in sequence]
     # Each cell's packing blocks (its walked documents: what semantic dedup dropped is not
     # in them) are units, in chain order.
-    blocks = [np.asarray(r["blocks"]["counts"], np.int64).reshape(-1, 2) for r in results]
+    cut = [cell_blocks(r, counts[int(c)]) for c, r in zip(sequence, results, strict=True)]
+    blocks = [counts_of for _, counts_of in cut]
     first_unit = np.cumsum([0] + [len(b) for b in blocks])
-    units_of_cell = {int(c): (int(first_unit[i]), results[i]["blocks"]["starts"]) for i, c in enumerate(sequence)}
+    units_of_cell = {int(c): (int(first_unit[i]), cut[i][0]) for i, c in enumerate(sequence)}
     runner.run_each(out, "MergeRoutes", files, MergeRoutesFn(out, units_of_cell, split))
     dropped = np.array([r["semantic_dedup"]["dropped"] if on else 0 for r in results], np.int64)
     units = np.concatenate(blocks) if blocks else np.zeros((0, 2), np.int64)
@@ -110,6 +111,23 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
     if on:
         info["semantic_dedup"] = semantic_dedup.summary(config.semantic, [r["semantic_dedup"] for r in results])
     return {"order": info, "index": index}
+
+
+def cell_blocks(result: dict, cell_counts: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """(walk positions where the cell's packing blocks start, (blocks, 2) documents and tokens
+    with their EOS per block) from a cell's `result.json`. A result written by a lory from
+    before packing blocks (a build resumed across the upgrade) is one block: the cell's
+    counts less what semantic dedup dropped.
+
+    Args:
+        result: the cell's result record (`OrderCellFn`).
+        cell_counts: (documents, tokens with EOS) the assign step counted in the cell.
+    """
+    if "blocks" in result:
+        return list(result["blocks"]["starts"]), np.asarray(result["blocks"]["counts"], np.int64).reshape(-1, 2)
+    dropped = result.get("semantic_dedup", {"dropped": 0, "tokens_dropped": 0})
+    return [0], (np.asarray(cell_counts, np.int64)
+                 - np.array([dropped["dropped"], dropped["tokens_dropped"] + dropped["dropped"]], np.int64))[None]
 
 
 def _sum_stats(all_stats: list[dict]) -> dict:

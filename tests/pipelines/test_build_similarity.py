@@ -191,6 +191,18 @@ def test_a_cell_larger_than_a_packing_block_is_packed_as_several_units(built, co
     assert many.order["metrics"]["adjacent_similarity"] == one.order["metrics"]["adjacent_similarity"]
 
 
+def test_a_cell_result_without_blocks_is_one_block_less_its_semantic_drops():
+    from pipelines.order.cells import cell_blocks
+
+    with_blocks = {"blocks": {"starts": [0, 7], "counts": [[7, 900], [3, 400]]}}
+    assert cell_blocks(with_blocks, np.array([10, 1300]))[0] == [0, 7]
+    assert cell_blocks(with_blocks, np.array([10, 1300]))[1].tolist() == [[7, 900], [3, 400]]
+    old = {"semantic_dedup": {"dropped": 2, "tokens_dropped": 150}}
+    starts, counts = cell_blocks(old, np.array([10, 1300]))
+    assert starts == [0] and counts.tolist() == [[8, 1148]]
+    assert cell_blocks({}, np.array([10, 1300]))[1].tolist() == [[10, 1300]]
+
+
 @pytest.mark.slow
 def test_partition_cells_on_two_worker_processes_give_identical_shards(built, corpus, tmp_path):
     out, _ = built
