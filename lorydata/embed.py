@@ -196,11 +196,19 @@ def _dimension_from_files(folder: Path) -> int | None:
     return dim
 
 
-def _lsa_window(config: EmbedderConfig, info: dict) -> int | None:
-    """Tokens an LSA model reads: every one for "whole", else max_tokens, else the fit's window."""
-    if config.long_documents == "whole":
-        return None
-    return config.max_tokens or info.get("window")
+def _token_window(config: EmbedderConfig, default: int | None) -> int | None:
+    """Tokens a static or LSA model reads per document: every one for "whole", else
+    `max_tokens`, else the model kind's `default` (for an LSA folder, the window it was fitted on)."""
+    return None if config.long_documents == "whole" else (config.max_tokens or default)
+
+
+# EmbedderConfig fields an identity leaves out: named otherwise there, or not changing a vector
+_IDENTITY_SKIP = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
+
+
+def _identity_options(config: EmbedderConfig) -> dict:
+    """The config's fields that change what a model embeds, for its identity."""
+    return {k: v for k, v in asdict(config).items() if k not in _IDENTITY_SKIP}
 
 
 def _check_static_options(config: EmbedderConfig) -> None:
@@ -304,7 +312,7 @@ class Embedder:
             self.model = LsaModel(folder)
         except (OSError, ValueError, KeyError) as exc:
             raise LoryDataError(f"cannot load LSA model {self.config.model!r}: {_one_line(exc)}") from exc
-        self.window = _lsa_window(self.config, lsa_info(folder))
+        self.window = _token_window(self.config, lsa_info(folder).get("window"))
         self._tokenizer = self.model.tokenizer
         if self.window is not None:  # as for static models: the tokenizer cuts texts at the window
             self._tokenizer.enable_truncation(self.window)
@@ -320,7 +328,7 @@ class Embedder:
             raise LoryDataError(f"cannot load static embedding model {self.config.model!r}: {_one_line(exc)}") from exc
         self.model.eval()
         self.precision = "fp32"
-        self.window = None if self.config.long_documents == "whole" else (self.config.max_tokens or STATIC_TOKENS)
+        self.window = _token_window(self.config, STATIC_TOKENS)
         tokenizer = self._tokenizer = self.model[0].tokenizer
         # The tokenizer cuts, the EmbeddingBag averages what is left. Distilled folders keep the
         # source's truncation (512 tokens for model2vec from a BERT): "whole" must lift it.
@@ -523,13 +531,13 @@ class Embedder:
             fingerprint = hashlib.sha256(f"{fingerprint}:{exported}".encode()).hexdigest()[:16]
         identity = {"model": name, "source": source, "backend": config.backend, "fingerprint": fingerprint,
                     "dim": int(dim)}
-        skip = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
-        identity.update({k: v for k, v in asdict(config).items() if k not in skip})
+        identity.update(_identity_options(config))
         if lexical:
-            identity["max_tokens"] = _lsa_window(config, lsa_info(folder))
-            identity["tokenizer_sha256"] = lsa_info(folder)["tokenizer_sha256"]
+            info = lsa_info(folder)
+            identity["max_tokens"] = _token_window(config, info.get("window"))
+            identity["tokenizer_sha256"] = info["tokenizer_sha256"]
         elif static:  # the tokens actually read, so a changed default changes the identity
-            identity["max_tokens"] = None if config.long_documents == "whole" else (config.max_tokens or STATIC_TOKENS)
+            identity["max_tokens"] = _token_window(config, STATIC_TOKENS)
         if static and not lexical and static_info(folder).get("tokenizer_sha256"):
             identity["tokenizer_sha256"] = static_info(folder)["tokenizer_sha256"]
         return identity
@@ -538,7 +546,7 @@ class Embedder:
 def lsa_fit_window(config: EmbedderConfig) -> int | None:
     """Tokens per document model "lsa" is fitted on and reads: all for "whole", else
     `max_tokens`, else `LSA_WINDOW`."""
-    return None if config.long_documents == "whole" else (config.max_tokens or LSA_WINDOW)
+    return _token_window(config, LSA_WINDOW)
 
 
 def _unfitted_lsa_identity(config: EmbedderConfig) -> dict:
@@ -554,8 +562,7 @@ def _unfitted_lsa_identity(config: EmbedderConfig) -> dict:
     identity = {"model": LSA_MODEL, "source": "fitted on the documents it embeds", "backend": config.backend,
                 "fingerprint": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16],
                 "dim": int(config.static_dims)}
-    skip = ("model", "device", "batch_size", "backend", "static_dims", "static_tokenizer")
-    identity.update({k: v for k, v in asdict(config).items() if k not in skip})
+    identity.update(_identity_options(config))
     identity.update(max_tokens=lsa_fit_window(config), tokenizer_sha256=tokenizer_sha256)
     return identity
 
