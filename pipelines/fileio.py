@@ -349,14 +349,14 @@ def write_table(path: str, table: pa.Table, row_group_rows: int = 1024) -> None:
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file, or an Arrow IPC file (`.arrow`, `ipc_bytes`), as a table."""
     if str(path).endswith(".arrow"):
-        table = read_ipc_table(path)
+        table = pa.ipc.open_file(pa.BufferReader(read_bytes(path))).read_all()
         return table.select(columns) if columns is not None else table
     with open_read(path) as f:
         return pq.read_table(f, columns=columns)
 
 
 def read_tables(paths: list[str], columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
-    """Several Parquet files as one table, in the order given."""
+    """Several Parquet or Arrow IPC files (`read_table`) as one table, in the order given."""
     tables = [read_table(p, columns) for p in paths]
     if not tables:
         if schema is None:
@@ -364,11 +364,6 @@ def read_tables(paths: list[str], columns: list[str] | None = None, schema: pa.S
         fields = [schema.field(c) for c in columns] if columns else list(schema)
         return pa.schema(fields).empty_table()
     return pa.concat_tables(tables)
-
-
-def read_ipc_table(path: str) -> pa.Table:
-    """An Arrow IPC file (any buffer compression) as a table."""
-    return pa.ipc.open_file(pa.BufferReader(read_bytes(path))).read_all()
 
 
 def save_npy(path: str, array: np.ndarray) -> None:

@@ -79,7 +79,7 @@ class DedupBucketFn(PartitionFn):
         parts = layout.raw_files(self.folder, bucket)
         if not parts:
             return
-        kept, letters = first_copies(pa.concat_tables([fileio.read_ipc_table(p) for p in parts]))
+        kept, letters = first_copies(fileio.read_tables(parts))
         for letter in letters:
             out.count(f"dropped.{letter.reason}")
         dead_letters.write(out, layout.dead_letter_file(self.folder, f"dedup-{layout.bucket_name(bucket)}"), letters)

@@ -145,7 +145,7 @@ class VerifyBucketFn(PartitionFn):
         paths = layout.lsh_files(self.folder, bucket)
         if not paths:
             return
-        table = pa.concat_tables([fileio.read_ipc_table(p) for p in paths]).sort_by([("band", "ascending"), ("key", "ascending")])
+        table = fileio.read_tables(paths).sort_by([("band", "ascending"), ("key", "ascending")])
         bands = table.column("band").to_numpy()
         out.count("near_dedup.band_records", len(bands))
         starts = np.flatnonzero(np.r_[True, bands[1:] != bands[:-1]])

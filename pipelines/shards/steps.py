@@ -101,8 +101,7 @@ class PackUnitFn(PartitionFn):
     def _unit_tokens(self, unit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(offsets, token values, domains) of the unit's documents in key order, holding one
         copy of its tokens (the worker's memory is a few times a unit's tokens at most)."""
-        table = pa.concat_tables([fileio.read_ipc_table(p) for p in layout.unit_part_files(self.scratch, unit)]
-                                 or [UNIT_SCHEMA.empty_table()])
+        table = fileio.read_tables(layout.unit_part_files(self.scratch, unit), schema=UNIT_SCHEMA)
         order = pc.sort_indices(table.column("key"))
         domains = table.column("domain").take(order).to_pylist()
         tokens = table.column("tokens").take(order)
@@ -128,7 +127,7 @@ class AssembleShardFn(PartitionFn):
 
     def run(self, shard: int, out: Commit) -> None:
         parts = layout.shard_part_files(self.scratch, shard)
-        table = pa.concat_tables([fileio.read_ipc_table(p) for p in parts])
+        table = fileio.read_tables(parts)
         place = permute(table.column("seq_id").to_numpy(), self.total, self.seed)
         expected = min(self.rows_per_shard, self.total - shard * self.rows_per_shard)
         if table.num_rows != expected or (place // self.rows_per_shard != shard).any():
