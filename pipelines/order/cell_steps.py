@@ -32,6 +32,7 @@ from pipelines.commits import Commit, PartitionFn
 from pipelines.order.semantic_dedup import COLUMNS, SemanticFilter, dead_letters_of, drops_in, load_signatures
 from pipelines.order.split_data import (
     UNIT_TOKENS,
+    block_of,
     empty_routes,
     sampled,
     split_rows,
@@ -137,7 +138,7 @@ class OrderCellFn(PartitionFn):
         # walk's units): the pack step holds one block, however large k-means made the cell.
         walked = lengths[result.order]
         cuts = block_starts(walked, self.walk_config.seq_len, UNIT_TOKENS)
-        block = np.searchsorted(cuts, np.arange(len(walked)), side="right") - 1
+        block = block_of(cuts, np.arange(len(walked)))
         out.save_json(layout.cell_result_file(self.order_dir, cell, "result.json"), {
             "blocks": {"starts": cuts.tolist(), "counts": unit_counts(block, walked, len(cuts)).tolist()},
             "walk": result.stats, "graph": result.graph.describe(), "broken_sequences": int(broken),
@@ -166,7 +167,7 @@ class MergeRoutesFn(PartitionFn):
         for cell, part in layout.cell_routes_files(self.order_dir, path).items():
             pairs = fileio.load_npy(part)
             first, starts = self.units_of_cell[cell]
-            routes[pairs[:, 0], 0] = first + np.searchsorted(np.asarray(starts), pairs[:, 1], side="right") - 1
+            routes[pairs[:, 0], 0] = first + block_of(starts, pairs[:, 1])
             routes[pairs[:, 0], 1] = pairs[:, 1]
         out.save_npy(layout.routes_file(self.order_dir, path), routes)
         drop_files = layout.cell_routes_files(self.order_dir, path, ".drops.json")

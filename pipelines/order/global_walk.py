@@ -20,7 +20,7 @@ from lorydata.partition import order_cell
 from pipelines import dead_letters, fileio, layout
 from pipelines.order import semantic_dedup
 from pipelines.order.config import OrderConfig
-from pipelines.order.split_data import UNIT_TOKENS, empty_routes, load_split_vectors, unit_counts
+from pipelines.order.split_data import UNIT_TOKENS, block_of, empty_routes, load_split_vectors, unit_counts
 from pipelines.runner.beam import BeamRunner
 
 RECALL_SAMPLE = 1000  # queries checked against exact search
@@ -53,7 +53,7 @@ def global_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, em
     metrics = ordering_metrics(renumber[order], x[kept], token_lengths=lengths[kept], seq_len=config.seq_len,
                                neighbors=walked.neighbors, knn_recall=recall, seed=config.seed)
     cuts = block_starts(lengths[order], config.seq_len, UNIT_TOKENS)
-    unit_at = np.repeat(np.arange(len(cuts)), np.diff(np.append(cuts, len(order))))  # unit of each walk position
+    unit_at = block_of(cuts, np.arange(len(order)))  # unit of each walk position
     position = np.full(n, -1, np.int64)  # -1: dropped, never packed
     position[order] = np.arange(len(order))
     drops = {} if semantic is None else {r["index"]: r for r in semantic.records()}

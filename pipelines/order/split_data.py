@@ -52,6 +52,11 @@ def empty_routes(rows: int) -> np.ndarray:
     return np.full((rows, 2), -1, np.int64)
 
 
+def block_of(starts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The packing block (`lorydata.pack.block_starts`) of each walk position."""
+    return np.searchsorted(np.asarray(starts), positions, side="right") - 1
+
+
 def unit_counts(units: np.ndarray, lengths: np.ndarray, n_units: int) -> np.ndarray:
     """(n_units, 2) documents and tokens (EOS included) per unit."""
     out = np.zeros((n_units, 2), np.int64)
