@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_pipeline import SAMPLE, load_documents  # noqa: E402
+from bench_pipeline import SAMPLE, load_documents, shown_args  # noqa: E402
 from bench_scale import run_measured  # noqa: E402
 
 # bench_scale turns the tokenizers' threads off for its own measurements; a build runs as users run it.
@@ -142,18 +142,6 @@ def stage_at(seconds: float, wall: float, stages: dict[str, float]) -> str:
     return "end"
 
 
-
-def shown_args(args) -> dict:
-    """The arguments as results record them: a path outside the repository by its last two
-    components (results name no folder of this machine)."""
-    root = Path(__file__).resolve().parents[1]
-    shown = {}
-    for name, value in vars(args).items():
-        if isinstance(value, str) and os.path.isabs(value):
-            path = Path(value)
-            value = str(path.relative_to(root)) if path.is_relative_to(root) else str(Path(*path.parts[-2:]))
-        shown[name] = value
-    return shown
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

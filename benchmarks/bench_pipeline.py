@@ -174,7 +174,6 @@ def quality(docs: list[dict], names: list[str]) -> list[dict]:
     return rows
 
 
-
 def shown_args(args) -> dict:
     """The arguments as results record them: a path outside the repository by its last two
     components (results name no folder of this machine)."""
@@ -186,6 +185,7 @@ def shown_args(args) -> dict:
             value = str(path.relative_to(root)) if path.is_relative_to(root) else str(Path(*path.parts[-2:]))
         shown[name] = value
     return shown
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
