@@ -532,7 +532,8 @@ def main() -> None:
     per_seed = out / "per_seed"
     per_seed.mkdir(parents=True, exist_ok=True)
     for (name, seed), run_dir in run_dirs.items():
-        record = {"run": name, "seed": seed, "run_dir": str(run_dir), "tokens": preset.tokens,
+        # the run folder relative to the results folder: results name no folder of this machine
+        record = {"run": name, "seed": seed, "run_dir": os.path.relpath(run_dir, out), "tokens": preset.tokens,
                   "overrides": overrides if name in moe else {},
                   "eval": {heldout: by_seed[heldout][name][seed] for heldout in by_seed},
                   "specialisation": special.get(name, {}).get(seed)}
