@@ -4,7 +4,7 @@ independently (in parallel on a runner), chained by a walk over their centroids.
 Every per-cell step is a plain function on numpy arrays, so a Beam DoFn (or a process
 pool) can run it on one cell without any shared state:
 
-    part = partition(x, PartitionConfig(parts=P, max_cell_factor=1.5))  # cells of at most ~1.5 n/P
+    part = partition(x, PartitionConfig(parts=P, max_cell_factor=1.5))  # cells ≤ 1.5 n/P
     members = part.members()                                  # ids of each cell
     sequence = chain_cells(part.centroids, part.sizes())      # cell order
     starts = cell_stream_starts(members, sequence, lengths)   # token offset of each cell

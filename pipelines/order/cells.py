@@ -66,6 +66,7 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
                                                 max_points_per_cell=KMEANS_POINTS_PER_CELL,
                                                 max_cell_factor=MAX_CELL_FACTOR))
     centroids = trained.centroids
+    _drop_cells_of_other_centroids(out, len(centroids))
     threshold = break_threshold(sample, seed=config.seed)
     files = layout.documents_files(documents_dir)
     on = config.semantic is not None
@@ -128,6 +129,19 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
     if on:
         info["semantic_dedup"] = semantic_dedup.summary(config.semantic, [r["semantic_dedup"] for r in results])
     return {"order": info, "index": index}
+
+
+def _drop_cells_of_other_centroids(out: str, cells: int) -> None:
+    """Remove what an earlier run wrote from another number of cells (a build started by a
+    lory that did not split oversized cells, resumed by one that does): the cell files, the
+    routes and the semantic dead letters, so the steps that wrote them run again instead of
+    mixing two sets of cells. With the same number the centroids are the same: they follow
+    from the sample alone."""
+    counts = fileio.match(fileio.join(layout.cell_counts_folder(out), "*.npy"))
+    if any(len(fileio.load_npy(path)) != cells for path in counts):
+        for folder in (layout.cells_folder(out), layout.cell_counts_folder(out), layout.cell_routes_folder(out),
+                       fileio.dirname(layout.routes_file(out, "any")), layout.dead_letters(out)):
+            fileio.delete_tree(folder)
 
 
 def cell_blocks(result: dict, cell_counts: np.ndarray) -> tuple[list[int], np.ndarray]:

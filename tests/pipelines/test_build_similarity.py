@@ -197,9 +197,12 @@ def test_a_cell_larger_than_a_packing_block_is_packed_as_several_units(built, co
     assert many.order["metrics"]["adjacent_similarity"] == one.order["metrics"]["adjacent_similarity"]
 
 
-def test_a_build_interrupted_after_assigning_cells_resumes_to_the_same_shards(built, corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("earlier_cap", [1.5, None], ids=["same-lory", "lory-before-the-cap"])
+def test_a_build_interrupted_after_assigning_cells_resumes_to_the_same_shards(built, corpus, tmp_path, monkeypatch,
+                                                                             earlier_cap):
     # The centroids (split cells included) are computed again from the same sample on the
-    # rerun, so the committed AssignCells files still match them.
+    # rerun, so the committed AssignCells files still match them; files of a run that did
+    # not split the oversized cell (3 cells, not 4) are assigned again.
     out, _ = built
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     shutil.copytree(out, whole)
@@ -210,11 +213,12 @@ def test_a_build_interrupted_after_assigning_cells_resumes_to_the_same_shards(bu
             raise RuntimeError("interrupted while ordering the cells")
 
         patch.setattr("pipelines.order.cell_steps.OrderCellFn.run", interrupted)
+        patch.setattr("pipelines.order.cells.MAX_CELL_FACTOR", earlier_cap)
         with pytest.raises(Exception, match="interrupted while ordering"):
             build_corpus(options(corpus[0], resumed, partitions=3, overwrite=True), log=quiet)
     summary = build_corpus(options(corpus[0], resumed, partitions=3, overwrite=True), log=quiet)
     assign = summary.partitions["train/AssignCells"]
-    assert assign["done_before"] == assign["partitions"] > 0
+    assert assign["done_before"] == (assign["partitions"] if earlier_cap else 0) and assign["partitions"] > 0
     assert Manifest.read(resumed / "train").order["partitions"]["split"] >= 1
     assert checksums(resumed) == checksums(whole)
 
