@@ -1,14 +1,18 @@
 """`--partitions P > 1`: the similarity order of a split as k-means cells on the runner.
 
-k-means centroids are trained in the driver on a hash-chosen sample (256 per cell);
-`cell_steps.AssignCellsFn` writes every document to its cell's files; `OrderCellFn` builds
-each cell's graph and walk on one worker; the cells are chained by a walk over their
-centroids in the driver, and each cell's walk is cut into packing blocks (the shards
-stage's units) where a document starts a sequence. The driver holds the sample, O(cells)
-state and the adjacent similarities (4 bytes per document) for the metrics. Neighbours
-across cell borders are lost: the recorded kNN recall is measured against exact search over
-the whole split (streamed a documents file at a time), so the manifest shows what
-partitioning cost. With semantic dedup each cell drops its own duplicates.
+k-means centroids are trained in the driver on a hash-chosen sample (256 per cell), and a
+cell the sample shows holding more than `MAX_CELL_FACTOR` times the mean is split by a
+k-means of its own sample points (`lorydata.partition.split_large_cells`), so the largest
+cell, whose graph and walk are the order stage's peak memory, stays near the mean cell size
+whatever the corpus size. `cell_steps.AssignCellsFn` writes every document to its nearest
+centroid's cell files; `OrderCellFn` builds each cell's graph and walk on one worker; the
+cells are chained by a walk over their centroids in the driver, and each cell's walk is cut
+into packing blocks (the shards stage's units) where a document starts a sequence. The
+driver holds the sample, O(cells) state and the adjacent similarities (4 bytes per
+document) for the metrics. Neighbours across cell borders are lost: the recorded kNN recall
+is measured against exact search over the whole split (streamed a documents file at a
+time), so the manifest shows what partitioning cost. With semantic dedup each cell drops
+its own duplicates.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from pipelines.order.split_data import split_rows
 from pipelines.runner.beam import BeamRunner
 
 KMEANS_POINTS_PER_CELL = 256
+# Largest cell allowed, in mean cells (n / P). A cap of 1 would split cells over mere sampling
+# noise (256 sample points per cell: ~6% standard error) and k-means' ordinary spread of
+# sizes, trading semantic cells for many small ones; 1.5 leaves those alone, splits the
+# outliers (a dominant topic: 2.8x the mean in a 1M-document dump at P=20), and bounds a
+# worker's memory to about 1.5 mean cells at any corpus size.
+MAX_CELL_FACTOR = 1.5
 RECALL_SAMPLE = 1000  # queries checked against exact search
 _INT_STATS = ("chains_walked", "short_chains_rehomed", "documents_rehomed", "ends_joined", "chains",
               "leftover_documents")
@@ -34,7 +44,8 @@ _INT_STATS = ("chains_walked", "short_chains_rehomed", "documents_rehomed", "end
 
 def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, embeddings_dir: str, split: str,
                 out: str, n: int, parts: int, sample: np.ndarray) -> dict:
-    """Order `split` as `parts` k-means cells, one unit per cell, chained by their centroids.
+    """Order `split` as `parts` k-means cells (oversized ones split), cut into packing
+    blocks (the units), chained by their centroids.
 
     Args:
         config: the order options.
@@ -43,14 +54,19 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
         split: the split.
         out: the order stage's (temp) folder.
         n: documents in the split.
-        parts: cells to use.
+        parts: k-means cells to train (more once oversized ones are split).
         sample: the k-means training sample of the split's vectors.
 
     Returns:
         {"order": {...}, "index": {...}} for the manifest.
     """
-    centroids = partition(sample, PartitionConfig(parts=parts, seed=config.seed, device=config.device,
-                                                  max_points_per_cell=KMEANS_POINTS_PER_CELL)).centroids
+    # Deterministic from the sample alone, so a resumed build gets the centroids its committed
+    # AssignCells files were written with.
+    trained = partition(sample, PartitionConfig(parts=parts, seed=config.seed, device=config.device,
+                                                max_points_per_cell=KMEANS_POINTS_PER_CELL,
+                                                max_cell_factor=MAX_CELL_FACTOR))
+    centroids = trained.centroids
+    _drop_cells_of_other_centroids(out, len(centroids))
     threshold = break_threshold(sample, seed=config.seed)
     files = layout.documents_files(documents_dir)
     on = config.semantic is not None
@@ -104,13 +120,28 @@ def cells_order(config: OrderConfig, runner: BeamRunner, documents_dir: str, emb
              "device": "cuda" if any(g["device"] == "cuda" for g in graphs) else "cpu", "metric": "inner_product",
              "documents": n, "knn_recall": recall, "recall_sample": queries,
              "recall_against": "exact search over the whole split"}
-    partitions = {"requested": config.partitions, "used": parts, "cell_sizes": [int(s) for s in counts[:, 0]],
+    # "used": k-means cells trained; "cells": those after splitting the oversized ones.
+    partitions = {"requested": config.partitions, "used": parts, "cells": len(centroids), "split": trained.split,
+                  "max_cell_factor": MAX_CELL_FACTOR, "cell_sizes": [int(s) for s in counts[:, 0]],
                   "cell_order": [int(c) for c in sequence]}
     info = {"method": "similarity", "seed": config.seed, "metrics": metrics,
             "walk": _sum_stats([r["walk"] for r in results]), "partitions": partitions, "units": len(units)}
     if on:
         info["semantic_dedup"] = semantic_dedup.summary(config.semantic, [r["semantic_dedup"] for r in results])
     return {"order": info, "index": index}
+
+
+def _drop_cells_of_other_centroids(out: str, cells: int) -> None:
+    """Remove what an earlier run wrote from another number of cells (a build started by a
+    lory that did not split oversized cells, resumed by one that does): the cell files, the
+    routes and the semantic dead letters, so the steps that wrote them run again instead of
+    mixing two sets of cells. With the same number the centroids are the same: they follow
+    from the sample alone."""
+    counts = fileio.match(fileio.join(layout.cell_counts_folder(out), "*.npy"))
+    if any(len(fileio.load_npy(path)) != cells for path in counts):
+        for folder in (layout.cells_folder(out), layout.cell_counts_folder(out), layout.cell_routes_folder(out),
+                       fileio.dirname(layout.routes_file(out, "any")), layout.dead_letters(out)):
+            fileio.delete_tree(folder)
 
 
 def cell_blocks(result: dict, cell_counts: np.ndarray) -> tuple[list[int], np.ndarray]:

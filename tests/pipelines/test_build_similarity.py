@@ -168,7 +168,13 @@ def test_partitions_keep_every_document_once(built, corpus, tmp_path):
     assert stages["order/train"]["status"] == "ran"
     manifest = Manifest.read(copy / "train")
     parts = manifest.order["partitions"]
-    assert parts["requested"] == 3 and parts["used"] == 3 and sum(parts["cell_sizes"]) == summary.splits["train"]["documents"]
+    n = summary.splits["train"]["documents"]
+    assert parts["requested"] == 3 and parts["used"] == 3 and sum(parts["cell_sizes"]) == n
+    # k-means puts 76 of the 133 documents in one cell (the sample is the whole split here):
+    # over 1.5 mean cells, so it is split, and no cell is left above the cap.
+    assert parts["split"] >= 1 and parts["cells"] == len(parts["cell_sizes"]) > 3
+    assert max(parts["cell_sizes"]) <= parts["max_cell_factor"] * n / 3 and min(parts["cell_sizes"]) > 0
+    assert sorted(parts["cell_order"]) == list(range(parts["cells"])) and manifest.order["units"] == parts["cells"]
     assert 0 < manifest.index["knn_recall"] <= 1.0
     assert Counter(documents_in(copy / "train")) == Counter(documents_in(out / "train"))
     assert not (copy / "_work" / "order" / "train" / "cells").exists()
@@ -185,10 +191,50 @@ def test_a_cell_larger_than_a_packing_block_is_packed_as_several_units(built, co
     monkeypatch.setattr("pipelines.order.cell_steps.UNIT_TOKENS", 2000)
     build_corpus(options(corpus[0], blocked, partitions=3, overwrite=True), log=quiet)
     one, many = Manifest.read(whole / "train"), Manifest.read(blocked / "train")
-    assert one.order["units"] == 3 and many.order["units"] > 6
+    assert one.order["units"] == one.order["partitions"]["cells"] and many.order["units"] > 6
     assert Counter(documents_in(blocked / "train")) == Counter(documents_in(whole / "train"))
     assert many.order["partitions"]["cell_sizes"] == one.order["partitions"]["cell_sizes"]
     assert many.order["metrics"]["adjacent_similarity"] == one.order["metrics"]["adjacent_similarity"]
+
+
+@pytest.mark.parametrize("earlier_cap", [1.5, None], ids=["same-lory", "lory-before-the-cap"])
+def test_a_build_interrupted_after_assigning_cells_resumes_to_the_same_shards(built, corpus, tmp_path, monkeypatch,
+                                                                             earlier_cap):
+    # The centroids (split cells included) are computed again from the same sample on the
+    # rerun, so the committed AssignCells files still match them; files of a run that did
+    # not split the oversized cell (3 cells, not 4) are assigned again.
+    out, _ = built
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    shutil.copytree(out, whole)
+    shutil.copytree(out, resumed)
+    build_corpus(options(corpus[0], whole, partitions=3, overwrite=True), log=quiet)
+    with monkeypatch.context() as patch:
+        def interrupted(self, element, out):
+            raise RuntimeError("interrupted while ordering the cells")
+
+        patch.setattr("pipelines.order.cell_steps.OrderCellFn.run", interrupted)
+        patch.setattr("pipelines.order.cells.MAX_CELL_FACTOR", earlier_cap)
+        with pytest.raises(Exception, match="interrupted while ordering"):
+            build_corpus(options(corpus[0], resumed, partitions=3, overwrite=True), log=quiet)
+    summary = build_corpus(options(corpus[0], resumed, partitions=3, overwrite=True), log=quiet)
+    assign = summary.partitions["train/AssignCells"]
+    assert assign["done_before"] == (assign["partitions"] if earlier_cap else 0) and assign["partitions"] > 0
+    assert Manifest.read(resumed / "train").order["partitions"]["split"] >= 1
+    assert checksums(resumed) == checksums(whole)
+
+
+def test_without_an_oversized_cell_the_cap_changes_nothing(built, corpus, tmp_path, monkeypatch):
+    # Two cells of 78 and 55 documents: both within 1.5 mean cells.
+    out, _ = built
+    capped, uncapped = tmp_path / "capped", tmp_path / "uncapped"
+    shutil.copytree(out, capped)
+    shutil.copytree(out, uncapped)
+    build_corpus(options(corpus[0], capped, partitions=2, overwrite=True), log=quiet)
+    monkeypatch.setattr("pipelines.order.cells.MAX_CELL_FACTOR", None)
+    build_corpus(options(corpus[0], uncapped, partitions=2, overwrite=True), log=quiet)
+    parts = Manifest.read(capped / "train").order["partitions"]
+    assert parts["split"] == 0 and parts["cells"] == parts["used"] == 2
+    assert checksums(capped) == checksums(uncapped)
 
 
 def test_a_cell_result_without_blocks_is_one_block_less_its_semantic_drops():
