@@ -342,7 +342,8 @@ def _build_option(*decls: str, help: str = "", **kwargs):
 @_build_option("--k", type=int, help="Neighbours per document.")
 @_build_option("--nprobe", type=int, help="IVF cells to search.")
 @_build_option("--partitions", type=int,
-              help="k-means cells walked in parallel (1 = one global walk).")
+              help="k-means cells walked in parallel (1 = one global walk); a cell over 1.5x the "
+                   "mean is split.")
 @_build_option("--heldout-fraction", type=float,
               help="Share of documents (by id hash) written to heldout/.")
 @_build_option("--seed", type=int)

@@ -107,7 +107,8 @@ def build(dump: Path, out: Path, args, log: Path) -> dict:
     partitions = json.loads(manifest.read_text()).get("order", {}).get("partitions", {}) if manifest.exists() else {}
     return {**figures, "summary": summary, "disk_bytes": disk, "files": files,
             "work_files": sum(1 for p in (out / "_work").rglob("*") if p.is_file()),
-            "cell_sizes": partitions.get("cell_sizes", [])}
+            "cell_sizes": partitions.get("cell_sizes", []), "kmeans_cells": partitions.get("used"),
+            "cells_split": partitions.get("split", 0)}
 
 
 def report(size: int, dump: dict, result: dict) -> dict:
@@ -124,7 +125,8 @@ def report(size: int, dump: dict, result: dict) -> dict:
             "kept": result["summary"]["documents"].get("documents_kept"),
             "pipelines": {name: p["seconds"] for name, p in result["summary"].get("partitions", {}).items()
                           if "seconds" in p},
-            "cell_sizes": result["cell_sizes"],
+            "cell_sizes": result["cell_sizes"], "kmeans_cells": result["kmeans_cells"],
+            "cells_split": result["cells_split"],
             "driver_peak_s": result["driver_peak_s"], "driver_peak_stage": stage_at(result["driver_peak_s"], wall, stages),
             "driver_rss_timeline": [[round(t, 1), round(rss / GB, 3)] for t, rss in result["driver_timeline"]]}
 
@@ -196,7 +198,8 @@ def main(argv=None) -> None:
         console.print("Beam pipelines (seconds, named by their last step): "
                       + ", ".join(f"{name} {s:.1f}" for name, s in row["pipelines"].items()))
         if row["cell_sizes"]:  # a worker's memory follows the largest cell (its kNN graph, its unit's packing)
-            console.print(f"k-means cells: {len(row['cell_sizes'])}, largest {max(row['cell_sizes']):,} documents, "
+            console.print(f"k-means cells: {len(row['cell_sizes'])} ({row['kmeans_cells']} trained, "
+                          f"{row['cells_split']} split), largest {max(row['cell_sizes']):,} documents, "
                           f"mean {sum(row['cell_sizes']) / len(row['cell_sizes']):,.0f}")
         console.print(f"peak RSS: driver {row['driver_rss_gb']:.2f} GB (at {row['driver_peak_s']:.0f} s, "
                       f"{row['driver_peak_stage']}), largest worker {row['worker_rss_gb']:.2f} GB; "
