@@ -32,7 +32,7 @@ from lorydata.readers import ReaderConfig
 from pipelines import fileio, layout
 from pipelines.documents.dedup import DedupBucketFn
 from pipelines.documents.near_dedup import drop_near_duplicates
-from pipelines.documents.read import ReadToBucketsFn, buckets_for
+from pipelines.documents.read import ReadToBucketsFn, buckets_for, input_bytes
 from pipelines.runner.beam import BeamRunner
 
 
@@ -76,13 +76,17 @@ def run_documents_stage(config: DocumentsConfig, runner: BeamRunner, files: list
         tokens, the number of buckets, and the near-dedup record.
     """
     folder = str(folder)
-    buckets = buckets_for(files, config.buckets)
+    weight = input_bytes(files)
+    buckets = buckets_for(weight, config.buckets)
     near = config.near_dedup is not None
+    # Reading, cleaning and tokenizing are Python that holds the GIL: on a large input they
+    # run on worker processes, one per core (the steps after them are I/O and numpy).
+    processes = runner.local_processes(weight)
     totals = runner.run_steps(folder, [
         ("Read", list(enumerate(files)), ReadToBucketsFn(folder, config.reader, config.cleaner, buckets)),
         ("Dedup", list(range(buckets)), DedupBucketFn(folder, config.tokenizer, config.heldout_fraction, final=not near,
-                                                      threads=runner.threads_per_worker())),
-    ])
+                                                      threads=runner.threads_per_worker(processes))),
+    ], processes=processes)
     near_dedup = None
     if near:
         near_dedup, changes = drop_near_duplicates(config.near_dedup, runner, layout.deduped_files(folder),

@@ -37,16 +37,25 @@ def bucket_of(content_hash: str, buckets: int) -> int:
     return (int(content_hash[:12], 16) * buckets) >> 48
 
 
-def buckets_for(files: list[str], requested: int | None = None) -> int:
-    """Buckets of a build: the requested number, or about one per `BUCKET_BYTES` of input
-    (remote inputs of unknown size count as one bucket's worth each)."""
-    if requested:
-        return requested
+def input_bytes(files: list[str]) -> int:
+    """The size of the input as the stage weighs it: bytes, compressed inputs counted 4x."""
     total = 0
     for path in files:
         size = os.stat(path).st_size if fileio.is_local(path) else fileio.size(path)
         total += size * (4 if file_format(path) in ("jsonl.zst", "jsonl.gz") else 1)
-    return max(1, min(MAX_BUCKETS, math.ceil(total / BUCKET_BYTES)))
+    return total
+
+
+def buckets_for(weight: int, requested: int | None = None) -> int:
+    """Buckets of a build: the requested number, or about one per `BUCKET_BYTES` of input.
+
+    Args:
+        weight: the input's `input_bytes`.
+        requested: `--buckets`, if given.
+    """
+    if requested:
+        return requested
+    return max(1, min(MAX_BUCKETS, math.ceil(weight / BUCKET_BYTES)))
 
 
 class ReadToBucketsFn(PartitionFn):

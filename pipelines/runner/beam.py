@@ -7,7 +7,10 @@ travels through Beam: DoFns read and write partition files (see `pipelines.layou
 
 from __future__ import annotations
 
+import logging
 import re
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +18,23 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
 from lorydata.errors import LoryDataError
+from lorydata.tokenizer_fast import default_threads
 from pipelines import fileio
 from pipelines.commits import PartitionFn, done_partitions, load_records, totals
 from pipelines.runner.session import LOCAL_RUNNER, make_runner
+
+# Input (bytes, compressed inputs counted 4x) from which a CPU-bound pipeline on the default
+# runner goes to worker processes. Two worker processes start in about 1.5 s; on the 100k
+# dump (282 MB counted) the documents stage's read + dedup pipeline takes 9.6 s on two of
+# them against 12.0 s in-process (benchmarks/bench_dump.py), and it pays off from here on.
+PROCESSES_FROM_BYTES = 256 << 20
+# Beam logs every worker's start and stop at INFO, and warns when workers run in the
+# default running mode: what lory's own progress lines are for.
+_QUIET_LOGGERS = ("apache_beam.runners.portability.fn_api_runner.fn_runner",
+                  "apache_beam.runners.portability.local_job_service")
 
 
 @dataclass
@@ -39,23 +54,51 @@ class BeamRunner:
     # seconds of the pipeline with the last step it ran (the build's summary)
     partitions: dict[str, dict] = field(default_factory=dict, repr=False, compare=False)
 
-    def pipeline(self) -> beam.Pipeline:
-        """A new Beam pipeline on this runner."""
+    def pipeline(self, processes: int = 1) -> beam.Pipeline:
+        """A new Beam pipeline on this runner.
+
+        Args:
+            processes: worker processes for the default runner (`local_processes`); 1: in this
+                process (or as the user's `--direct_*` flags say).
+        """
         # S3 endpoint and credentials of the driver's AWS environment go to the workers too,
         # which may not share it (a Dask cluster started elsewhere).
         flags = fileio.s3_flags(list(self.flags))
         if self.name != LOCAL_RUNNER:
             flags.append(f"--runner={self.name}")
+        runner = FnApiRunner() if self.name == LOCAL_RUNNER else make_runner(self.name)
+        if processes > 1:
+            # Beam's multi_processing mode, with the workers' own log lines (their start and
+            # stop at INFO) sent to /dev/null: what a worker raises still reaches the driver
+            # through the Fn API (`run_pipeline`).
+            worker = f"{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main 2>/dev/null"
+            runner = FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(worker))
+            flags.append(f"--direct_num_workers={processes}")
+            for name in _QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
         # Beam would pickle the main session otherwise; our DoFns are importable module code.
         options = PipelineOptions(flags, save_main_session=False)
-        runner = FnApiRunner() if self.name == LOCAL_RUNNER else make_runner(self.name)
         return beam.Pipeline(runner=runner, options=options)
 
-    def threads_per_worker(self) -> int | None:
+    def local_processes(self, input_bytes: int) -> int:
+        """Worker processes for a pipeline whose work is Python (parsing, tokenizing: calls that
+        hold the GIL, so threads do not use a second core) over `input_bytes` of input: every
+        core on the default runner from `PROCESSES_FROM_BYTES` on, else 1 (in this process).
+        A runner the user chose, or `--direct_*` flags, are left as they are.
+        """
+        if self.name != LOCAL_RUNNER or any(flag.startswith("--direct_") for flag in self.flags):
+            return 1
+        return default_threads() if input_bytes >= PROCESSES_FROM_BYTES else 1
+
+    def threads_per_worker(self, processes: int = 1) -> int | None:
         """Threads a library call in a worker may use: None (every core) on the in-process
-        runner, one per worker where worker processes share this machine's cores."""
+        runner, one per worker where worker processes share this machine's cores.
+
+        Args:
+            processes: the worker processes the pipeline runs on (`local_processes`).
+        """
         flags = dict(flag.removeprefix("--").split("=", 1) for flag in self.flags if "=" in flag)
-        if self.name != LOCAL_RUNNER or flags.get("direct_running_mode") == "multi_processing":
+        if self.name != LOCAL_RUNNER or flags.get("direct_running_mode") == "multi_processing" or processes > 1:
             return 1
         return None
 
@@ -63,7 +106,7 @@ class BeamRunner:
         """One step: `fn` on each of `elements`; returns the counts of its partitions."""
         return self.run_steps(stage, [(label, elements, fn)])
 
-    def run_steps(self, stage: str, steps: list[tuple[str, list, PartitionFn]]) -> dict[str, int]:
+    def run_steps(self, stage: str, steps: list[tuple[str, list, PartitionFn]], processes: int = 1) -> dict[str, int]:
         """Steps of one stage that each need all files of the step before, in one pipeline.
 
         Partitions committed by an earlier run (`pipelines.commits`) are not run again.
@@ -76,13 +119,14 @@ class BeamRunner:
         Args:
             stage: the stage folder (commit records and every file the steps write).
             steps: (label, elements, PartitionFn) in order; labels unique in the stage.
+            processes: worker processes on the default runner (`local_processes`).
 
         Returns:
             The counts of every partition of every step, added up.
         """
         stored = fileio.sizes(stage)
-        pipeline, done, todo = self.pipeline(), None, 0
-        spread_out = self.threads_per_worker() == 1 or "direct_num_workers" in " ".join(self.flags)
+        pipeline, done, todo = self.pipeline(processes), None, 0
+        spread_out = self.threads_per_worker(processes) == 1 or "direct_num_workers" in " ".join(self.flags)
         for label, elements, fn in steps:
             fn.bind(stage, label)
             finished = done_partitions(stage, label, stored)

@@ -7,12 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lorydata.clean import content_hash
+from lorydata.tokenizer_fast import default_threads
 from pipelines.build_corpus import documents_config
 from pipelines.documents import run_documents_stage
 from pipelines.documents.dedup import DOCUMENT_SCHEMA, first_copies
 from pipelines.documents.read import RAW_SCHEMA, bucket_of
 from pipelines.layout import documents_files as bucket_files
 from pipelines.options import BuildOptions
+from pipelines.runner import beam as beam_runner
 from pipelines.runner.beam import BeamRunner
 from tests.lorydata.badcorpus import write_bad_corpus
 
@@ -74,3 +76,36 @@ def test_first_copies_keeps_the_earliest_by_source_and_line():
     assert sorted(kept.column("id").to_pylist()) == ["2", "x"]
     assert sorted((d.source, d.line, d.detail) for d in letters) == [
         ("a.jsonl", 9, "same text as a.jsonl:2"), ("b.jsonl", 1, "same text as a.jsonl:2")]
+
+
+def test_a_large_input_goes_to_worker_processes_on_the_default_runner_only():
+    big, small = beam_runner.PROCESSES_FROM_BYTES, beam_runner.PROCESSES_FROM_BYTES - 1
+    cores = default_threads()
+    assert BeamRunner().local_processes(big) == cores and BeamRunner().local_processes(small) == 1
+    assert BeamRunner().threads_per_worker(cores) == (1 if cores > 1 else None)
+    # what the user chose is left as it is: their own --direct_* flags, another runner
+    assert BeamRunner(flags=["--direct_num_workers=1"]).local_processes(big) == 1
+    assert BeamRunner(name="DaskRunner").local_processes(big) == 1
+
+
+def test_worker_processes_write_the_same_documents_quietly(tmp_path, monkeypatch, capfd):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_bad_corpus(src)
+    here, counts_here = _stage(tmp_path, src, "here", 3)
+    capfd.readouterr()
+    monkeypatch.setattr(beam_runner, "PROCESSES_FROM_BYTES", 0)  # this tiny input counts as large
+    monkeypatch.setattr(beam_runner, "default_threads", lambda: 2)
+    asked = []
+    pipeline = BeamRunner.pipeline
+    monkeypatch.setattr(BeamRunner, "pipeline", lambda self, processes=1: asked.append(processes) or
+                        pipeline(self, processes))
+    there, counts_there = _stage(tmp_path, src, "there", 3)
+    assert asked[0] == 2 and set(asked[1:]) == {1}  # read + dedup on two processes, near-dedup here
+    assert counts_there == counts_here and _letters(there) == _letters(here)
+    files = bucket_files(str(there))
+    assert [f.rsplit("/", 1)[-1] for f in files] == [f.rsplit("/", 1)[-1] for f in bucket_files(str(here))]
+    for a, b in zip(files, bucket_files(str(here)), strict=True):
+        assert pq.read_table(a).equals(pq.read_table(b))
+    output = capfd.readouterr()
+    assert "sdk_worker" not in output.err + output.out and "Worker:" not in output.err + output.out
