@@ -28,8 +28,9 @@ from pipelines.runner.session import LOCAL_RUNNER, make_runner
 
 # Input (bytes, compressed inputs counted 4x) from which a CPU-bound pipeline on the default
 # runner goes to worker processes. Two worker processes start in about 1.5 s; on the 100k
-# dump (282 MB counted) the documents stage's read + dedup pipeline takes 9.6 s on two of
-# them against 12.0 s in-process (benchmarks/bench_dump.py), and it pays off from here on.
+# dump (282 MB counted) the documents stage's read + dedup pipeline takes about 9.2 s on two
+# of them against 11-12 s in-process (benchmarks/bench_dump.py): the break-even is near
+# 140 MB, and this leaves room for slower process starts.
 PROCESSES_FROM_BYTES = 256 << 20
 # Beam logs every worker's start and stop at INFO, and warns when workers run in the
 # default running mode: what lory's own progress lines are for.
@@ -67,7 +68,7 @@ class BeamRunner:
         if self.name != LOCAL_RUNNER:
             flags.append(f"--runner={self.name}")
         runner = FnApiRunner() if self.name == LOCAL_RUNNER else make_runner(self.name)
-        if processes > 1:
+        if processes > 1 and self.name == LOCAL_RUNNER:
             # Beam's multi_processing mode, with the workers' own log lines (their start and
             # stop at INFO) sent to /dev/null: what a worker raises still reaches the driver
             # through the Fn API (`run_pipeline`).
