@@ -55,11 +55,11 @@ EMBEDDERS = {"minilm": (None, "torch"), "onnx": (None, "onnx"), "onnx-int8": (No
              "static": ("static", "torch"), "static-bpe": ("static-bpe", "torch"), "lsa": ("lsa", "torch")}
 
 
-def load_documents(path: str, limit: int | None) -> list[dict]:
+def load_documents(paths: list[str], limit: int | None) -> list[dict]:
     """The first `limit` documents that survive cleaning and exact dedup, as the pipeline
     keeps them (text, domain)."""
     seen, docs = set(), []
-    for record in read_inputs([path], ReaderConfig(domain_field="domain")):
+    for record in read_inputs(paths, ReaderConfig(domain_field="domain")):
         if not isinstance(record, Document):
             continue
         cleaned = clean_document(record, CleanConfig())
@@ -178,18 +178,23 @@ def shown_args(args) -> dict:
     """The arguments as results record them: a path outside the repository by its last two
     components (results name no folder of this machine)."""
     root = Path(__file__).resolve().parents[1]
-    shown = {}
-    for name, value in vars(args).items():
+
+    def shown(value):
+        if isinstance(value, list):
+            return [shown(v) for v in value]
         if isinstance(value, str) and os.path.isabs(value):
             path = Path(value)
-            value = str(path.relative_to(root)) if path.is_relative_to(root) else str(Path(*path.parts[-2:]))
-        shown[name] = value
-    return shown
+            return str(path.relative_to(root)) if path.is_relative_to(root) else str(Path(*path.parts[-2:]))
+        return value
+
+    return {name: shown(value) for name, value in vars(args).items()}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input", nargs="?", default=str(SAMPLE), help="jsonl(.zst/.gz) corpus (default: the sample)")
+    parser.add_argument("input", nargs="*", default=[str(SAMPLE)],
+                        help="jsonl(.zst/.gz) corpus (default: the sample); several files (a dump) are built as "
+                             "they are, one file or --docs N from a rewritten jsonl of the documents kept")
     parser.add_argument("--docs", type=int, default=None, help="use the first N documents (default: all)")
     parser.add_argument("--embedder", default=None, help="the build's --embedder (default: the bundled MiniLM)")
     parser.add_argument("--embed-backend", default="torch", choices=["torch", "onnx", "onnx-int8"])
@@ -209,14 +214,21 @@ def main(argv=None) -> None:
     mb = sum(len(t.encode()) for t in texts) / 1e6
     work = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     try:
-        src = work / "docs.jsonl"
-        src.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        options = BuildOptions(inputs=[str(src)], out=str(work / "corpus"), domain_field="domain",
+        if len(args.input) > 1 and not args.docs:
+            # a dump's own files: their compression, and the runner's choice of worker
+            # processes by input size, as a build of them sees it
+            inputs = [str(Path(p).resolve()) for p in args.input]
+        else:
+            src = work / "docs.jsonl"
+            src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+            inputs = [str(src)]
+        options = BuildOptions(inputs=inputs, out=str(work / "corpus"), domain_field="domain",
                                seq_len=args.seq_len, k=args.k, embedder=args.embedder,
                                embed_backend=args.embed_backend, beam_args=args.beam_arg)
         config = embedder_config(options)
         embedder = config if config.model == "lsa" else Embedder(config)  # lsa: fitted in the floor's clock
-        print(f"{n} documents ({mb:.1f} MB) from {args.input}; embedder {getattr(embedder, 'name', 'lsa')} "
+        shown_input = args.input[0] if len(args.input) == 1 else f"{len(args.input)} files ({args.input[0]} ...)"
+        print(f"{n} documents ({mb:.1f} MB) from {shown_input}; embedder {getattr(embedder, 'name', 'lsa')} "
               f"({args.embed_backend}), window {getattr(embedder, 'window', lsa_fit_window(config))} tokens, "
               f"{os.cpu_count()} cores")
         floors = [library_floor(texts, embedder)]
