@@ -129,6 +129,15 @@ def checksums(out):
     return {split: [s.sha256 for s in Manifest.read(out / split).shards] for split in ("train", "heldout")}
 
 
+def copies(out, tmp_path, *names) -> list[Path]:
+    """Copies of the built corpus folder `out` under `tmp_path`, one per name (to rebuild
+    with other options and compare)."""
+    folders = [tmp_path / name for name in names]
+    for folder in folders:
+        shutil.copytree(out, folder)
+    return folders
+
+
 def test_shards_hold_every_document_once_and_heldout_apart(built, corpus):
     out, summary = built
     expected = expected_documents(corpus[1])
@@ -184,9 +193,7 @@ def test_a_cell_larger_than_a_packing_block_is_packed_as_several_units(built, co
     # Blocks of ~2,000 tokens: each cell's walk is cut where a document starts a sequence, so
     # the pack step holds one block, not a whole (possibly oversized) k-means cell.
     out, _ = built
-    whole, blocked = tmp_path / "whole", tmp_path / "blocked"
-    shutil.copytree(out, whole)
-    shutil.copytree(out, blocked)
+    whole, blocked = copies(out, tmp_path, "whole", "blocked")
     build_corpus(options(corpus[0], whole, partitions=3, overwrite=True), log=quiet)
     monkeypatch.setattr("pipelines.order.cell_steps.UNIT_TOKENS", 2000)
     build_corpus(options(corpus[0], blocked, partitions=3, overwrite=True), log=quiet)
@@ -204,9 +211,7 @@ def test_a_build_interrupted_after_assigning_cells_resumes_to_the_same_shards(bu
     # rerun, so the committed AssignCells files still match them; files of a run that did
     # not split the oversized cell (3 cells, not 4) are assigned again.
     out, _ = built
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    shutil.copytree(out, whole)
-    shutil.copytree(out, resumed)
+    whole, resumed = copies(out, tmp_path, "whole", "resumed")
     build_corpus(options(corpus[0], whole, partitions=3, overwrite=True), log=quiet)
     with monkeypatch.context() as patch:
         def interrupted(self, element, out):
@@ -226,9 +231,7 @@ def test_a_build_interrupted_after_assigning_cells_resumes_to_the_same_shards(bu
 def test_without_an_oversized_cell_the_cap_changes_nothing(built, corpus, tmp_path, monkeypatch):
     # Two cells of 78 and 55 documents: both within 1.5 mean cells.
     out, _ = built
-    capped, uncapped = tmp_path / "capped", tmp_path / "uncapped"
-    shutil.copytree(out, capped)
-    shutil.copytree(out, uncapped)
+    capped, uncapped = copies(out, tmp_path, "capped", "uncapped")
     build_corpus(options(corpus[0], capped, partitions=2, overwrite=True), log=quiet)
     monkeypatch.setattr("pipelines.order.cells.MAX_CELL_FACTOR", None)
     build_corpus(options(corpus[0], uncapped, partitions=2, overwrite=True), log=quiet)
@@ -252,9 +255,7 @@ def test_a_cell_result_without_blocks_is_one_block_less_its_semantic_drops():
 @pytest.mark.slow
 def test_partition_cells_on_two_worker_processes_give_identical_shards(built, corpus, tmp_path):
     out, _ = built
-    one, two = tmp_path / "one", tmp_path / "two"
-    shutil.copytree(out, one)
-    shutil.copytree(out, two)
+    one, two = copies(out, tmp_path, "one", "two")
     build_corpus(options(corpus[0], one, partitions=3, overwrite=True), log=quiet)
     build_corpus(options(corpus[0], two, partitions=3, overwrite=True, beam_args=TWO_WORKERS), log=quiet)
     assert Manifest.read(two / "train").order["partitions"]["used"] == 3
